@@ -1,0 +1,29 @@
+"""qfinal: take a transformers checkpoint the last mile, and prove it correct.
+
+Importing qfinal is cheap: torch and transformers load only when a model is touched.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["load", "validate", "save", "dequantize_checkpoint", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "load":
+        from .api import load
+
+        return load
+    if name == "validate":
+        from .validation import validate
+
+        return validate
+    if name == "save":
+        from .saving import save
+
+        return save
+    if name == "dequantize_checkpoint":
+        from .dequantize import dequantize_checkpoint
+
+        return dequantize_checkpoint
+    raise AttributeError(name)

@@ -1,0 +1,76 @@
+"""Every private transformers call qfinal makes, in one place.
+
+transformers has no public API for the individual steps of `from_pretrained`; qfinal's stages are
+those steps. Keeping the private names here means a transformers upgrade breaks one module, and
+the pinned range in pyproject.toml says which releases the tests cover.
+"""
+
+from __future__ import annotations
+
+from transformers.integrations.accelerate import (  # noqa: F401  (re-exported)
+    _get_device_map as get_device_map,
+    accelerate_dispatch,
+    check_and_set_device_map,
+)
+from transformers.modeling_utils import (  # noqa: F401
+    LoadStateDictConfig,
+    _get_dtype as resolve_dtype,
+)
+from transformers.quantizers.auto import get_hf_quantizer  # noqa: F401
+
+SUPPORTED_TRANSFORMERS = ">=5.23,<5.24"
+
+
+def init_contexts(model_class, dtype, is_quantized: bool):
+    """Context managers transformers enters to build a model skeleton on the meta device."""
+    return model_class.get_init_context(dtype, is_quantized, False, False)
+
+
+def load_checkpoint_into(model, checkpoint_files, load_config):
+    """Stream the checkpoint into `model` along the device map; returns (loading_info, disk_offload_index)."""
+    return type(model)._load_pretrained_model(model, None, checkpoint_files, load_config)
+
+
+def materialize_missing(model, loading_info, load_config) -> None:
+    """What `_finalize_model_loading` does before tying: keep tied targets from random init, move missing
+    keys and non-persistent buffers off meta, initialize what the checkpoint did not hold."""
+    model.mark_tied_weights_as_initialized(loading_info)
+    model._move_missing_keys_from_meta_to_device(
+        loading_info.missing_and_mismatched(),
+        load_config.device_map,
+        load_config.device_mesh,
+        load_config.hf_quantizer,
+    )
+    model._initialize_missing_keys(load_config.is_quantized)
+
+
+def tie_and_adjust(model, loading_info) -> None:
+    """The tail of `_finalize_model_loading`: tie, then drop keys the model declares ignorable."""
+    model.tie_weights(missing_keys=loading_info.missing_keys, recompute_mapping=False)
+    model._adjust_missing_and_unexpected_keys(loading_info)
+
+
+def dtype_plan(model, dtype):
+    return model._get_dtype_plan(dtype)
+
+
+def weight_conversions(model, hf_quantizer):
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    return get_model_conversion_mapping(model, None, hf_quantizer)
+
+
+def build_skeleton(model_class, hf_config, dtype, is_quantized: bool):
+    """`cls(config)` under transformers' own init contexts: meta device, no init, no tying yet."""
+    from transformers.monkey_patching import patch_output_recorders
+    from transformers.utils.generic import ContextManagers
+
+    with ContextManagers(init_contexts(model_class, dtype, is_quantized)):
+        model = model_class(hf_config)
+        patch_output_recorders(model)
+    return model
+
+
+def adjust_keys(model, loading_info) -> None:
+    """Drop missing/unexpected keys the model declares ignorable (inv_freq, position_ids, ...)."""
+    model._adjust_missing_and_unexpected_keys(loading_info)

@@ -1,0 +1,120 @@
+"""Outputs appear complete or not at all: write beside the target, fsync, rename.
+
+A later CI step must never mistake a half-written folder for a good one, so every file or folder
+qfinal writes goes through one of these two context managers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import OutputError
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    """SIGTERM normally kills the process without unwinding; make it unwind so temp files go."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse an existing OUT without --force, and a parent we cannot write, before any work starts."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputError("output folder already exists", where=str(out),
+                          hint="choose another path or pass --force to replace it")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise OutputError("parent folder does not exist", where=str(parent), hint="create it first")
+    if not os.access(parent, os.W_OK):
+        raise OutputError("parent folder is not writable", where=str(parent),
+                          hint="choose a writable location")
+
+
+@contextmanager
+def atomic_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it replaces `out` in one rename."""
+    out = Path(out)
+    check_output_dir(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qfinal-tmp-", dir=out.resolve().parent))
+    try:
+        with _sigterm_as_exception():
+            yield tmp
+            _fsync_tree(tmp)
+            if out.exists():
+                backup = tmp.with_name(tmp.name + "-old")
+                os.rename(out, backup)
+                os.rename(tmp, out)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.rename(tmp, out)
+            _fsync_dir(out.resolve().parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator:
+    """Open a temporary file beside `path`; it is renamed onto `path` only if the block succeeds."""
+    path = Path(path)
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise OutputError("folder does not exist", where=str(parent), hint="create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        with _sigterm_as_exception(), os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path) as fh:
+        fh.write(text)

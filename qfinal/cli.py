@@ -1,0 +1,129 @@
+"""The `qfinal` command: parse, build a config, call the library, map errors to exit codes.
+
+Exit codes: 0 fine; 1 a check failed (an error-severity finding, or a warning with
+--fail-on warning); 2 usage error or bad/unsafe input; 70 a bug in qfinal (traceback printed).
+Nothing heavy is imported here: `qfinal --help` must not pay for torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(name="qfinal", add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Take a transformers checkpoint the last mile: load, quantize or dequantize, tie, "
+                       "adapt, and prove it correct.")
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 70
+
+# Options shared by several commands, declared once.
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")]
+QuantizeOpt = Annotated[Optional[str], typer.Option(help="Quantize on load: none|nf4|fp4|int8.")]
+DoubleQuantOpt = Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant",
+                                                        help="Nested quantization for nf4/fp4.", show_default=False)]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="float16|bfloat16|float32 (default: from config.json).")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(help="cpu|auto.")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(help="Per-device budget for --device-map auto, e.g. 'cpu=2GiB,disk=20GiB'.")]
+OffloadOpt = Annotated[Optional[str], typer.Option(help="Folder for disk offload.")]
+AdapterOpt = Annotated[Optional[list[str]], typer.Option("--adapter", help="PEFT adapter folder (repeatable).")]
+MergeOpt = Annotated[bool, typer.Option("--merge", help="Merge the adapters into the base weights.")]
+DequantizeOpt = Annotated[bool, typer.Option("--dequantize", help="Dequantize a bnb checkpoint after loading.")]
+AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt pickle checkpoints "
+                                              "(loaded with torch.load(weights_only=True) only).")]
+JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write the report as JSON to FILE ('-' for stdout).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; rely on the exit code.")]
+StopAfterOpt = Annotated[Optional[str], typer.Option(help="Stop the pipeline after this stage.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
+ShardOpt = Annotated[str, typer.Option(help="Largest output shard, e.g. 2GB or 500MB.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qfinal {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Show the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors.")] = False,
+) -> None:
+    if debug:
+        os.environ["QFINAL_DEBUG"] = "1"
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    from .errors import ConfigError
+
+    if not text:
+        return None
+    out: dict = {}
+    for part in text.split(","):
+        device, sep, amount = part.partition("=")
+        if not sep or not device.strip() or not amount.strip():
+            raise ConfigError(f"cannot parse {part!r}", where="--max-memory",
+                              hint="use DEVICE=SIZE pairs, e.g. cpu=2GiB,disk=20GiB")
+        device = device.strip()
+        out[int(device) if device.isdigit() else device] = amount.strip()
+    return out
+
+
+def load_overrides(quantize, double_quant, dtype, device_map, max_memory, offload_folder, adapter, merge,
+                   dequantize, stop_after=None) -> dict:
+    """CLI flags -> the keyword overrides `qfinal.load` takes (None means: keep the YAML value)."""
+    overrides = dict(quantize=quantize, double_quant=double_quant, dtype=dtype, device_map=device_map,
+                     max_memory=parse_max_memory(max_memory), offload_folder=offload_folder,
+                     stop_after=stop_after, dequantize=dequantize or None)
+    if adapter:
+        overrides["adapters"] = [{"path": p, "merge": merge} for p in adapter]
+    elif merge:
+        overrides["merge_all_adapters"] = True
+    return overrides
+
+
+from .commands import dequantize as _dequantize, load as _load, save as _save, validate as _validate  # noqa: E402
+
+app.command("load")(_load.load)
+app.command("validate")(_validate.validate)
+app.command("dequantize")(_dequantize.dequantize)
+app.command("save")(_save.save)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The error boundary: user errors are one line and exit 2; bugs keep their traceback."""
+    import click
+
+    from .errors import QfinalError
+
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("QFINAL_DEBUG"))
+    try:
+        code = app(args=argv, prog_name="qfinal", standalone_mode=False)
+    except QfinalError as err:
+        if debug:
+            raise
+        sys.stderr.write(f"qfinal: error: {err.line()}\n")
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        sys.stderr.write("qfinal: interrupted\n")
+        sys.exit(130)
+    except click.ClickException as err:
+        sys.stderr.write(f"qfinal: usage error: {err.format_message()} (see qfinal --help)\n")
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        sys.stderr.write("qfinal: interrupted; nothing was left half-written\n")
+        sys.exit(130)
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.write("qfinal: internal error (a bug in qfinal; please report it with the traceback above)\n")
+        sys.exit(EXIT_BUG)
+    sys.exit(code if isinstance(code, int) else 0)

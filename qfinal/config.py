@@ -1,0 +1,168 @@
+"""The YAML schema. Everything is validated before any weight is read.
+
+Frozen pydantic models with `extra="forbid"`: a typo in a YAML file is an error, not a silently
+ignored key. Trust flags (`--allow-pickle`) are deliberately not part of the schema, so a config
+file found next to a checkpoint cannot switch them on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+QuantMethod = Literal["none", "nf4", "fp4", "int8"]
+DType = Literal["auto", "float16", "bfloat16", "float32"]
+Task = Literal["causal-lm", "masked-lm", "seq2seq-lm", "sequence-classification", "token-classification",
+               "question-answering", "base"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantizeConfig(_Strict):
+    """bitsandbytes options, passed to transformers' BitsAndBytesConfig unchanged in meaning."""
+
+    method: QuantMethod = "none"
+    double_quant: bool = Field(False, description="nested quantization of the 4-bit absmax")
+    compute_dtype: Literal["float16", "bfloat16", "float32"] | None = None
+    quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = "uint8"
+    skip_modules: list[str] | None = Field(None, description="llm_int8_skip_modules; default: the output head")
+    int8_threshold: float = 6.0
+
+    @model_validator(mode="after")
+    def _four_bit_only(self):
+        if self.method in ("none", "int8") and self.double_quant:
+            raise ValueError("double_quant applies to nf4/fp4 only")
+        return self
+
+
+class AdapterConfig(_Strict):
+    path: str
+    name: str | None = None
+    merge: bool = False
+    scale: float = 1.0
+
+
+class ValidateConfig(_Strict):
+    enabled: bool = True
+    fail_on: Literal["error", "warning"] = "error"
+    allow_missing: list[str] = []
+    allow_unexpected: list[str] = []
+    check_nan: bool = True
+
+
+class RunConfig(_Strict):
+    """One finalization: what to load and how. CLI flags override these values."""
+
+    model_class: str | None = Field(None, description="transformers class name; default: architectures[0]")
+    task: Task | None = Field(None, description="picks the Auto class when config.json has no architectures")
+    dtype: DType = "auto"
+    quantize: QuantizeConfig = QuantizeConfig()
+    dequantize: bool = False
+    device_map: Literal["cpu", "auto"] = "cpu"
+    max_memory: dict[str, str | int] | None = None
+    offload_folder: str | None = None
+    tie_weights: bool = True
+    adapters: list[AdapterConfig] = []
+    merge_requantize: bool = False
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    trust_remote_code: bool = False
+    stop_after: str | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory_keys(cls, value):
+        if value is None:
+            return value
+        for key in value:
+            if not (key in ("cpu", "disk") or str(key).isdigit() or str(key).startswith("cuda")):
+                raise ValueError(f"unknown device {key!r}: use cpu, disk, or a GPU index")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        if self.dequantize and self.quantize.method != "none":
+            raise ValueError("dequantize and quantize.method are exclusive: dequantize reads a bnb checkpoint")
+        if self.offload_folder and self.device_map != "auto":
+            raise ValueError("offload_folder needs device_map: auto")
+        return self
+
+
+# CLI option names -> config paths, so `qfinal.load(path, quantize="nf4")` means the same as `--quantize nf4`.
+OVERRIDE_PATHS = {
+    "quantize": ("quantize", "method"),
+    "double_quant": ("quantize", "double_quant"),
+    "compute_dtype": ("quantize", "compute_dtype"),
+    "skip_modules": ("quantize", "skip_modules"),
+    "fail_on": ("validate", "fail_on"),
+}
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def _set_path(data: dict, path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        data = data.setdefault(part, {})
+    data[path[-1]] = value
+
+
+def build_config(file: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """Read YAML (if any), apply overrides named like CLI options, and validate everything."""
+    data: dict = {}
+    where = str(file) if file else "options"
+    if file is not None:
+        data = read_yaml(file)
+    merge_all = overrides.pop("merge_all_adapters", False)
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        path = OVERRIDE_PATHS.get(name, (name,))
+        _set_path(data, path, value)
+    if isinstance(data.get("adapters"), list):
+        data["adapters"] = [{"path": a} if isinstance(a, str) else a for a in data["adapters"]]
+        if merge_all:
+            data["adapters"] = [{**a, "merge": True} if isinstance(a, dict) else a for a in data["adapters"]]
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err), where=where,
+                          hint="see the config reference in README.md") from None
+
+
+def read_yaml(file: str | Path) -> dict:
+    path = Path(file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", where=str(path), hint="check the path") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file ({err.__class__.__name__})", where=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"YAML syntax error: {problem}", where=loc, hint="fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}", where=str(path))
+    return data

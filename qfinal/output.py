@@ -1,0 +1,77 @@
+"""All terminal output goes through here: human (rich), JSON, or quiet.
+
+Progress is shown only on an interactive terminal, never in CI (`CI` set) or with --json/--quiet.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def quiet_libraries() -> None:
+    """transformers prints its own progress bars and load report; qfinal's report replaces them."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+
+
+class Output:
+    def __init__(self, *, json_path: str | None = None, quiet: bool = False):
+        self.json_path = json_path
+        self.json_to_stdout = json_path == "-"
+        self.quiet = quiet or self.json_to_stdout
+        from rich.console import Console
+
+        self.console = Console(stderr=False, highlight=False, soft_wrap=False)
+        self.err = Console(stderr=True, highlight=False)
+
+    @property
+    def interactive(self) -> bool:
+        return (not self.quiet and sys.stderr.isatty() and not os.environ.get("CI")
+                and os.environ.get("TERM") != "dumb")
+
+    @contextmanager
+    def stages(self, names: list[str]) -> Iterator:
+        """Yield an on_stage callback; shows a progress bar over the stages on a terminal."""
+        if not self.interactive:
+            yield None
+            return
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                      console=self.err, transient=True) as progress:
+            task = progress.add_task("starting", total=len(names))
+            seen: list[str] = []
+
+            def on_stage(name: str) -> None:
+                if seen:
+                    progress.advance(task)
+                seen.append(name)
+                progress.update(task, description=name)
+
+            yield on_stage
+
+    def report(self, report, *, junit_path: str | None = None, fail_on: str = "error") -> None:
+        from .render.json_report import to_json, write_json
+
+        if self.json_path and not self.json_to_stdout:
+            write_json(report, Path(self.json_path))
+        if junit_path:
+            from .render.junit import write_junit
+
+            write_junit(report, Path(junit_path), fail_on)
+        if self.json_to_stdout:
+            sys.stdout.write(to_json(report))
+        elif not self.quiet:
+            from .render.rich_report import render
+
+            render(report, self.console)

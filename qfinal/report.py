@@ -1,0 +1,106 @@
+"""The one report model. Renderers (rich, JSON, JUnit) read it; stages and checks fill it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Severity = Literal["error", "warning", "info"]
+SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
+
+
+class Finding(BaseModel):
+    """One observation of a named check. `check` names are stable: CI filters on them."""
+
+    check: str
+    severity: Severity
+    key: str | None = None
+    message: str
+
+
+class StageRecord(BaseModel):
+    name: str
+    status: Literal["ran", "nothing to do", "skipped by request", "not reached", "failed"] = "ran"
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    detail: str = ""
+
+
+class TiedKey(BaseModel):
+    target: str
+    source: str
+    shared: bool
+
+
+class MismatchedKey(BaseModel):
+    key: str
+    checkpoint_shape: list[int]
+    model_shape: list[int]
+
+
+class ConvertedModule(BaseModel):
+    module: str
+    from_: str = Field(alias="from")
+    to: str
+
+    model_config = {"populate_by_name": True}
+
+
+class SkippedModule(BaseModel):
+    module: str
+    reason: str
+
+
+class Keys(BaseModel):
+    tied: list[TiedKey] = []
+    missing: list[str] = []
+    unexpected: list[str] = []
+    mismatched: list[MismatchedKey] = []
+    converted: list[ConvertedModule] = []
+    skipped: list[SkippedModule] = []
+
+
+class AdapterRecord(BaseModel):
+    name: str
+    path: str
+    matched: int
+    unused: list[str] = []
+    unmatched_targets: list[str] = []
+    merged: bool = False
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    modules_to_save: list[str] = []
+
+
+class Report(BaseModel):
+    source: str
+    command: str = "load"
+    model_class: str | None = None
+    quantization: str = "none"
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    stages: list[StageRecord] = []
+    keys: Keys = Keys()
+    adapters: list[AdapterRecord] = []
+    placement: dict[str, str] = {}
+    checks: list[str] = []
+    findings: list[Finding] = []
+    extra: dict = {}
+
+    def failing(self, fail_on: Severity = "error") -> list[Finding]:
+        level = SEVERITY_RANK[fail_on]
+        return [f for f in self.findings if SEVERITY_RANK[f.severity] >= level]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failing("error")
+
+    def check_status(self, check: str, fail_on: Severity = "error") -> list[Finding]:
+        """The findings of one check at or above the fail level (empty: the check passed)."""
+        return [f for f in self.failing(fail_on) if f.check == check]
+
+    def to_json_dict(self) -> dict:
+        data = self.model_dump(mode="json", by_alias=True)
+        data["ok"] = self.ok
+        return data

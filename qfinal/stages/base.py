@@ -1,0 +1,10 @@
+from __future__ import annotations
+
+from ..config import RunConfig
+
+
+class BaseStage:
+    name = "stage"
+
+    def check(self, config: RunConfig) -> None:
+        """Static checks that need no weights; raise ConfigError."""

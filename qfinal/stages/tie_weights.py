@@ -1,0 +1,55 @@
+"""Stage 5: tie every pair the model declares, and prove each pair shares storage.
+
+Disk/CPU offload hooks are attached after tying, so accelerate sees the ties it must keep.
+"""
+
+from __future__ import annotations
+
+from .. import _hf
+from ..pipeline import Context, Outcome
+from ..report import TiedKey
+from .base import BaseStage
+
+
+def _shares_storage(model, target: str, source: str) -> bool:
+    try:
+        a, b = model.get_parameter(target), model.get_parameter(source)
+    except AttributeError:
+        return False
+    if a is b:
+        return True
+    if a.device.type == "meta" or b.device.type == "meta":
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.shape == b.shape
+
+
+def audit_ties(model) -> list[TiedKey]:
+    declared = getattr(model, "all_tied_weights_keys", None) or {}
+    return [TiedKey(target=t, source=s, shared=_shares_storage(model, t, s)) for t, s in sorted(declared.items())]
+
+
+class TieWeights(BaseStage):
+    name = "tie_weights"
+
+    def run(self, ctx: Context) -> Outcome:
+        model, info = ctx.model, ctx.loading_info
+        if ctx.config.tie_weights:
+            _hf.tie_and_adjust(model, info)
+        else:
+            _hf.adjust_keys(model, info)
+        keys = ctx.report.keys
+        keys.tied = audit_ties(model)
+        keys.missing = sorted(info.missing_keys)
+        keys.unexpected = sorted(info.unexpected_keys)
+        device_map = ctx.device_map
+        hooked = ""
+        if device_map is not None and (len(set(device_map.values())) > 1 or "disk" in device_map.values()):
+            _hf.accelerate_dispatch(model, ctx.hf_quantizer, device_map, ctx.config.offload_folder,
+                                    ctx.disk_offload_index, False)
+            hooked = "; offload hooks attached"
+        shared = sum(t.shared for t in keys.tied)
+        if not ctx.config.tie_weights:
+            return Outcome("skipped by request", f"{len(keys.tied)} declared tie(s) left untied{hooked}")
+        if not keys.tied:
+            return Outcome("nothing to do", f"the model declares no tied weights{hooked}")
+        return Outcome("ran", f"{shared}/{len(keys.tied)} tie(s) share storage{hooked}")

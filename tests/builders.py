@@ -1,0 +1,97 @@
+"""Tiny real checkpoints, built deterministically from configs (no hub).
+
+Each builder writes a folder with config.json + safetensors via `save_pretrained` and returns
+its path. Sizes keep bnb's 4-bit blocksize (64) happy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+SEED = 1234
+
+
+def _save(model, path: Path, **kwargs) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def _build(config_cls, model_cls, path: Path, save_kwargs=None, **cfg) -> Path:
+    torch.manual_seed(SEED)
+    config = config_cls(**cfg)
+    model = model_cls(config).eval()
+    return _save(model, path, **(save_kwargs or {}))
+
+
+LLAMA = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+)
+
+
+def llama(path: Path, tied: bool = True, shard: str | None = None) -> Path:
+    save_kwargs = {"max_shard_size": shard} if shard else None
+    return _build(tf.LlamaConfig, tf.LlamaForCausalLM, path, save_kwargs,
+                  tie_word_embeddings=tied, **LLAMA)
+
+
+def gpt2(path: Path) -> Path:
+    return _build(tf.GPT2Config, tf.GPT2LMHeadModel, path, vocab_size=256, n_positions=64,
+                  n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+
+
+def bert(path: Path) -> Path:
+    return _build(tf.BertConfig, tf.BertForMaskedLM, path, vocab_size=256, hidden_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  max_position_embeddings=64)
+
+
+def t5(path: Path) -> Path:
+    return _build(tf.T5Config, tf.T5ForConditionalGeneration, path, vocab_size=256, d_model=64,
+                  d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                  tie_word_embeddings=True)
+
+
+BUILDERS = {
+    "llama_tied": lambda p: llama(p, tied=True),
+    "llama_untied": lambda p: llama(p, tied=False),
+    "gpt2": gpt2,
+    "bert": bert,
+    "t5": t5,
+    "llama_sharded": lambda p: llama(p, tied=False, shard="100KB"),
+}
+
+
+def probe_inputs(model) -> dict:
+    """A fixed probe batch for logits comparisons."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 8), generator=g)
+    kwargs = {"input_ids": ids}
+    if model.config.is_encoder_decoder:
+        kwargs["decoder_input_ids"] = ids[:, :4]
+    return kwargs
+
+
+QUANT_OPTIONS = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+    "nf4_dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "fp4_dq": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
+    "int8": dict(load_in_8bit=True),
+}
+
+
+def model_class_for(path: Path):
+    config = tf.AutoConfig.from_pretrained(path)
+    return getattr(tf, config.architectures[0])
+
+
+def bnb_checkpoint(source: Path, out: Path, method: str) -> Path:
+    """A pre-quantized bnb checkpoint, as transformers writes it after quantizing on the fly."""
+    cls = model_class_for(source)
+    model = cls.from_pretrained(source, quantization_config=tf.BitsAndBytesConfig(**QUANT_OPTIONS[method]))
+    return _save(model, out)
