@@ -1,0 +1,369 @@
+"""qfinal dequantize: bnb nf4/fp4/int8 checkpoints -> plain checkpoints, bit for bit with transformers.
+
+For every dequantized weight the reference is what transformers' own `model.dequantize(dtype)` puts
+in that module (model = `Cls.from_pretrained(bnb_ckpt)`), moved to the checkpoint's layout (Conv1D:
+[in, out]). Every other floating tensor must be the source tensor cast to `dtype`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from safetensors import safe_open
+from transformers.pytorch_utils import Conv1D
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import builders  # noqa: E402
+import qfinal.dequantize as dq  # noqa: E402
+from qfinal.errors import CheckpointError, OutputError  # noqa: E402
+
+ARCHS = ["llama_tied", "llama_untied", "gpt2"]
+METHODS = ["nf4", "fp4", "nf4_dq", "fp4_dq", "int8"]
+DTYPES = [torch.float16, torch.bfloat16]
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
+
+tf.logging.set_verbosity_error()
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as fh:
+            for key in fh.keys():
+                out[key] = fh.get_tensor(key)
+    return out
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.contiguous(), b.contiguous()
+    if a.is_floating_point():
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return torch.equal(a, b)
+
+
+def load_bnb(path: Path):
+    """The bnb checkpoint as transformers loads it (still quantized). Fresh each call: a forward pass
+    on CPU repacks 4-bit weights in place, after which transformers' dequantize() is wrong."""
+    return builders.model_class_for(path).from_pretrained(path).eval()
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**builders.probe_inputs(model)).logits.float()
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def cases(checkpoints, tmp_path_factory):
+    """(arch, method, dtype) -> (bnb checkpoint, OUT, DequantizeResult); dequantized once per module."""
+    root = tmp_path_factory.mktemp("dequantized")
+    done = {}
+
+    def get(arch, method, dtype):
+        key = (arch, method, dtype)
+        if key not in done:
+            src = checkpoints.quantized(arch, method)
+            out = root / f"{arch}-{method}-{dq.dtype_name(dtype)}"
+            done[key] = (src, out, dq.dequantize_checkpoint(src, out, dtype=dtype))
+        return done[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def sharded_bnb(checkpoints, tmp_path_factory):
+    """An untied llama nf4+double-quant checkpoint saved in 30 KB shards (quant-state parts of one
+    weight may sit in different files)."""
+    src = checkpoints["llama_untied"]
+    model = builders.model_class_for(src).from_pretrained(
+        src, quantization_config=tf.BitsAndBytesConfig(**builders.QUANT_OPTIONS["nf4_dq"]))
+    path = tmp_path_factory.mktemp("sharded") / "llama-nf4_dq-sharded"
+    model.save_pretrained(path, max_shard_size="30KB")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bf16_bnb(checkpoints, tmp_path_factory):
+    """gpt2 quantized from a bfloat16 model: the 4-bit quant state's dtype is bfloat16, so
+    transformers dequantizes in bfloat16 and then casts (double rounding when asking float16)."""
+    root = tmp_path_factory.mktemp("bf16")
+    made = {}
+    for method in ("nf4", "int8"):
+        src = checkpoints["gpt2"]
+        model = builders.model_class_for(src).from_pretrained(
+            src, dtype=torch.bfloat16,
+            quantization_config=tf.BitsAndBytesConfig(**builders.QUANT_OPTIONS[method]))
+        made[method] = builders._save(model, root / f"gpt2-bf16-{method}")
+    return made
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+def check_against_transformers(src: Path, out: Path, result, dtype: torch.dtype) -> None:
+    """All of the fidelity contract for one (bnb checkpoint, OUT) pair."""
+    # 1. OUT loads with plain from_pretrained, nothing missing/unexpected/mismatched.
+    cls = builders.model_class_for(out)
+    plain, info = cls.from_pretrained(out, output_loading_info=True)
+    plain.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert not info.get("error_msgs")
+
+    # 2. Dequantized weights == transformers' dequantize(dtype), in the checkpoint's layout.
+    ref = load_bnb(src)
+    ref.dequantize(dtype)  # before any forward pass (see load_bnb)
+    got = read_tensors(out)
+    assert result.dequantized, "no weight was dequantized"
+    for name in result.dequantized:
+        owner = name.rsplit(".", 1)[0]
+        want = ref.get_submodule(owner).weight.detach()
+        assert isinstance(ref.get_submodule(owner), torch.nn.Linear)
+        if isinstance(plain.get_submodule(owner), Conv1D):
+            want = want.t()
+        assert want.dtype == dtype, (name, want.dtype)
+        assert bits_equal(got[name], want.contiguous()), name
+
+    # 3. Every other tensor == the source tensor cast to dtype (non-floating ones unchanged).
+    source = read_tensors(src)
+    assert sorted(result.cast) == sorted(set(got) - set(result.dequantized))
+    for name in result.cast:
+        want = source[name]
+        if want.is_floating_point():
+            want = want.to(dtype)
+        assert bits_equal(got[name], want), name
+
+    # 4. Every floating tensor in OUT (and in the loaded model) has the requested dtype.
+    assert all(t.dtype == dtype for t in got.values() if t.is_floating_point())
+    assert all(p.dtype == dtype for p in plain.state_dict().values() if p.is_floating_point())
+
+    # 5. Same names as the source stored them, minus quant-state parts; ties kept as stored.
+    assert set(got) <= set(source)
+    assert ("lm_head.weight" in got) == ("lm_head.weight" in source)
+
+    # 6. config.json: no quantization_config, dtype = requested, no torch_dtype; small files copied.
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and "torch_dtype" not in config
+    assert config["dtype"] == dq.dtype_name(dtype)
+    assert (out / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
+    for path in out.glob("*.safetensors"):
+        with safe_open(path, "pt") as fh:
+            assert fh.metadata() == {"format": "pt"}
+
+    # 7. Logits. Tolerances are in units of u, the dtype's unit roundoff (2^-11 fp16, 2^-8 bf16):
+    #    (a) OUT, run natively in `dtype`, vs transformers' exact dequantization run in float32:
+    #        OUT differs only by rounding each tensor (and its activations) to `dtype`; measured
+    #        <= 2.2u of max |logit| on these models, so 4u.
+    #    (b) OUT vs the quantized model itself: bnb's CPU kernels add their own error (4-bit
+    #        matmul in bfloat16 on AVX512-BF16 CPUs, int8 activation quantization: ~0.2-0.8% of
+    #        max |logit|, not ours), so OUT must be as close to the bnb model as the exact float32
+    #        dequantization is, plus the same 4u of dtype rounding.
+    exact = load_bnb(src)
+    exact.dequantize(torch.float32)
+    exact = exact.float()
+    want = logits(exact)
+    quant = logits(load_bnb(src))
+    have = logits(plain)
+    scale = want.abs().max().item()
+    tol = 4 * UNIT_ROUNDOFF[dtype] * scale
+    assert (have - want).abs().max().item() <= tol
+    assert (have - quant).abs().max().item() <= (want - quant).abs().max().item() + tol
+
+
+# ----------------------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dq.dtype_name)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dequantize_matches_transformers(cases, arch, method, dtype):
+    src, out, result = cases(arch, method, dtype)
+    assert result.quant_method == method.removesuffix("_dq")
+    assert result.double_quant == method.endswith("_dq")
+    assert result.dtype == dq.dtype_name(dtype)
+    assert result.files == ["config.json", "generation_config.json", "model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
+    check_against_transformers(src, out, result, dtype)
+
+
+def test_dequantize_float32_gpt2_nf4(checkpoints, tmp_path):
+    src = checkpoints.quantized("gpt2", "nf4")
+    out = tmp_path / "out"
+    result = dq.dequantize_checkpoint(src, out, dtype="float32")
+    check_against_transformers(src, out, result, torch.float32)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_bfloat16_quant_state_cast_to_float16(bf16_bnb, tmp_path, method):
+    """The quant state says bfloat16: dequantize in bfloat16, then cast, exactly like transformers."""
+    src = bf16_bnb[method]
+    out = tmp_path / "out"
+    result = dq.dequantize_checkpoint(src, out, dtype=torch.float16)
+    check_against_transformers(src, out, result, torch.float16)
+
+
+def test_sharded_source_and_output(sharded_bnb, tmp_path):
+    out = tmp_path / "out"
+    calls = []
+    result = dq.dequantize_checkpoint(sharded_bnb, out, dtype=torch.bfloat16, max_shard_size="40KB",
+                                      progress=lambda done, total: calls.append((done, total)))
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and all(s.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
+    assert not (out / "model.safetensors").exists()
+    assert result.files == sorted(shards + ["config.json", "generation_config.json",
+                                            "model.safetensors.index.json"])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for shard in shards:
+        with safe_open(out / shard, "pt") as fh:
+            for key in fh.keys():
+                assert index["weight_map"][key] == shard
+                tensors[key] = fh.get_tensor(key)
+    assert set(index["weight_map"]) == set(tensors)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_size"] == total == result.total_bytes
+    # every shard under the limit unless it holds one tensor that is bigger on its own
+    for shard in shards:
+        keys = [k for k, f in index["weight_map"].items() if f == shard]
+        size = sum(tensors[k].numel() * tensors[k].element_size() for k in keys)
+        assert size <= 40_000 or len(keys) == 1
+    assert calls[-1] == (len(tensors), len(tensors)) and len(calls) == len(tensors)
+    assert [c[0] for c in calls] == list(range(1, len(tensors) + 1))
+    check_against_transformers(sharded_bnb, out, result, torch.bfloat16)
+
+
+def test_parts_of_one_weight_in_different_files(checkpoints, tmp_path):
+    """One tensor per file, files named in reverse order: every 4-bit weight's packed data, absmax,
+    quant_map, nested_* and quant-state blob are read from six different files."""
+    from safetensors.torch import save_file
+
+    bnb = checkpoints.quantized("gpt2", "nf4_dq")
+    src = tmp_path / "scattered"
+    src.mkdir()
+    (src / "generation_config.json").write_bytes((bnb / "generation_config.json").read_bytes())
+    config = json.loads((bnb / "config.json").read_text())
+    config["torch_dtype"] = config.pop("dtype")  # the pre-5.x spelling must go too
+    (src / "config.json").write_text(json.dumps(config))
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    tensors = read_tensors(bnb)
+    weight_map = {}
+    for i, key in enumerate(sorted(tensors, reverse=True)):
+        weight_map[key] = f"part-{i:03d}.safetensors"
+        save_file({key: tensors[key]}, src / weight_map[key], metadata={"format": "pt"})
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    out = tmp_path / "out"
+    result = dq.dequantize_checkpoint(src, out, dtype=torch.float16)
+    assert result.files == ["config.json", "generation_config.json", "model.safetensors",
+                            "tokenizer_config.json"]  # the old index is not copied
+    assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'
+    check_against_transformers(src, out, result, torch.float16)
+
+
+def test_bad_options(checkpoints, tmp_path):
+    from qfinal.errors import ConfigError
+
+    src = checkpoints.quantized("llama_tied", "nf4")
+    with pytest.raises(ConfigError, match="dtype"):
+        dq.dequantize_checkpoint(src, tmp_path / "a", dtype="int8")
+    with pytest.raises(ConfigError, match="shard size"):
+        dq.dequantize_checkpoint(src, tmp_path / "b", max_shard_size="lots")
+    assert dq.parse_size("2GB") == 2 * 10**9 and dq.parse_dtype("torch.bfloat16") is torch.bfloat16
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_reports_ok(cases):
+    for arch, method in [("gpt2", "nf4_dq"), ("llama_tied", "int8"), ("llama_untied", "fp4")]:
+        src, out, _ = cases(arch, method, torch.float16)
+        findings = dq.verify_dequantized(src, out, torch.float16)
+        assert {f.check for f in findings} == {"dequantize_keys", "dequantize_tensors",
+                                               "dequantize_dtype", "dequantize_logits"}
+        assert all(f.severity == "info" for f in findings), findings
+
+
+def test_verify_reports_a_changed_tensor(cases, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, out, result = cases("gpt2", "nf4", torch.float16)
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    tensors = load_file(bad / "model.safetensors")
+    victim = result.dequantized[0]
+    tensors[victim] = tensors[victim].clone()
+    tensors[victim][0, 0] += 1
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    errors = [f for f in dq.verify_dequantized(src, bad, torch.float16) if f.severity == "error"]
+    assert [(f.check, f.key) for f in errors if f.check == "dequantize_tensors"] == [
+        ("dequantize_tensors", victim)]
+
+
+def test_not_bnb_checkpoint(checkpoints, tmp_path):
+    with pytest.raises(CheckpointError, match="not bitsandbytes-quantized") as err:
+        dq.dequantize_checkpoint(checkpoints["llama_tied"], tmp_path / "out")
+    assert err.value.exit_code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_quant_method(checkpoints, tmp_path):
+    import shutil
+
+    src = tmp_path / "gptq"
+    shutil.copytree(checkpoints["gpt2"], src)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="'gptq'"):
+        dq.dequantize_checkpoint(src, tmp_path / "out")
+
+
+def test_existing_out_needs_force(checkpoints, tmp_path):
+    src = checkpoints.quantized("llama_tied", "nf4")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError):
+        dq.dequantize_checkpoint(src, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
+    dq.dequantize_checkpoint(src, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_failure_mid_write_leaves_nothing(sharded_bnb, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real = dq._materialize
+    seen = []
+
+    def flaky(item, src, where):
+        seen.append(item.name)
+        if len(seen) == 12:
+            # mid-write: output shards are already on disk in the temp folder beside OUT
+            assert list(tmp_path.glob(".out.qfinal-tmp-*/model-*.safetensors"))
+            raise RuntimeError("disk on fire")
+        return real(item, src, where)
+
+    monkeypatch.setattr(dq, "_materialize", flaky)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        dq.dequantize_checkpoint(sharded_bnb, out, max_shard_size="20KB")
+    assert len(seen) == 12
+    assert list(tmp_path.iterdir()) == []  # no OUT, no .out.qfinal-tmp-* folder
+
+
+def test_conv1d_layout_comes_from_the_model_skeleton(checkpoints):
+    conv1d, shapes, _prefix = dq._conv1d_layout(checkpoints.quantized("gpt2", "nf4"), "gpt2")
+    assert "transformer.h.0.attn.c_attn" in conv1d and "lm_head" not in conv1d
+    assert shapes["transformer.h.0.mlp.c_fc.weight"] == [64, 256]  # [in, out]
+    conv1d, _shapes, _prefix = dq._conv1d_layout(checkpoints.quantized("llama_tied", "int8"), "llama")
+    assert conv1d == set()
