@@ -74,3 +74,10 @@ def build_skeleton(model_class, hf_config, dtype, is_quantized: bool):
 def adjust_keys(model, loading_info) -> None:
     """Drop missing/unexpected keys the model declares ignorable (inv_freq, position_ids, ...)."""
     model._adjust_missing_and_unexpected_keys(loading_info)
+
+
+def remove_tied_weights(state_dict: dict, model) -> dict:
+    """Drop tied aliases exactly as `save_pretrained` does (safetensors forbids aliasing)."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    return remove_tied_weights_from_state_dict(state_dict, model)

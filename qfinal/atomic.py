@@ -63,8 +63,13 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise OutputError("output folder already exists", where=str(out),
                           hint="choose another path or pass --force to replace it")
     parent = out.resolve().parent
-    if not parent.is_dir():
-        raise OutputError("parent folder does not exist", where=str(parent), hint="create it first")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError("parent is not a folder", where=str(parent), hint="choose another output path")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create the parent folder ({err.strerror})", where=str(parent),
+                          hint="choose a writable location") from None
     if not os.access(parent, os.W_OK):
         raise OutputError("parent folder is not writable", where=str(parent),
                           hint="choose a writable location")

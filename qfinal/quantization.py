@@ -92,8 +92,15 @@ def dequantize_in_memory(model, dtype, original_classes: dict[str, str]) -> str:
             model.set_submodule(name, conv)
             restored += 1
     cast = 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point() and tensor.dtype != dtype and tensor.device.type != "meta":
+    # Parameters and persistent buffers only: non-persistent ones (RoPE inv_freq) stay as
+    # from_pretrained builds them, or the logits would differ from a reload of the saved folder.
+    persistent = set(model.state_dict(keep_vars=True))
+    seen = set()
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name not in persistent or id(tensor) in seen or tensor.device.type == "meta":
+            continue
+        seen.add(id(tensor))
+        if tensor.is_floating_point() and tensor.dtype != dtype:
             tensor.data = tensor.data.to(dtype)
             cast += 1
     for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):

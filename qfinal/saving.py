@@ -1,0 +1,151 @@
+"""`qfinal save`: write the finalized model, reload it twice, and prove the round trip exact.
+
+The saved folder is what a team ships, so it is published (renamed into place) only after both
+reloads — through qfinal and through plain `from_pretrained` — match the model in memory: keys,
+every tensor bit for bit (bnb packed data and quant state included), ties, config, and logits.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import _hf
+from .api import Finalized, _config, load
+from .atomic import atomic_dir, check_output_dir
+from .config import RunConfig
+from .report import Finding, Report
+from .shards import write_state_dict
+
+# Files beside the weights that a checkpoint folder carries along (tokenizer, chat template, ...).
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
+              "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
+              "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "generation_config.json")
+CONFIG_IGNORED = {"_name_or_path", "name_or_path", "transformers_version"}
+
+
+class RoundTripFailed(Exception):
+    """Raised inside the atomic block so that a folder that failed its proof is never published."""
+
+
+def parse_size(size: int | str) -> int:
+    from .dequantize import parse_size as parse
+
+    return parse(size)
+
+
+def copy_side_files(source: Path, dest: Path) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        path = source / name
+        if path.is_file() and not path.is_symlink() and not (dest / name).exists():
+            shutil.copyfile(path, dest / name)
+            copied.append(name)
+    return copied
+
+
+def needs_own_writer(result: Finalized) -> bool:
+    """transformers 5.x cannot save a model its bnb deserializer (or dequantize) produced."""
+    ctx = result.context
+    pre_quantized = ctx.hf_quantizer is not None and ctx.hf_quantizer.pre_quantized
+    return pre_quantized or ctx.config.dequantize
+
+
+def write_model(result: Finalized, folder: Path, max_bytes: int) -> str:
+    model = result.model
+    if not needs_own_writer(result):
+        model.save_pretrained(folder, max_shard_size=max_bytes)
+        return "save_pretrained"
+    import torch
+
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    write_state_dict(_hf.remove_tied_weights(state, model), folder, max_bytes)
+    model.config.save_pretrained(folder)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    return "qfinal writer (save_pretrained cannot reverse bnb deserialization)"
+
+
+def config_differences(a, b) -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    fields = sorted((set(da) | set(db)) - CONFIG_IGNORED)
+    return [f for f in fields if da.get(f) != db.get(f)]
+
+
+def round_trip_findings(original, reloaded, who: str) -> list[Finding]:
+    from .compare import compare_models
+    from .stages.tie_weights import audit_ties
+
+    findings = []
+    comparison = compare_models(reloaded, original, dequantize=False)
+    for f in comparison.findings("roundtrip"):
+        findings.append(f.model_copy(update={"message": f"{who} reload: {f.message}"}))
+    before = [t.model_dump() for t in audit_ties(original)]
+    after = [t.model_dump() for t in audit_ties(reloaded)]
+    if before == after:
+        findings.append(Finding(check="roundtrip_ties", severity="info",
+                                message=f"{who} reload: {len(after)} tie(s), same pairs, same sharing"))
+    else:
+        findings.append(Finding(check="roundtrip_ties", severity="error",
+                                message=f"{who} reload: ties before {before} != after {after}"))
+    differing = config_differences(reloaded.config, original.config)
+    if differing:
+        findings.append(Finding(check="roundtrip_config", severity="error", key=", ".join(differing),
+                                message=f"{who} reload: config fields differ: {', '.join(differing)}"))
+    else:
+        findings.append(Finding(check="roundtrip_config", severity="info",
+                                message=f"{who} reload: config equal (quantization_config and dtype included)"))
+    return findings
+
+
+def reload_config(cfg: RunConfig) -> RunConfig:
+    """What the saved folder needs: no quantize-on-load, no dequantize, adapters already in it."""
+    data = cfg.model_dump(by_alias=True)
+    data.update(quantize={"method": "none"}, dequantize=False, adapters=[], stop_after=None)
+    return RunConfig.model_validate(data)
+
+
+def prove_round_trip(result: Finalized, folder: Path) -> list[Finding]:
+    original = result.model
+    via_qfinal = load(folder, reload_config(result.context.config), command="save (reload)")
+    findings = [f.model_copy(update={"message": f"qfinal reload: {f.message}"})
+                for f in via_qfinal.report.findings if f.severity != "info"]
+    findings += round_trip_findings(original, via_qfinal.model, "qfinal")
+    del via_qfinal
+    via_transformers = type(original).from_pretrained(folder)
+    findings += round_trip_findings(original, via_transformers, "transformers")
+    return findings
+
+
+def save(source: str | Path, out: str | Path, config: RunConfig | str | Path | None = None, *,
+         max_shard_size: int | str = "2GB", force: bool = False, allow_pickle: bool = False,
+         **overrides: Any) -> Report:
+    """Finalize `source`, save to `out`, and prove the saved folder reloads to the same model."""
+    out = Path(out)
+    cfg = _config(config, overrides)
+    check_output_dir(out, force)
+    max_bytes = parse_size(max_shard_size)
+    result = load(source, cfg, allow_pickle=allow_pickle, command="save")
+    report = result.report
+    if not report.ok:
+        report.findings.append(Finding(check="roundtrip_saved", severity="error", key=str(out),
+                                       message="not saved: the finalized model has error findings"))
+        return report
+    try:
+        with atomic_dir(out, force=force) as tmp:
+            writer = write_model(result, tmp, max_bytes)
+            copied = copy_side_files(result.context.source.folder, tmp)
+            findings = prove_round_trip(result, tmp)
+            report.findings.extend(findings)
+            report.extra["save"] = {"out": str(out), "writer": writer, "copied": copied,
+                                    "files": sorted(p.name for p in tmp.iterdir())}
+            if not report.ok:
+                raise RoundTripFailed
+    except RoundTripFailed:
+        report.findings.append(Finding(check="roundtrip_saved", severity="error", key=str(out),
+                                       message="round trip not exact: the output folder was not published"))
+        return report
+    report.findings.append(Finding(check="roundtrip_saved", severity="info", key=str(out),
+                                   message=f"saved with {writer} and proven"))
+    return report
