@@ -651,3 +651,45 @@ def compare_logits(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) ->
     return Finding(check="dequantize_logits", severity="info" if ok else "error",
                    message=f"logits vs transformers' float32 dequantization: max abs difference "
                            f"{diff:.3g} = {diff / scale:.2g} of max |logit| (tolerance {tol:.2g})")
+
+
+# --------------------------------------------------------------------------- command
+
+def run_dequantize(source: Path | str, out: Path | str, *, dtype: str = "float16", max_shard_size: int | str = "2GB",
+                   verify: bool = False, force: bool = False, progress_console=None) -> "Report":
+    """`qfinal dequantize` as a library call: the streaming write, then (optionally) the proof."""
+    import time
+
+    from .pipeline import peak_rss_bytes
+    from .report import ConvertedModule, Report, StageRecord
+
+    report = Report(source=str(source), command="dequantize", dtype=dtype)
+    start = time.perf_counter()
+    if progress_console is not None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        with Progress("dequantize", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=progress_console, transient=True) as bar:
+            task = bar.add_task("tensors", total=None)
+            result = dequantize_checkpoint(source, Path(out), dtype=dtype, max_shard_size=max_shard_size,
+                                           force=force,
+                                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+    else:
+        result = dequantize_checkpoint(source, Path(out), dtype=dtype, max_shard_size=max_shard_size, force=force)
+    report.quantization = result.quant_method + ("+double_quant" if result.double_quant else "")
+    report.model_class = (read_config_json(Path(out)).get("architectures") or [None])[0]
+    report.stages.append(StageRecord(name="dequantize", seconds=round(time.perf_counter() - start, 6),
+                                     peak_rss_bytes=peak_rss_bytes(),
+                                     detail=f"{len(result.dequantized)} weight(s) dequantized, {len(result.cast)} "
+                                            f"tensor(s) cast, {len(result.files)} file(s) written"))
+    report.keys.converted = [ConvertedModule.model_validate({"module": n.rsplit(".", 1)[0],
+                                                             "from": report.quantization, "to": dtype})
+                             for n in result.dequantized]
+    report.extra["dequantize"] = {"out": str(result.out), "files": result.files, "total_bytes": result.total_bytes}
+    if verify:
+        start = time.perf_counter()
+        report.findings.extend(verify_dequantized(source, Path(out), dtype))
+        report.checks = sorted({f.check for f in report.findings})
+        report.stages.append(StageRecord(name="verify", seconds=round(time.perf_counter() - start, 6),
+                                         peak_rss_bytes=peak_rss_bytes(), detail="reloaded with plain transformers"))
+    return report

@@ -14,9 +14,13 @@ from typing import Iterator
 
 def quiet_libraries() -> None:
     """transformers prints its own progress bars and load report; qfinal's report replaces them."""
+    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
+
+    # bitsandbytes logs that an optional CPU kernel package is absent, on every 4-bit import.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

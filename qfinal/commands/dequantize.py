@@ -18,7 +18,7 @@ def dequantize(
     """Stream a bnb checkpoint back to plain fp16/bf16/fp32 safetensors, shard by shard."""
     from ..errors import ConfigError
     from ..output import Output, quiet_libraries
-    from ..saving import run_dequantize
+    from ..dequantize import run_dequantize
 
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"unknown dtype {dtype!r}", where="--dtype", hint="use float16, bfloat16 or float32")
