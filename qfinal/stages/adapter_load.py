@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..pipeline import Context, Outcome
+from ..report import Finding
 from .base import BaseStage
 
 
@@ -15,8 +16,25 @@ class AdapterLoad(BaseStage):
             return Outcome("nothing to do", "no adapters configured")
         from ..adapters import AdapterSpec, apply_adapters
 
+        model = ctx.model
+        if getattr(model, "peft_config", None):  # already adapted (a second run): never double-wrap
+            return Outcome("nothing to do", "adapters already loaded")
+        merge_into_quantized = (ctx.hf_quantizer is not None and any(a.merge for a in specs)
+                                and not ctx.config.merge_requantize)
+        if merge_into_quantized:
+            # Dequantize here rather than inside peft's merge, so GPT-2's Conv1D layout is
+            # restored and every tensor ends in one dtype, exactly as `dequantize: true` does.
+            from ..quantization import dequantize_in_memory
+
+            detail = dequantize_in_memory(model, ctx.dtype, ctx.original_classes)
+            ctx.report.findings.append(Finding(
+                check="adapter_merge", severity="info",
+                message=f"quantized base dequantized before merging ({detail}); the merged weights stay in "
+                        f"{ctx.report.dtype} (set merge_requantize: true to quantize them again)"))
+            ctx.hf_quantizer = None
+            ctx.report.quantization = "none (dequantized to merge adapters)"
         model, records, findings = apply_adapters(
-            ctx.model, [AdapterSpec(path=a.path, name=a.name, merge=a.merge, scale=a.scale) for a in specs],
+            model, [AdapterSpec(path=a.path, name=a.name, merge=a.merge, scale=a.scale) for a in specs],
             requantize=ctx.config.merge_requantize, allow_pickle=ctx.allow_pickle)
         ctx.model = model
         ctx.report.adapters = list(records)
