@@ -49,12 +49,32 @@ class AdapterConfig(_Strict):
     scale: float = 1.0
 
 
+class CompileConfig(_Strict):
+    enabled: bool = False
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    warmup: bool = Field(True, description="run one forward on the probe batch so compile time is paid here")
+
+
+class RuntimeConfig(_Strict):
+    """What makes a loaded model ready to use, applied after adapters and before validation."""
+
+    mode: Literal["inference", "training"] = "inference"
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = None
+    compile: CompileConfig = CompileConfig()
+    gradient_checkpointing: bool = False
+
+
 class ValidateConfig(_Strict):
     enabled: bool = True
     fail_on: Literal["error", "warning"] = "error"
     allow_missing: list[str] = []
     allow_unexpected: list[str] = []
     check_nan: bool = True
+
+
+class ReportConfig(_Strict):
+    quality: bool = Field(False, description="after quantizing, the per-layer relative error of each "
+                                             "quantized weight against the checkpoint's original (load --quality)")
 
 
 class RunConfig(_Strict):
@@ -71,9 +91,11 @@ class RunConfig(_Strict):
     tie_weights: bool = True
     adapters: list[AdapterConfig] = []
     merge_requantize: bool = False
+    runtime: RuntimeConfig = RuntimeConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     trust_remote_code: bool = False
     stop_after: str | None = None
+    report: ReportConfig = ReportConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -19,7 +19,7 @@ from .report import Report, StageRecord
 from .sources import Source
 
 STAGE_NAMES = ("meta_init", "quantizer_preprocess", "checkpoint_dispatch", "postprocess",
-               "tie_weights", "adapter_load", "validate")
+               "tie_weights", "adapter_load", "runtime", "validate")
 
 
 def peak_rss_bytes() -> int:

@@ -76,7 +76,7 @@ def test_dtype_option_matches_from_pretrained(checkpoints, dtype):
 def test_stages_in_order_with_time_and_memory(checkpoints):
     report = qfinal.load(checkpoints["llama_tied"]).report
     assert [s.name for s in report.stages] == ["meta_init", "quantizer_preprocess", "checkpoint_dispatch",
-                                              "postprocess", "tie_weights", "adapter_load", "validate"]
+                                              "postprocess", "tie_weights", "adapter_load", "runtime", "validate"]
     assert all(s.seconds >= 0 and s.peak_rss_bytes > 0 for s in report.stages)
     statuses = {s.name: s.status for s in report.stages}
     assert statuses["quantizer_preprocess"] == "skipped by request"
@@ -87,7 +87,7 @@ def test_stages_in_order_with_time_and_memory(checkpoints):
 def test_stop_after_leaves_model_on_meta(checkpoints):
     result = qfinal.load(checkpoints["llama_tied"], stop_after="quantizer_preprocess", quantize="nf4")
     statuses = [s.status for s in result.report.stages]
-    assert statuses[2:] == ["not reached"] * 5
+    assert statuses[2:] == ["not reached"] * 6
     assert all(p.device.type == "meta" for p in result.model.parameters())
     assert len(result.report.keys.converted) == 14
 

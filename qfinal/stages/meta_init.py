@@ -34,6 +34,27 @@ def load_hf_config(folder, trust_remote_code: bool):
 class MetaInit(BaseStage):
     name = "meta_init"
 
+    @staticmethod
+    def _build(ctx: Context, hf_config, dtype, is_quantized: bool):
+        """The skeleton, with the requested attention implementation when it is available here.
+
+        Like `from_pretrained(attn_implementation=...)`, the request is set on the config before
+        the model is built; transformers refuses one it cannot run (flash-attn not installed, no
+        GPU), and then qfinal builds with the default and records the fallback as a finding.
+        """
+        requested = ctx.config.runtime.attn_implementation
+        if requested is None:
+            return _hf.build_skeleton(ctx.model_class, hf_config, dtype, is_quantized)
+        default = hf_config._attn_implementation
+        hf_config._attn_implementation = requested
+        try:
+            return _hf.build_skeleton(ctx.model_class, hf_config, dtype, is_quantized)
+        except (ImportError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            ctx.scratch["attn_fallback"] = reason
+            hf_config._attn_implementation = default
+            return _hf.build_skeleton(ctx.model_class, hf_config, dtype, is_quantized)
+
     def run(self, ctx: Context) -> Outcome:
         import torch
 
@@ -57,7 +78,7 @@ class MetaInit(BaseStage):
         hf_config = copy.deepcopy(hf_config)
 
         ctx.hf_config, ctx.hf_quantizer, ctx.device_map, ctx.dtype = hf_config, hf_quantizer, device_map, dtype
-        ctx.model = _hf.build_skeleton(ctx.model_class, hf_config, dtype, hf_quantizer is not None)
+        ctx.model = self._build(ctx, hf_config, dtype, hf_quantizer is not None)
         ctx.original_classes = {n: type(m).__name__ for n, m in ctx.model.named_modules()}
 
         report = ctx.report
