@@ -501,8 +501,14 @@ def _loose_pickles(root: Path) -> list[str]:
 
 
 def _confined(inv: CheckpointInventory, name: str, confine_to: Path | None, what: str) -> Path | None:
+    """The file as `root/name` once it is proven to resolve inside the confinement folder.
+
+    Not the resolved path: in the hub cache that is an extension-less blob, and transformers
+    decides safetensors vs pickle by the file name's extension.
+    """
     try:
-        return resolve_inside(inv.root, name, what=what, confine_to=confine_to)
+        resolve_inside(inv.root, name, what=what, confine_to=confine_to)
+        return inv.root / name
     except CheckpointError as err:
         inv.add_error(err, "file_confinement")
         return None

@@ -6,6 +6,7 @@ qfinal never downloads: a hub id must already be in the Hugging Face cache.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +44,21 @@ def resolve_source(source: str | Path) -> Source:
                       hint="pass a model folder, a hub id that is in the local cache, or 'demo'")
 
 
+def hub_cache_dir() -> Path:
+    """Read at call time (huggingface_hub reads its variables once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return Path(home) / "hub"
+
+
 def _from_cache(repo_id: str) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        snapshot = Path(snapshot_download(repo_id, local_files_only=True))
+        snapshot = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hub_cache_dir()))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         raise SourceError("hub id is not in the local Hugging Face cache (qfinal never downloads)",
                           where=repo_id,
