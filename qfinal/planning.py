@@ -49,8 +49,9 @@ def expected_bytes(model, hf_quantizer, converted: set[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     qc = getattr(hf_quantizer, "quantization_config", None)
     persistent = set(model.state_dict(keep_vars=True))
+    tied_targets = set(getattr(model, "all_tied_weights_keys", None) or {})  # not tied yet on the skeleton
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if name not in persistent:
+        if name not in persistent or name in tied_targets:
             continue
         module = name.rpartition(".")[0]
         numel = tensor.numel()
@@ -117,8 +118,11 @@ def _by_layer(placement: dict[str, str]) -> list[dict]:
     return rows
 
 
-def measured_bytes_per_device(model, offload_folder: str | None) -> dict[str, int]:
-    """After a real load: bytes held by each device, disk read from accelerate's offload files."""
+def measured_bytes_per_device(model, disk_offload_index: dict | None) -> dict[str, int]:
+    """After a real load: bytes held by each device; disk from accelerate's offload index
+    (for a safetensors checkpoint it points into the checkpoint files instead of copying)."""
+    import torch
+
     out: dict[str, int] = defaultdict(int)
     seen = set()
     persistent = set(model.state_dict(keep_vars=True))
@@ -128,8 +132,7 @@ def measured_bytes_per_device(model, offload_folder: str | None) -> dict[str, in
         seen.add(id(tensor))
         if tensor.device.type != "meta":
             out[str(tensor.device.type)] += tensor.numel() * tensor.element_size()
-    if offload_folder and Path(offload_folder).is_dir():
-        disk = sum(p.stat().st_size for p in Path(offload_folder).glob("*.dat"))
-        if disk:
-            out["disk"] += disk
+    for name, entry in (disk_offload_index or {}).items():
+        numel = model.get_parameter_or_buffer(name).numel()  # the meta placeholder keeps the shape
+        out["disk"] += numel * getattr(torch, entry["dtype"]).itemsize
     return dict(sorted(out.items()))

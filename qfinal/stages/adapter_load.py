@@ -17,8 +17,9 @@ class AdapterLoad(BaseStage):
         from ..adapters import AdapterSpec, apply_adapters
 
         model = ctx.model
-        if getattr(model, "peft_config", None):  # already adapted (a second run): never double-wrap
-            return Outcome("nothing to do", "adapters already loaded")
+        # A second run must neither double-wrap a PeftModel nor merge the same delta twice.
+        if getattr(model, "peft_config", None) or getattr(model, "_qfinal_adapters_applied", False):
+            return Outcome("nothing to do", "adapters already applied to this model")
         merge_into_quantized = (ctx.hf_quantizer is not None and any(a.merge for a in specs)
                                 and not ctx.config.merge_requantize)
         if merge_into_quantized:
@@ -36,6 +37,7 @@ class AdapterLoad(BaseStage):
         model, records, findings = apply_adapters(
             model, [AdapterSpec(path=a.path, name=a.name, merge=a.merge, scale=a.scale) for a in specs],
             requantize=ctx.config.merge_requantize, allow_pickle=ctx.allow_pickle)
+        model._qfinal_adapters_applied = True
         ctx.model = model
         ctx.report.adapters = list(records)
         ctx.report.findings.extend(findings)

@@ -76,8 +76,8 @@ class Runtime(BaseStage):
 
         if rt.gradient_checkpointing:
             base = model.get_base_model() if _is_peft(model) else model
-            if not getattr(base, "is_gradient_checkpointing", False):
-                base.gradient_checkpointing_enable()
+            if not base.is_activation_checkpointing:
+                base.activation_checkpointing_enable()
             notes.append("gradient checkpointing on")
 
         if rt.compile.enabled and not getattr(model, "_qfinal_compiled", False):

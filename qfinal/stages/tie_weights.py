@@ -8,7 +8,7 @@ from __future__ import annotations
 from .. import _hf
 from ..pipeline import Context, Outcome
 from ..report import TiedKey
-from .base import BaseStage
+from .base import BaseStage, unwrap
 
 
 def _shares_storage(model, target: str, source: str) -> bool:
@@ -24,6 +24,7 @@ def _shares_storage(model, target: str, source: str) -> bool:
 
 
 def audit_ties(model) -> list[TiedKey]:
+    model = unwrap(model)
     declared = getattr(model, "all_tied_weights_keys", None) or {}
     return [TiedKey(target=t, source=s, shared=_shares_storage(model, t, s)) for t, s in sorted(declared.items())]
 
@@ -32,7 +33,7 @@ class TieWeights(BaseStage):
     name = "tie_weights"
 
     def run(self, ctx: Context) -> Outcome:
-        model, info = ctx.model, ctx.loading_info
+        model, info = unwrap(ctx.model), ctx.loading_info
         if ctx.config.tie_weights:
             _hf.tie_and_adjust(model, info)
         else:

@@ -20,28 +20,60 @@ def checkpoint_reader(inventory, root):
     return read
 
 
+def checkpoint_lookup(tensors: dict, base_model_prefix: str):
+    """model key -> checkpoint key, allowing for the base-model prefix transformers adds or strips."""
+    prefix = f"{base_model_prefix}." if base_model_prefix else None
+
+    def lookup(key: str) -> str | None:
+        if key in tensors:
+            return key
+        if prefix:
+            if key.startswith(prefix) and key[len(prefix):] in tensors:
+                return key[len(prefix):]
+            if prefix + key in tensors:
+                return prefix + key
+        return None
+
+    return lookup
+
+
 class Validate(BaseStage):
     name = "validate"
 
     def run(self, ctx: Context) -> Outcome:
         vcfg = ctx.config.validate_
-        if not vcfg.enabled:
+        if not vcfg.enabled and not ctx.scratch.get("validate_command"):
             return Outcome("skipped by request", "validate.enabled is false")
-        model, keys, info = ctx.model, ctx.report.keys, ctx.loading_info
+        from ..validation import _keep_fp32, prequantized_modules
+
+        model, report, info, inventory = ctx.model, ctx.report, ctx.loading_info, ctx.inventory
         raw = read_config_json(ctx.source.folder)
+        skipped: dict[str, str] = {}
         findings = checks.key_findings(info.missing_keys, info.unexpected_keys, info.mismatched_keys,
                                        vcfg.allow_missing, vcfg.allow_unexpected)
-        findings += checks.inventory_findings(ctx.inventory)
-        findings += checks.dtype_findings(raw, ctx.inventory, getattr(model, "_keep_in_fp32_modules", None))
-        findings += checks.quantization_findings(raw, ctx.inventory)
-        reader = checkpoint_reader(ctx.inventory, ctx.source.folder) if ctx.inventory.format == "safetensors" else None
-        findings += checks.tie_findings(model, keys.tied, raw, ctx.inventory, reader)
-        findings += checks.meta_findings(model, set(info.missing_keys), {t.target for t in keys.tied})
+        findings += checks.inventory_findings(inventory)
+        has_headers = inventory.format == "safetensors"
+        lookup = checkpoint_lookup(inventory.tensors, model.base_model_prefix) if has_headers else None
+        if has_headers:
+            findings += checks.dtype_findings(raw, inventory, _keep_fp32(model))
+            findings += checks.quantization_findings(raw, inventory, prequantized_modules(raw, report), lookup)
+        else:
+            why = "pickle weights have no header to compare with"
+            skipped.update(dtype_consistency=why, quantization_config=why)
+        reader = checkpoint_reader(inventory, ctx.source.folder) if has_headers else None
+        ties = checks.declared_ties(model)
+        findings += checks.tie_findings(ties, lookup, model=model, read_tensor=reader,
+                                        tie_enabled=ctx.config.tie_weights)
+        findings += checks.meta_findings(model, set(info.missing_keys), ties)
         if vcfg.check_nan:
             findings += checks.nan_findings(model)
-        ctx.report.findings.extend(findings)
+        else:
+            skipped["nan_inf"] = "validate.check_nan is false"
+        report.findings.extend(findings)
         ran = set(checks.FULL_MODE_CHECKS) | ({"adapter_coverage"} if ctx.config.adapters else set())
-        ctx.report.checks = [c for c in checks.CHECKS if c in ran]
-        errors = sum(f.severity == "error" for f in ctx.report.findings)
-        warnings = sum(f.severity == "warning" for f in ctx.report.findings)
-        return Outcome("ran", f"{errors} error(s), {warnings} warning(s)")
+        report.checks = [c for c in checks.CHECKS if c in ran and c not in skipped]
+        if skipped:
+            report.extra["skipped_checks"] = skipped
+        errors = sum(f.severity == "error" for f in report.findings)
+        warnings = sum(f.severity == "warning" for f in report.findings)
+        return Outcome("ran", f"{len(report.checks)} check(s): {errors} error(s), {warnings} warning(s)")

@@ -1,0 +1,117 @@
+"""Runtime finalization, the dry-run plan, offload, and idempotency of the finishing stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import builders
+import qfinal
+from qfinal.planning import measured_bytes_per_device, plan
+from qfinal.stages import Postprocess, Runtime, TieWeights, AdapterLoad
+
+
+def dropout_modules(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+
+
+def test_inference_mode_turns_dropout_off(checkpoints):
+    model = qfinal.load(checkpoints["gpt2"], runtime={"mode": "inference"}).model
+    assert dropout_modules(model) and not any(m.training for m in dropout_modules(model))
+
+
+def test_training_mode_with_adapter_trains_only_the_adapter(checkpoints, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = builders.model_class_for(checkpoints["gpt2"]).from_pretrained(checkpoints["gpt2"])
+    peft_model = get_peft_model(base, LoraConfig(target_modules=["c_attn"], r=4, init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "lora")
+
+    result = qfinal.load(checkpoints["gpt2"], adapters=[{"path": str(tmp_path / "lora")}],
+                         runtime={"mode": "training", "gradient_checkpointing": True})
+    model = result.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    expected = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert result.report.extra["parameters"]["trainable"] == expected
+    assert all(m.training for m in dropout_modules(model))
+    assert model.get_base_model().is_activation_checkpointing
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_implementation_is_the_one_in_use(checkpoints, attn):
+    result = qfinal.load(checkpoints["llama_tied"], runtime={"attn_implementation": attn})
+    assert result.model.config._attn_implementation == attn
+    assert result.report.extra["attn_implementation"] == attn
+    assert any(f.check == "attn_implementation" and f.severity == "info" for f in result.report.findings)
+
+
+def test_unavailable_attention_falls_back_with_a_finding(checkpoints):
+    result = qfinal.load(checkpoints["llama_tied"], runtime={"attn_implementation": "flash_attention_2"})
+    used = result.model.config._attn_implementation
+    assert used != "flash_attention_2"
+    warning = [f for f in result.report.findings if f.check == "attn_implementation"]
+    assert warning and warning[0].severity == "warning" and used in warning[0].message
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_logits(checkpoints):
+    eager = qfinal.load(checkpoints["llama_tied"]).model
+    compiled = qfinal.load(checkpoints["llama_tied"], runtime={"compile": {"enabled": True}})
+    assert compiled.report.extra["compile_seconds"] > 0
+    inputs = builders.probe_inputs(eager)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.model(**inputs).logits, eager(**inputs).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_dry_run_predicts_the_real_placement_and_bytes(checkpoints, tmp_path):
+    options = dict(device_map="auto", max_memory={"cpu": "300KB", "disk": "10GB"})
+    predicted = plan(checkpoints["llama_tied"], **options, offload_folder=str(tmp_path / "plan"))
+    assert not (tmp_path / "plan").exists(), "a dry run writes nothing"
+    assert set(predicted.placement.values()) == {"cpu", "disk"}
+
+    real = qfinal.load(checkpoints["llama_tied"], **options, offload_folder=str(tmp_path / "off"))
+    assert real.report.placement == predicted.placement
+    measured = measured_bytes_per_device(real.model, real.context.disk_offload_index)
+    assert measured == predicted.extra["plan"]["bytes_per_device"]
+    assert real.report.ok and all(t.shared for t in real.report.keys.tied)
+
+
+def test_dry_run_counts_quantized_bytes(checkpoints):
+    report = plan(checkpoints["llama_untied"], quantize="nf4")
+    real = qfinal.load(checkpoints["llama_untied"], quantize="nf4").model
+    real_bytes = sum(t.numel() * t.element_size() for t in real.state_dict().values()
+                     if isinstance(t, torch.Tensor))
+    predicted = report.extra["plan"]["total_bytes"]
+    assert abs(predicted - real_bytes) / real_bytes < 0.02
+    assert any(leaf["module"] in ("lm_head", "model.embed_tokens") for leaf in report.extra["plan"]["large_unquantized"])
+
+
+def _snapshot(model):
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    return state, type(model).__name__, sum(1 for _ in model.modules())
+
+
+@pytest.mark.parametrize("options", [{}, {"quantize": "nf4"}, {"quantize": "int8"}, {"adapters": "lora"},
+                                     {"adapters": "lora-merge"}])
+def test_finishing_stages_are_idempotent(checkpoints, tmp_path, options):
+    options = dict(options)
+    if "adapters" in options:
+        from peft import LoraConfig, get_peft_model
+
+        base = builders.model_class_for(checkpoints["llama_tied"]).from_pretrained(checkpoints["llama_tied"])
+        get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights=False)
+                       ).save_pretrained(tmp_path / "lora")
+        options["adapters"] = [{"path": str(tmp_path / "lora"), "merge": options["adapters"] == "lora-merge"}]
+    result = qfinal.load(checkpoints["llama_tied"], **options)
+    ctx = result.context
+    before_state, before_type, before_modules = _snapshot(ctx.model)
+    before_ties = [t.model_dump() for t in result.report.keys.tied]
+    for stage in (Postprocess(), TieWeights(), AdapterLoad(), Runtime()):
+        stage.run(ctx)
+    after_state, after_type, after_modules = _snapshot(ctx.model)
+    assert (after_type, after_modules) == (before_type, before_modules)
+    assert after_state.keys() == before_state.keys()
+    assert all(torch.equal(after_state[k], before_state[k]) for k in before_state)
+    assert [t.model_dump() for t in ctx.report.keys.tied] == before_ties
