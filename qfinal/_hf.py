@@ -17,6 +17,11 @@ from transformers.modeling_utils import (  # noqa: F401
     _get_dtype as resolve_dtype,
 )
 from transformers.quantizers.auto import get_hf_quantizer  # noqa: F401
+from transformers.core_model_loading import (  # noqa: F401  (fast validate renames keys like the loader)
+    WeightConverter,
+    WeightRenaming,
+    rename_source_key,
+)
 
 SUPPORTED_TRANSFORMERS = ">=5.23,<5.24"
 
@@ -81,3 +86,12 @@ def remove_tied_weights(state_dict: dict, model) -> dict:
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     return remove_tied_weights_from_state_dict(state_dict, model)
+
+
+def quantizer_preprocess(hf_quantizer, model, model_class, dtype, device_map, checkpoint_files) -> None:
+    """The quantizer's module swap, inside the same init contexts as the skeleton (as from_pretrained)."""
+    from transformers.utils.generic import ContextManagers
+
+    with ContextManagers(init_contexts(model_class, dtype, True)):
+        hf_quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map,
+                                      checkpoint_files=checkpoint_files, use_kernels=False)

@@ -430,13 +430,11 @@ def dequantize_module_weight(module) -> torch.Tensor:
 
 def _remove_tied(sd: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     """Drop tied aliases exactly as `save_pretrained` does (same transformers function)."""
-    try:
-        from transformers.modeling_utils import remove_tied_weights_from_state_dict
-    except ImportError:  # pragma: no cover
-        return sd
     if not hasattr(model, "config"):
         return sd
-    return remove_tied_weights_from_state_dict(sd, model)
+    from ._hf import remove_tied_weights
+
+    return remove_tied_weights(sd, model)
 
 
 def raw_state_dict(model) -> dict[str, torch.Tensor]:

@@ -13,22 +13,40 @@ def validate(
     fast: Annotated[bool, typer.Option("--fast", help="Headers and index only; never read tensor data.")] = False,
     json: JsonOpt = None,
     junit: Annotated[Optional[str], typer.Option("--junit", help="Write JUnit XML to FILE.")] = None,
-    fail_on: Annotated[str, typer.Option(help="error|warning: the lowest severity that fails.")] = "error",
+    fail_on: Annotated[Optional[str], typer.Option(
+        help="error|warning: the lowest severity that fails (default: validate.fail_on, else error).",
+        show_default=False)] = None,
     allow_pickle: AllowPickleOpt = False, quiet: QuietOpt = False,
 ) -> int:
-    """Check SOURCE and exit 1 when a finding at or above --fail-on stands (a CI gate)."""
+    """Check SOURCE and exit 1 when a finding at or above --fail-on stands (a CI gate).
+
+    Exit 0: nothing at or above the fail level; 1: something is; 2: SOURCE, the config or an
+    option cannot be used. Checkpoint defects (missing shards, bad headers, index disagreements)
+    are failed checks, exit 1.
+    """
     from ..config import build_config
     from ..errors import ConfigError
-    from ..output import Output, quiet_libraries
-    from ..pipeline import STAGE_NAMES
-    from ..validation import validate as run_validate
+    from ..sources import resolve_source
 
-    if fail_on not in ("error", "warning"):
+    if fail_on is not None and fail_on not in ("error", "warning"):
         raise ConfigError(f"unknown level {fail_on!r}", where="--fail-on", hint="use error or warning")
-    out = Output(json_path=json, quiet=quiet)
     cfg = build_config(config)
+    level = fail_on or cfg.validate_.fail_on
+    src = resolve_source(source)  # a missing path fails before torch is imported
+
+    from ..output import Output, quiet_libraries
+    from ..validation import FAST_STAGES, validate as run_validate
+
+    out = Output(json_path=json, quiet=quiet)
     quiet_libraries()
-    with out.stages(list(STAGE_NAMES[:2]) if fast else list(STAGE_NAMES)) as on_stage:
-        report = run_validate(source, cfg, fast=fast, allow_pickle=allow_pickle, on_stage=on_stage)
-    out.report(report, junit_path=junit, fail_on=fail_on)
-    raise typer.Exit(1 if report.failing(fail_on) else 0)
+    with out.stages([*FAST_STAGES, "validate"] if fast else list(_stage_names())) as on_stage:
+        report = run_validate(src, cfg, fast=fast, allow_pickle=allow_pickle, on_stage=on_stage)
+    report.extra["fail_on"] = level
+    out.report(report, junit_path=junit, fail_on=level)
+    raise typer.Exit(1 if report.failing(level) else 0)
+
+
+def _stage_names() -> tuple[str, ...]:
+    from ..pipeline import STAGE_NAMES
+
+    return STAGE_NAMES

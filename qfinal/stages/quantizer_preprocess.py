@@ -18,13 +18,10 @@ class QuantizerPreprocess(BaseStage):
         if ctx.hf_quantizer is None:
             status = "skipped by request" if ctx.config.quantize.method == "none" else "nothing to do"
             return Outcome(status, "no quantization requested and the checkpoint is not quantized")
-        from ..stages.meta_init import _hf  # noqa: F401  (same adapter module)
-        from transformers.utils.generic import ContextManagers
+        from .. import _hf
 
-        with ContextManagers(_hf.init_contexts(ctx.model_class, ctx.dtype, True)):
-            ctx.hf_quantizer.preprocess_model(model=ctx.model, dtype=ctx.dtype, device_map=ctx.device_map,
-                                              checkpoint_files=[str(p) for p in ctx.inventory.files],
-                                              use_kernels=False)
+        _hf.quantizer_preprocess(ctx.hf_quantizer, ctx.model, ctx.model_class, ctx.dtype, ctx.device_map,
+                                 [str(p) for p in ctx.inventory.files])
         converted, skipped = converted_and_skipped(ctx.model, ctx.original_classes, ctx.hf_quantizer,
                                                    ctx.config.quantize.skip_modules)
         ctx.report.keys.converted = [ConvertedModule.model_validate(c) for c in converted]

@@ -24,9 +24,13 @@ def _shares_storage(model, target: str, source: str) -> bool:
 
 
 def audit_ties(model) -> list[TiedKey]:
+    """Every tie the config asks for, refused ones included (transformers drops a tie from
+    `all_tied_weights_keys` when the checkpoint holds two different tensors for it)."""
+    from ..checks import declared_ties
+
     model = unwrap(model)
-    declared = getattr(model, "all_tied_weights_keys", None) or {}
-    return [TiedKey(target=t, source=s, shared=_shares_storage(model, t, s)) for t, s in sorted(declared.items())]
+    return [TiedKey(target=t.target, source=t.source, shared=_shares_storage(model, t.target, t.source))
+            for t in declared_ties(model) if t.requested]
 
 
 class TieWeights(BaseStage):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import checks
 from ..pipeline import Context, Outcome
 from ..sources import read_config_json
-from .base import BaseStage
+from .base import BaseStage, unwrap
 
 
 def checkpoint_reader(inventory, root):
@@ -46,7 +46,9 @@ class Validate(BaseStage):
             return Outcome("skipped by request", "validate.enabled is false")
         from ..validation import _keep_fp32, prequantized_modules
 
-        model, report, info, inventory = ctx.model, ctx.report, ctx.loading_info, ctx.inventory
+        # Under unmerged adapters ctx.model is a PeftModel, whose names carry a prefix; the LoRA layers
+        # live inside the base model, so its parameters are checked too.
+        model, report, info, inventory = unwrap(ctx.model), ctx.report, ctx.loading_info, ctx.inventory
         raw = read_config_json(ctx.source.folder)
         skipped: dict[str, str] = {}
         findings = checks.key_findings(info.missing_keys, info.unexpected_keys, info.mismatched_keys,
