@@ -6,7 +6,9 @@ qfinal writes goes through one of these two context managers.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -93,9 +95,31 @@ def atomic_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
             else:
                 os.rename(tmp, out)
             _fsync_dir(out.resolve().parent)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = _out_of_space(err)
+        if full:
+            raise OutputError(f"cannot write the output: {full}; nothing was written", where=str(out),
+                              hint="free some space or choose another location") from None
         raise
+
+
+# ENOSPC, EDQUOT, EFBIG, EROFS: the destination cannot take the output (not qfinal's fault).
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _out_of_space(err: BaseException) -> str | None:
+    """The OS's words when `err` means the destination is full or read-only, else None.
+
+    safetensors reports write failures as SafetensorError('... I/O error: <strerror> (os error N)').
+    """
+    if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
+        return err.strerror or os.strerror(err.errno)
+    if type(err).__name__ == "SafetensorError":
+        found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(err))
+        if found and int(found.group(2)) in _FULL_ERRNOS:
+            return found.group(1)
+    return None
 
 
 @contextmanager

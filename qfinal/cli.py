@@ -88,18 +88,37 @@ def load_overrides(quantize, double_quant, dtype, device_map, max_memory, offloa
 
 
 from .commands import dequantize as _dequantize, load as _load, save as _save, validate as _validate  # noqa: E402
+from .commands import diff as _diff, plan as _plan  # noqa: E402
 
 app.command("load")(_load.load)
 app.command("validate")(_validate.validate)
 app.command("dequantize")(_dequantize.dequantize)
 app.command("save")(_save.save)
+app.command("diff")(_diff.diff)
+app.command("plan")(_plan.plan)
+
+
+def _one_line(text: str) -> str:
+    """A message from a library may span lines; the error line must not."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 def main(argv: list[str] | None = None) -> None:
     """The error boundary: user errors are one line and exit 2; bugs keep their traceback."""
-    import click
+    import typer
 
     from .errors import QfinalError
+
+    # typer >= 0.2x vendors click as typer._click: its exceptions derive from typer's, not click's.
+    exits, aborts, usage_errors = (typer.Exit,), (typer.Abort,), (typer.TyperException,)
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        exits += (click.exceptions.Exit,)
+        aborts += (click.exceptions.Abort,)
+        usage_errors += (click.ClickException,)
 
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("QFINAL_DEBUG"))
     try:
@@ -107,15 +126,18 @@ def main(argv: list[str] | None = None) -> None:
     except QfinalError as err:
         if debug:
             raise
-        sys.stderr.write(f"qfinal: error: {err.line()}\n")
+        sys.stderr.write(f"qfinal: error: {_one_line(err.line())}\n")
         sys.exit(err.exit_code)
-    except click.exceptions.Exit as err:
+    except exits as err:
         sys.exit(err.exit_code)
-    except click.exceptions.Abort:
+    except aborts:
         sys.stderr.write("qfinal: interrupted\n")
         sys.exit(130)
-    except click.ClickException as err:
-        sys.stderr.write(f"qfinal: usage error: {err.format_message()} (see qfinal --help)\n")
+    except usage_errors as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `qfinal`: the help, as click prints it
+            sys.stderr.write(err.format_message() + "\n")
+            sys.exit(EXIT_USAGE)
+        sys.stderr.write(f"qfinal: usage error: {_one_line(err.format_message())} (see qfinal --help)\n")
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         sys.stderr.write("qfinal: interrupted; nothing was left half-written\n")
@@ -126,4 +148,6 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
         sys.stderr.write("qfinal: internal error (a bug in qfinal; please report it with the traceback above)\n")
         sys.exit(EXIT_BUG)
+    if code == 130:  # typer turns KeyboardInterrupt into Exit(130) inside app()
+        sys.stderr.write("qfinal: interrupted; nothing was left half-written\n")
     sys.exit(code if isinstance(code, int) else 0)

@@ -113,16 +113,6 @@ def bnb_quantization(config: dict, where: str) -> tuple[str, bool]:
                           where=where)
 
 
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bytes (NaN-safe, -0.0 != 0.0)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
-    if a.is_floating_point():
-        a, b = a.view(torch.uint8), b.view(torch.uint8)
-    return torch.equal(a, b)
-
-
 # --------------------------------------------------------------------------- reading the source
 
 class _Source:
@@ -208,7 +198,9 @@ def _conv1d_layout(folder: Path, where: str):
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
     except Exception as err:
-        raise CheckpointError(f"config.json cannot be parsed by transformers ({err})", where=where) from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"config.json cannot be parsed by transformers ({first})",
+                              where=str(folder / "config.json")) from None
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
@@ -462,6 +454,11 @@ def dequantize_checkpoint(source: Path | str, out: Path, *, dtype: torch.dtype |
     check_output_dir(out, force)  # fail fast; atomic_dir checks again before writing
     config = read_config_json(folder)
     method, double_quant = bnb_quantization(config, where)
+    # The loader's own checks (duplicate names, index vs shards, confinement, exact layout), which
+    # safe_open alone does not make; the first problem is refused with the file and key named.
+    from .safety import inspect_checkpoint
+
+    inspect_checkpoint(folder, confine_to=resolved.confine_to).raise_for_problems()
     conv1d, shapes, prefix = _conv1d_layout(folder, where)
     src = _Source(folder, resolved.confine_to)
     try:
@@ -540,9 +537,14 @@ def reference_state_dict(model, layout_model, dtype: torch.dtype) -> dict[str, t
 
 def compare_state_dicts(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
                         dtype: torch.dtype) -> list[Finding]:
-    """The one comparison: keys, bit-exact values, dtypes. (A shared engine may replace it.)"""
+    """Keys, bit-exact values and dtypes of OUT (`got`) against the reference (`want`), through the
+    shared engine (`qfinal.compare.compare_tensors`): one error finding per offending key."""
+    from .compare import _num, compare_tensors
+
+    diffs = compare_tensors(got, want)
     findings = []
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    missing = sorted(t.name for t in diffs if t.status == "only_b")
+    extra = sorted(t.name for t in diffs if t.status == "only_a")
     for key in missing:
         findings.append(Finding(check="dequantize_keys", severity="error", key=key,
                                 message="in the dequantized reference but not in OUT"))
@@ -559,24 +561,20 @@ def compare_state_dicts(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     if not bad_dtype:
         findings.append(Finding(check="dequantize_dtype", severity="info",
                                 message=f"all floating tensors are {dtype_name(dtype)}"))
-    differ = 0
-    for key in sorted(set(got) & set(want)):
-        a, b = got[key], want[key]
-        if not _bits_equal(a, b):
-            differ += 1
-            if a.shape != b.shape:
-                detail = f"shape {list(a.shape)} vs reference {list(b.shape)}"
-            elif a.dtype != b.dtype:
-                detail = f"dtype {dtype_name(a.dtype)} vs reference {dtype_name(b.dtype)}"
-            else:
-                diff = (a.float() - b.float()).abs().max().item()
-                detail = f"max abs difference {diff:.3g}"
-            findings.append(Finding(check="dequantize_tensors", severity="error", key=key,
-                                    message=f"differs from transformers' dequantize(): {detail}"))
+    both = sorted((t for t in diffs if t.status not in ("only_a", "only_b")), key=lambda t: t.name)
+    differ = [t for t in both if not t.bit_identical]
+    for t in differ:
+        if t.status == "shape":
+            detail = f"shape {list(t.shape_a)} vs reference {list(t.shape_b)}"
+        elif t.status == "dtype":
+            detail = f"dtype {t.dtype_a} vs reference {t.dtype_b}"
+        else:
+            detail = f"max abs difference {_num(t.max_abs)}, rel error {_num(t.rel_error)}"
+        findings.append(Finding(check="dequantize_tensors", severity="error", key=t.name,
+                                message=f"differs from transformers' dequantize(): {detail}"))
     if not differ:
-        n = len(set(got) & set(want))
         findings.append(Finding(check="dequantize_tensors", severity="info",
-                                message=f"{n} tensors bit-identical to transformers' dequantize()"))
+                                message=f"{len(both)} tensors bit-identical to transformers' dequantize()"))
     return findings
 
 
@@ -644,13 +642,21 @@ def verify_dequantized(source: Path | str, out: Path, dtype: torch.dtype | str) 
 
 
 def compare_logits(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> Finding:
+    """Logits of OUT against the reference's, through the shared engine (`output_metrics`, float64)."""
+    from .compare import output_metrics
+
     tol = logits_tolerance(dtype)
+    if got.shape != want.shape:
+        return Finding(check="dequantize_logits", severity="error",
+                       message=f"logits shape {list(got.shape)} vs reference {list(want.shape)}")
+    metrics = output_metrics(got, want)
     scale = want.abs().max().item() or 1.0
-    diff = (got - want).abs().max().item()
-    ok = got.shape == want.shape and diff / scale <= tol
+    diff = metrics.logits_max_abs
+    ok = diff / scale <= tol
     return Finding(check="dequantize_logits", severity="info" if ok else "error",
                    message=f"logits vs transformers' float32 dequantization: max abs difference "
-                           f"{diff:.3g} = {diff / scale:.2g} of max |logit| (tolerance {tol:.2g})")
+                           f"{diff:.3g} = {diff / scale:.2g} of max |logit| (tolerance {tol:.2g}); "
+                           f"KL {metrics.kl_divergence:.3g}, top-1 agreement {metrics.top1_agreement:.4f}")
 
 
 # --------------------------------------------------------------------------- command

@@ -115,3 +115,22 @@ def test_finishing_stages_are_idempotent(checkpoints, tmp_path, options):
     assert after_state.keys() == before_state.keys()
     assert all(torch.equal(after_state[k], before_state[k]) for k in before_state)
     assert [t.model_dump() for t in ctx.report.keys.tied] == before_ties
+
+
+def test_load_dry_run_cli_reads_no_tensor_data(checkpoints, monkeypatch, capsys):
+    import json
+
+    import qfinal._hf as hf
+    from qfinal.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run must not read tensor data")
+
+    monkeypatch.setattr(hf, "load_checkpoint_into", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["load", str(checkpoints["llama_untied"]), "--dry-run", "--quantize", "nf4", "--json", "-"])
+    assert exit_info.value.code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["command"] == "plan" and len(data["keys"]["converted"]) == 14
+    assert data["extra"]["plan"]["bytes_per_device"]["cpu"] > 0
+    assert {leaf["module"] for leaf in data["extra"]["plan"]["large_unquantized"]} >= {"lm_head"}

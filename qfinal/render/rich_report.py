@@ -18,6 +18,8 @@ SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 
 def _mib(n: int) -> str:
+    if n < 2**20:
+        return f"{n / 2**10:,.1f} KiB"
     return f"{n / 2**20:,.0f} MiB"
 
 
@@ -95,7 +97,22 @@ def build(report: Report) -> Group:
             t.add_row(escape(a.name), escape(a.path), str(a.matched), str(len(a.unused)),
                       escape(", ".join(a.unmatched_targets) or "-"), "yes" if a.merged else "no")
         parts.append(t)
-    if report.placement and len(set(report.placement.values())) > 1:
+    plan = report.extra.get("plan")
+    if plan:
+        t = Table(title="Plan: bytes per device (no tensor data read)", title_justify="left")
+        t.add_column("device")
+        t.add_column("bytes", justify="right")
+        for device, nbytes in plan["bytes_per_device"].items():
+            t.add_row(device, _mib(nbytes))
+        parts.append(t)
+        if plan["large_unquantized"]:
+            parts.append(Text("Large unquantized leaves: " + ", ".join(
+                f"{leaf['module']} ({_mib(leaf['bytes'])}, {leaf['share']:.0%})" for leaf in plan["large_unquantized"])))
+        layers = Table(title="Plan: placement by module", title_justify="left")
+        layers.add_column("module")
+        layers.add_column("device")
+        parts.append(_capped(layers, [(_k(r["module"]), r["device"]) for r in plan["layers"]], 2))
+    elif report.placement and len(set(report.placement.values())) > 1:
         counts = Counter(report.placement.values())
         parts.append(Text("Placement: " + ", ".join(f"{n} module(s) on {d}" for d, n in sorted(counts.items()))))
 

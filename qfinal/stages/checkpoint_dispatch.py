@@ -19,15 +19,28 @@ class CheckpointDispatch(BaseStage):
     name = "checkpoint_dispatch"
 
     def check(self, config) -> None:
-        from ..errors import OutputError
+        """Prove the offload folder usable by writing to it (or to its nearest existing ancestor):
+        os.access() says yes to root everywhere, and to a regular file sitting where a folder goes."""
         import os
+        import tempfile
 
-        if config.offload_folder:
-            folder = config.offload_folder
-            probe = folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))
-            if not os.access(probe, os.W_OK):
-                raise OutputError("offload folder is not writable", where=folder,
-                                  hint="choose a writable offload_folder")
+        from ..errors import OutputError
+
+        if not config.offload_folder:
+            return
+        folder = config.offload_folder
+        probe = os.path.abspath(folder)
+        while not os.path.lexists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise OutputError(f"offload folder cannot be created: {probe} is not a folder", where=folder,
+                              hint="choose a writable offload_folder")
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as err:
+            raise OutputError(f"offload folder is not writable ({err.strerror or type(err).__name__})",
+                              where=folder, hint="choose a writable offload_folder") from None
 
     def run(self, ctx: Context) -> Outcome:
         cfg = ctx.config
@@ -55,6 +68,13 @@ class CheckpointDispatch(BaseStage):
             use_safetensors=ctx.inventory.format == "safetensors",
         )
         files = [str(p) for p in ctx.inventory.files]
+        if ctx.inventory.format == "pickle":
+            # transformers' torch.load(weights_only=True) raises UnpicklingError on a payload; check each
+            # file first so the refusal is a CheckpointError that names the file.
+            from ..safety import safe_torch_load
+
+            for path in ctx.inventory.files:
+                safe_torch_load(path)
         ctx.loading_info, ctx.disk_offload_index = _hf.load_checkpoint_into(model, files, ctx.load_config)
         _hf.materialize_missing(model, ctx.loading_info, ctx.load_config)
 

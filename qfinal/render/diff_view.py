@@ -1,0 +1,138 @@
+"""The human view of `qfinal diff`: the worst tensors, the output metrics, and the verdict."""
+
+from __future__ import annotations
+
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from ..compare import Comparison, Tolerances, TensorDiff, _num, _tensor_fails
+from ..report import Report
+
+SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
+STATUS_STYLE = {"identical": "green", "different": "yellow", "dtype": "yellow", "shape": "bold red",
+                "only_a": "bold red", "only_b": "bold red"}
+
+
+def _shape(s) -> str:
+    return "-" if s is None else "×".join(str(d) for d in s)
+
+
+def _pair(a: str, b: str) -> str:
+    return a if a == b else f"{a} vs {b}"
+
+
+def worst_tensors(comparison: Comparison, tolerances: Tolerances, top: int) -> list[TensorDiff]:
+    """Failing tensors first (missing, shape, then by relative error), then the other non-identical
+    ones by relative error; bit-identical tensors are never listed."""
+    failing = comparison.exceeds(tolerances)
+    seen = {t.name for t in failing}
+    rest = [t for t in comparison.tensors if t.name not in seen and not t.bit_identical]
+    rest.sort(key=lambda t: (t.rel_error if t.rel_error is not None else 0.0, t.max_abs or 0.0), reverse=True)
+    return (failing + rest)[:top]
+
+
+def _verdict(report: Report, comparison: Comparison) -> Text:
+    if not report.ok:
+        return Text("DIFFERENT", "bold red") if any(
+            f.severity == "error" and f.check.startswith("diff_") for f in report.findings) else Text("FAILED", "bold red")
+    if comparison.identical():
+        return Text("IDENTICAL", "bold green")
+    return Text("WITHIN TOLERANCES", "bold green")
+
+
+def build(report: Report, comparison: Comparison, tolerances: Tolerances, *, top: int = 15) -> Group:
+    parts: list = []
+    data = report.extra.get("diff", {})
+    head = Text.assemble(("qfinal ", "bold"), ("diff", "bold cyan"), "  ", ("A ", "bold"),
+                         data.get("a", {}).get("argument", "?"), "  vs  ", ("B ", "bold"),
+                         data.get("b", {}).get("argument", "?"),
+                         f"  ({report.model_class or '?'}; quantization {report.quantization}; "
+                         f"dtype {report.dtype or '?'}; {data.get('mode', 'dequantized')} values)")
+    parts.append(head)
+    parts.append(Text("A is the candidate, B the reference: rel error = ||A−B|| / ||B||, KL = KL(p_B ‖ p_A).",
+                      style="dim"))
+
+    counts: dict[str, int] = {}
+    for t in comparison.tensors:
+        counts[t.status] = counts.get(t.status, 0) + 1
+    parts.append(Text(f"{len(comparison.tensors)} tensors: " +
+                      ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in sorted(counts.items()))))
+
+    rows = worst_tensors(comparison, tolerances, top)
+    if rows:
+        n_diff = sum(1 for t in comparison.tensors if not t.bit_identical)
+        title = f"Worst tensors ({len(rows)} of {n_diff} not bit-identical)"
+        table = Table(title=title, title_justify="left")
+        table.add_column("tensor", overflow="fold")
+        table.add_column("status", no_wrap=True)
+        table.add_column("shape", overflow="fold")
+        table.add_column("dtype", overflow="fold")
+        for col in ("max abs", "rel error"):
+            table.add_column(col, justify="right", no_wrap=True)
+        table.add_column("", no_wrap=True)
+        for t in rows:
+            ok = not _tensor_fails(t, tolerances)
+            table.add_row(Text(t.name), Text(t.status.replace("_", " "), STATUS_STYLE.get(t.status, "")),
+                          _pair(_shape(t.shape_a) + (" (T)" if t.aligned == "a" else ""),
+                                _shape(t.shape_b) + (" (T)" if t.aligned == "b" else "")),
+                          _pair(t.dtype_a or "-", t.dtype_b or "-"), _num(t.max_abs), _num(t.rel_error),
+                          Text("ok", "green") if ok else Text("FAIL", "bold red"))
+        parts.append(table)
+    else:
+        parts.append(Text(f"All {len(comparison.tensors)} tensors are bit-identical.", "green"))
+
+    o = comparison.output
+    if o is not None:
+        table = Table(title=f"Outputs on the probe batch ({o.positions} positions)", title_justify="left")
+        for col in ("metric", "value", "tolerance", ""):
+            table.add_column(col, justify="right" if col in ("value", "tolerance") else "left")
+
+        def row(name, value, tol_text, ok):
+            table.add_row(name, value, tol_text, Text("ok", "green") if ok else Text("BEYOND", "bold red"))
+
+        row("logits max abs", _num(o.logits_max_abs), f"<= {_num(tolerances.logits_max_abs)}",
+            o.logits_max_abs <= tolerances.logits_max_abs)
+        kl_ok = tolerances.max_kl is None or o.kl_divergence <= tolerances.max_kl
+        row("KL(p_B ‖ p_A) mean", _num(o.kl_divergence),
+            "not judged" if tolerances.max_kl is None else f"<= {_num(tolerances.max_kl)}", kl_ok)
+        row("top-1 agreement", f"{o.top1_agreement:.4f}", f">= {tolerances.min_top1:g}",
+            o.top1_agreement >= tolerances.min_top1)
+        parts.append(table)
+    elif comparison.output_note:
+        parts.append(Text(f"Outputs not compared: {comparison.output_note}", "yellow"))
+
+    # Findings that the tables above do not already show: the sides' own load findings, key lists.
+    shown = [f for f in report.findings if f.severity != "info"
+             and not (f.check in ("diff_tensors", "diff_logits"))
+             and not (f.check == "diff_keys" and f.key is not None)]
+    if shown:
+        table = Table(title="Findings", title_justify="left")
+        for col in ("severity", "check", "key", "message"):
+            table.add_column(col)
+        for f in shown[:25]:
+            table.add_row(Text(f.severity, SEVERITY_STYLE[f.severity]), f.check,
+                          escape(ascii(f.key)[1:-1]) if f.key else "-", escape(f.message))
+        if len(shown) > 25:
+            table.add_row(f"… {len(shown) - 25} more (see --json)", "", "", "")
+        parts.append(table)
+
+    errors = sum(f.severity == "error" for f in report.findings)
+    warnings = sum(f.severity == "warning" for f in report.findings)
+    tol_text = ("exact equality" if tolerances == Tolerances() else
+                f"max abs {_num(tolerances.max_abs)}, rel error {_num(tolerances.rel_error)}, logits max abs "
+                f"{_num(tolerances.logits_max_abs)}, top-1 >= {tolerances.min_top1:g}"
+                + ("" if tolerances.max_kl is None else f", KL <= {_num(tolerances.max_kl)}")
+                + (", dtype changes allowed" if tolerances.allow_dtype_change else ""))
+    parts.append(Text.assemble(_verdict(report, comparison), f"  tolerances: {tol_text}; "
+                               f"{errors} error(s), {warnings} warning(s)"))
+    return Group(*parts)
+
+
+def render(report: Report, comparison: Comparison, tolerances: Tolerances, console: Console, *,
+           top: int = 15) -> None:
+    console.print(build(report, comparison, tolerances, top=top))
+
+
+__all__ = ["render", "build", "worst_tensors"]

@@ -1,0 +1,256 @@
+"""Issue 7: outputs are atomic. An interrupted `qfinal save` / `qfinal dequantize` leaves no OUT
+(or the old OUT, untouched, under --force) and no `.OUT.qfinal-tmp-*` folder.
+
+Subprocess cases send a real SIGINT / SIGTERM. To interrupt mid-write deterministically the child
+is a small wrapper around `qfinal.cli.main` whose safetensors `save_file` writes the first file,
+then signals readiness through a file and sleeps; the test sends the signal only once that first
+file sits in the temp folder beside OUT. In-process cases raise from the same place instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+from safetensors import SafetensorError
+
+from qfinal.cli import main
+
+WRAPPER = textwrap.dedent('''
+    """qfinal with a slow writer: after the first weight file, say so and sleep."""
+    import os
+    import signal
+    import sys
+    import time
+    from pathlib import Path
+
+    import safetensors.torch
+
+    _real = safetensors.torch.save_file
+
+    def _slow_save_file(tensors, filename, *args, **kwargs):
+        _real(tensors, filename, *args, **kwargs)
+        Path(os.environ["QFINAL_TEST_READY"]).write_text(str(filename))
+        time.sleep(120)
+
+    # Before transformers is imported: modeling_utils binds `save_file` at import time.
+    safetensors.torch.save_file = _slow_save_file
+    # Ctrl-C semantics even when the test runner started us with SIGINT ignored (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    from qfinal.cli import main
+
+    main(sys.argv[1:])
+''')
+
+START_TIMEOUT = 90  # importing torch + transformers and loading the model, on 2 busy cores
+EXIT_TIMEOUT = 30
+
+
+def temp_dirs(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.qfinal-tmp-*"))
+
+
+def argv_for(command: str, checkpoints, out: Path) -> list[str]:
+    if command == "save":
+        return ["save", str(checkpoints["llama_untied"]), str(out), "--max-shard-size", "100KB", "--quiet"]
+    return ["dequantize", str(checkpoints.quantized("llama_untied", "nf4")), str(out),
+            "--max-shard-size", "40KB", "--quiet"]
+
+
+def previous_out(out: Path) -> Path:
+    out.mkdir()
+    (out / "previous.txt").write_text("the last good run")
+    return out
+
+
+def assert_previous_out_intact(out: Path) -> None:
+    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+    assert (out / "previous.txt").read_text() == "the last good run"
+
+
+# ----------------------------------------------------------------------------- real signals
+
+
+def run_and_interrupt(argv: list[str], out: Path, tmp_path: Path, signum: int) -> subprocess.CompletedProcess:
+    wrapper = tmp_path / "slow_qfinal.py"
+    wrapper.write_text(WRAPPER)
+    ready = tmp_path / "ready"
+    env = dict(os.environ, QFINAL_TEST_READY=str(ready), PYTHONUNBUFFERED="1")
+    env.pop("QFINAL_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, str(wrapper), *argv], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not ready.exists():
+            if proc.poll() is not None:
+                stdout, stderr = proc.communicate()
+                pytest.fail(f"qfinal exited {proc.returncode} before writing anything:\n{stderr}\n{stdout}")
+            if time.monotonic() > deadline:
+                pytest.fail("qfinal did not reach its first output file in time")
+            time.sleep(0.05)
+        # Mid-write: the first weight file is in the temp folder beside OUT, OUT itself is absent.
+        written = Path(ready.read_text())
+        (tmp,) = temp_dirs(out)
+        assert written.parent == tmp and written.is_file()
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=EXIT_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("command", ["save", "dequantize"])
+def test_signal_mid_write_leaves_nothing(checkpoints, tmp_path, command, signum):
+    out = tmp_path / "outputs" / "out"
+    out.parent.mkdir()
+    done = run_and_interrupt(argv_for(command, checkpoints, out), out, tmp_path, signum)
+    # SIGTERM is turned into the same unwinding as Ctrl-C inside the atomic block: 130 either way
+    # (143 would also do). A negative code would mean the process died without cleaning up.
+    expected = {130} if signum == signal.SIGINT else {130, 143}
+    assert done.returncode in expected, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert not out.exists()
+    assert temp_dirs(out) == []
+    assert list(out.parent.iterdir()) == []
+
+
+def test_signal_mid_write_keeps_previous_out_under_force(checkpoints, tmp_path):
+    out = previous_out(tmp_path / "out")
+    done = run_and_interrupt(argv_for("save", checkpoints, out) + ["--force"], out, tmp_path, signal.SIGINT)
+    assert done.returncode == 130, done.stderr
+    assert_previous_out_intact(out)
+    assert temp_dirs(out) == []
+
+
+def test_interrupt_is_reported(checkpoints, tmp_path):
+    out = tmp_path / "out"
+    done = run_and_interrupt(argv_for("dequantize", checkpoints, out), out, tmp_path, signal.SIGINT)
+    assert done.returncode == 130
+    assert "interrupted" in done.stderr
+
+
+# ----------------------------------------------------------------------------- in-process failures
+
+
+@pytest.fixture
+def fail_after_first_file(monkeypatch):
+    """Make every safetensors writer qfinal reaches write one file, then raise `exc`."""
+    import transformers.modeling_utils as modeling_utils
+
+    def install(exc: BaseException) -> list[Path]:
+        real = safetensors.torch.save_file
+        written: list[Path] = []
+
+        def save_file(tensors, filename, *args, **kwargs):
+            if written:
+                raise exc
+            real(tensors, filename, *args, **kwargs)
+            written.append(Path(filename))
+
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+        monkeypatch.setattr(modeling_utils, "safe_save_file", save_file)
+        return written
+
+    return install
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new_out", "force_over_old_out"])
+@pytest.mark.parametrize("command", ["save", "dequantize"])
+def test_exception_mid_write_leaves_nothing(checkpoints, tmp_path, capsys, fail_after_first_file,
+                                            command, force):
+    out = tmp_path / "out"
+    argv = argv_for(command, checkpoints, out)
+    if force:
+        previous_out(out)
+        argv.append("--force")
+    written = fail_after_first_file(RuntimeError("simulated crash mid-write"))
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    code, err = run_cli(argv, capsys)
+    assert len(written) == 1 and written[0].parent.name.startswith(".out.qfinal-tmp-")
+    assert code == 70 and "simulated crash mid-write" in err  # not a user error: a bug, with traceback
+    if force:
+        assert_previous_out_intact(out)
+    else:
+        assert not out.exists()
+    assert temp_dirs(out) == []
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before  # the atomic block's handler is gone
+
+
+@pytest.mark.parametrize("command", ["save", "dequantize"])
+def test_keyboard_interrupt_mid_write_leaves_nothing(checkpoints, tmp_path, capsys, fail_after_first_file,
+                                                     command):
+    out = tmp_path / "out"
+    written = fail_after_first_file(KeyboardInterrupt())
+    code, err = run_cli(argv_for(command, checkpoints, out), capsys)
+    assert len(written) == 1
+    assert code == 130 and "Traceback" not in err
+    assert not out.exists() and temp_dirs(out) == []
+
+
+DISK_FULL = {
+    # What safetensors 0.8 raises when the disk fills under it (seen on a 64 KB tmpfs), and the
+    # OSError that plain file writes (config.json, index, torch.save) raise.
+    "safetensors": lambda: SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"),
+    "oserror": lambda: OSError(errno.ENOSPC, "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("error", sorted(DISK_FULL))
+@pytest.mark.parametrize("command", ["save", "dequantize"])
+def test_disk_full_mid_write_is_a_clean_error(checkpoints, tmp_path, capsys, fail_after_first_file,
+                                              command, error):
+    out = tmp_path / "out"
+    fail_after_first_file(DISK_FULL[error]())
+    code, err = run_cli(argv_for(command, checkpoints, out), capsys)
+    assert not out.exists() and temp_dirs(out) == []
+    assert code == 2 and "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    assert str(out) in line and "No space left" in line
+
+
+def test_disk_full_cleans_up(checkpoints, tmp_path, capsys, fail_after_first_file):
+    """Whatever the exit code, a full disk leaves no partial OUT and no temp folder."""
+    out = tmp_path / "out"
+    fail_after_first_file(DISK_FULL["safetensors"]())
+    code, _err = run_cli(argv_for("dequantize", checkpoints, out), capsys)
+    assert code != 0
+    assert not out.exists() and temp_dirs(out) == []
+
+
+def test_report_json_is_written_atomically(checkpoints, tmp_path, capsys, monkeypatch):
+    """--json FILE: a failure while writing the report keeps the old file and leaves no temp file."""
+    import qfinal.atomic
+
+    report_path = tmp_path / "report.json"
+    report_path.write_text('{"previous": true}')
+
+    def fsync(fd):
+        raise OSError(errno.EIO, "simulated I/O error")
+
+    monkeypatch.setattr(qfinal.atomic.os, "fsync", fsync)
+    code, _err = run_cli(["validate", str(checkpoints["llama_untied"]), "--fast", "--json", str(report_path)],
+                         capsys)
+    assert code != 0
+    assert json.loads(report_path.read_text()) == {"previous": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
