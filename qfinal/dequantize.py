@@ -633,10 +633,14 @@ def verify_dequantized(source: Path | str, out: Path, dtype: torch.dtype | str) 
     reference.dequantize(torch.float32)
     findings += compare_state_dicts(model.state_dict(), reference_state_dict(reference, model, dtype), dtype)
 
+    def logits(m) -> torch.Tensor:  # a bnb reference may sit on the GPU where one is present
+        device = next(m.parameters()).device
+        return m.float()(**{k: v.to(device) for k, v in probe_inputs(m).items()}).logits.float().cpu()
+
     with torch.no_grad():
-        want = reference.float()(**probe_inputs(reference)).logits.float()
+        want = logits(reference)
         del reference
-        got = model.float()(**probe_inputs(model)).logits.float()
+        got = logits(model)
     findings.append(compare_logits(got, want, dtype))
     return findings
 
