@@ -23,6 +23,7 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
               "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "generation_config.json")
 CONFIG_IGNORED = {"_name_or_path", "name_or_path", "transformers_version"}
+ADAPTERS_DIR = "adapters"
 
 
 class RoundTripFailed(Exception):
@@ -45,11 +46,30 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
     return copied
 
 
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
 def needs_own_writer(result: Finalized) -> bool:
     """transformers 5.x cannot save a model its bnb deserializer (or dequantize) produced."""
     ctx = result.context
     pre_quantized = ctx.hf_quantizer is not None and ctx.hf_quantizer.pre_quantized
-    return pre_quantized or ctx.config.dequantize
+    return pre_quantized or ctx.config.dequantize or is_peft(result.model)
+
+
+def base_state_dict(peft_model) -> dict:
+    """The base model's own tensors under a PEFT wrapper: a LoRA layer keeps the original module
+    as `base_layer`, a modules_to_save wrapper as `original_module`; adapter tensors are dropped."""
+    import torch
+
+    out = {}
+    for key, value in peft_model.get_base_model().state_dict().items():
+        parts = key.split(".")
+        if not isinstance(value, torch.Tensor) or any(p.startswith("lora_") or p == "modules_to_save"
+                                                      for p in parts):
+            continue
+        out[".".join(p for p in parts if p not in ("base_layer", "original_module"))] = value
+    return out
 
 
 def write_model(result: Finalized, folder: Path, max_bytes: int) -> str:
@@ -59,12 +79,32 @@ def write_model(result: Finalized, folder: Path, max_bytes: int) -> str:
         return "save_pretrained"
     import torch
 
-    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    write_state_dict(_hf.remove_tied_weights(state, model), folder, max_bytes)
-    model.config.save_pretrained(folder)
-    if model.can_generate() and getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    return "qfinal writer (save_pretrained cannot reverse bnb deserialization)"
+    writer = "qfinal writer (save_pretrained cannot reverse bnb deserialization)"
+    base = model
+    if is_peft(model):
+        base = model.get_base_model()
+        state = base_state_dict(model)
+        model.save_pretrained(folder / ADAPTERS_DIR)
+        writer = "qfinal writer (base) + peft save_pretrained (adapters/)"
+    else:
+        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    write_state_dict(_hf.remove_tied_weights(state, base), folder, max_bytes)
+    base.config.save_pretrained(folder)
+    if base.can_generate() and getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(folder)
+    return writer
+
+
+def saved_adapters(model, folder: Path) -> list[tuple[str, Path]]:
+    """(name, folder) of each unmerged adapter as peft wrote it: `default` at the root, others
+    in a subfolder named after the adapter; the active one first."""
+    if not is_peft(model):
+        return []
+    names = list(model.peft_config)
+    active = model.active_adapter if isinstance(model.active_adapter, str) else names[0]
+    names.sort(key=lambda n: n != active)
+    root = folder / ADAPTERS_DIR
+    return [(n, root if n == "default" else root / n) for n in names]
 
 
 def config_differences(a, b) -> list[str]:
@@ -99,22 +139,39 @@ def round_trip_findings(original, reloaded, who: str) -> list[Finding]:
     return findings
 
 
-def reload_config(cfg: RunConfig) -> RunConfig:
-    """What the saved folder needs: no quantize-on-load, no dequantize, adapters already in it."""
+def reload_config(cfg: RunConfig, adapters: list[tuple[str, Path]]) -> RunConfig:
+    """What the saved folder needs: no quantize-on-load, no dequantize; merged adapters are in the
+    weights, unmerged ones come from the adapter folders written beside the base."""
     data = cfg.model_dump(by_alias=True)
-    data.update(quantize={"method": "none"}, dequantize=False, adapters=[], stop_after=None)
+    data.update(quantize={"method": "none"}, dequantize=False, stop_after=None,
+                adapters=[{"path": str(path), "name": name} for name, path in adapters])
     return RunConfig.model_validate(data)
+
+
+def reload_with_transformers(original, folder: Path, adapters: list[tuple[str, Path]]):
+    base_class = type(original.get_base_model()) if is_peft(original) else type(original)
+    model = base_class.from_pretrained(folder)
+    if not adapters:
+        return model
+    from peft import PeftModel
+
+    (first, path), rest = adapters[0], adapters[1:]
+    model = PeftModel.from_pretrained(model, path, adapter_name=first)
+    for name, path in rest:
+        model.load_adapter(path, adapter_name=name)
+    model.set_adapter(first)
+    return model.eval()
 
 
 def prove_round_trip(result: Finalized, folder: Path) -> list[Finding]:
     original = result.model
-    via_qfinal = load(folder, reload_config(result.context.config), command="save (reload)")
+    adapters = saved_adapters(original, folder)
+    via_qfinal = load(folder, reload_config(result.context.config, adapters), command="save (reload)")
     findings = [f.model_copy(update={"message": f"qfinal reload: {f.message}"})
                 for f in via_qfinal.report.findings if f.severity != "info"]
     findings += round_trip_findings(original, via_qfinal.model, "qfinal")
     del via_qfinal
-    via_transformers = type(original).from_pretrained(folder)
-    findings += round_trip_findings(original, via_transformers, "transformers")
+    findings += round_trip_findings(original, reload_with_transformers(original, folder, adapters), "transformers")
     return findings
 
 

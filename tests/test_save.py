@@ -145,3 +145,42 @@ def test_existing_output_needs_force(checkpoints, tmp_path, capsys):
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert torch.equal(tf.LlamaForCausalLM.from_pretrained(out).lm_head.weight,
                        tf.LlamaForCausalLM.from_pretrained(checkpoints["llama_untied"]).lm_head.weight)
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory, checkpoints):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = builders.model_class_for(checkpoints["llama_tied"]).from_pretrained(checkpoints["llama_tied"])
+    path = tmp_path_factory.mktemp("adapters") / "my-lora"
+    get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights=False)
+                   ).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("options", [{}, {"quantize": "nf4"}])
+def test_save_with_unmerged_adapter_writes_base_and_peft_folder(checkpoints, lora, tmp_path, options):
+    out = tmp_path / "out"
+    report = qfinal.save(checkpoints["llama_tied"], out, adapters=[{"path": str(lora)}], **options)
+    assert_round_trip_proven(report, out)
+    assert (out / "adapters" / "my-lora" / "adapter_config.json").is_file()
+    saved_keys = load_file(out / "model.safetensors").keys()
+    assert not any("lora_" in k or "base_layer" in k for k in saved_keys)
+    # The saved base is the base: plain transformers reloads it with nothing missing.
+    _, info = builders.model_class_for(out).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_save_with_merged_adapter_bakes_it_into_the_weights(checkpoints, lora, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "out"
+    report = qfinal.save(checkpoints["llama_tied"], out, adapters=[{"path": str(lora), "merge": True}])
+    assert_round_trip_proven(report, out)
+    assert not (out / "adapters").exists()
+    base = builders.model_class_for(checkpoints["llama_tied"]).from_pretrained(checkpoints["llama_tied"])
+    merged = PeftModel.from_pretrained(base, lora).merge_and_unload()
+    saved = tf.LlamaForCausalLM.from_pretrained(out)
+    for key, value in merged.state_dict().items():
+        assert torch.equal(saved.state_dict()[key], value), key
