@@ -325,7 +325,7 @@ def declared_ties(model) -> list[DeclaredTie]:
     return [out[t] for t in sorted(out)]
 
 
-def _same_tensor(model, target: str, source: str) -> bool | None:
+def same_tensor(model, target: str, source: str) -> bool | None:
     """True when both names resolve to one storage; None when that cannot be told (offloaded)."""
     try:
         a, b = model.get_parameter(target), model.get_parameter(source)
@@ -373,7 +373,7 @@ def tie_findings(ties: list[DeclaredTie], present: Callable[[str], str | None] |
 
                 a, b = read_tensor(kt), read_tensor(ks)
                 equal = bool(a.shape == b.shape and torch.equal(a, b.to(a.dtype)))
-        shared = _same_tensor(model, t, s) if model is not None else None
+        shared = same_tensor(model, t, s) if model is not None else None
         asks = "config asks to tie" if tie.requested else "config does not ask to tie (tie_word_embeddings: false)"
         facts = f"{t} <- {s}: {asks}; checkpoint holds {holds}"
         if both and tie.requested:

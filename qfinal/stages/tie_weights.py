@@ -11,25 +11,14 @@ from ..report import TiedKey
 from .base import BaseStage, unwrap
 
 
-def _shares_storage(model, target: str, source: str) -> bool:
-    try:
-        a, b = model.get_parameter(target), model.get_parameter(source)
-    except AttributeError:
-        return False
-    if a is b:
-        return True
-    if a.device.type == "meta" or b.device.type == "meta":
-        return False
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.shape == b.shape
-
-
 def audit_ties(model) -> list[TiedKey]:
     """Every tie the config asks for, refused ones included (transformers drops a tie from
     `all_tied_weights_keys` when the checkpoint holds two different tensors for it)."""
-    from ..checks import declared_ties
+    from ..checks import declared_ties, same_tensor
 
     model = unwrap(model)
-    return [TiedKey(target=t.target, source=t.source, shared=_shares_storage(model, t.target, t.source))
+    # An offloaded pair (both on meta) counts as shared only if it is one Parameter object.
+    return [TiedKey(target=t.target, source=t.source, shared=bool(same_tensor(model, t.target, t.source)))
             for t in declared_ties(model) if t.requested]
 
 
