@@ -81,15 +81,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def parse_size(size: int | str) -> int:
-    from transformers.utils.hub import convert_file_size_to_int
+    from .sizes import parse_size as parse
 
-    try:
-        value = convert_file_size_to_int(size)
-    except (ValueError, TypeError):
-        value = None
-    if not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"invalid max shard size {size!r}", hint="use e.g. 2GB, 500MB or 1GiB")
-    return value
+    return parse(size)
 
 
 def bnb_quantization(config: dict, where: str) -> tuple[str, bool]:

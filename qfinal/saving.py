@@ -17,6 +17,7 @@ from .atomic import atomic_dir, check_output_dir
 from .config import RunConfig
 from .report import Finding, Report
 from .shards import write_state_dict
+from .sizes import parse_size
 
 # Files beside the weights that a checkpoint folder carries along (tokenizer, chat template, ...).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
@@ -28,12 +29,6 @@ ADAPTERS_DIR = "adapters"
 
 class RoundTripFailed(Exception):
     """Raised inside the atomic block so that a folder that failed its proof is never published."""
-
-
-def parse_size(size: int | str) -> int:
-    from .dequantize import parse_size as parse
-
-    return parse(size)
 
 
 def copy_side_files(source: Path, dest: Path) -> list[str]:

@@ -17,11 +17,14 @@ def dequantize(
 ) -> int:
     """Stream a bnb checkpoint back to plain fp16/bf16/fp32 safetensors, shard by shard."""
     from ..errors import ConfigError
-    from ..output import Output, quiet_libraries
-    from ..dequantize import run_dequantize
+    from ..sizes import parse_size
 
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"unknown dtype {dtype!r}", where="--dtype", hint="use float16, bfloat16 or float32")
+    parse_size(max_shard_size)  # refuse a bad size before torch is imported
+    from ..dequantize import run_dequantize
+    from ..output import Output, quiet_libraries
+
     output = Output(json_path=json, quiet=quiet)
     quiet_libraries()
     report = run_dequantize(source, out, dtype=dtype, max_shard_size=max_shard_size, verify=verify, force=force,

@@ -20,6 +20,9 @@ def save(
 ) -> int:
     """Finalize SOURCE, save it to OUT, reload it twice and prove the round trip is exact."""
     from ..config import build_config
+    from ..sizes import parse_size
+
+    parse_size(max_shard_size)  # refuse a bad size before torch is imported
     from ..output import Output, quiet_libraries
     from ..saving import save as run_save
 

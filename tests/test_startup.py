@@ -1,0 +1,104 @@
+"""Lazy start-up: help, version and argument errors never import the heavy libraries.
+
+Each case runs the CLI's `main()` in a fresh interpreter, catches its SystemExit, and reports the
+exit code and which of torch / transformers / bitsandbytes / peft / accelerate ended up in
+`sys.modules`. Nothing here is timed: how fast `qfinal --help` is belongs to bench/run.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "transformers", "bitsandbytes", "peft", "accelerate")
+MARK = "@@qfinal-startup@@ "
+
+CHILD = f"""
+import json, sys
+HEAVY = {HEAVY!r}
+code = 0
+try:
+    if sys.argv[1] == "--as-module":          # `python -m qfinal ...`
+        import runpy
+        sys.argv = ["qfinal"] + sys.argv[2:]
+        runpy.run_module("qfinal", run_name="__main__", alter_sys=True)
+    else:
+        from qfinal.cli import main
+        main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+heavy = sorted({{name.split(".")[0] for name in sys.modules}} & set(HEAVY))
+sys.stdout.flush()
+sys.stderr.flush()
+print("\\n{MARK}" + json.dumps({{"code": code, "heavy": heavy}}), flush=True)
+"""
+
+
+def run_cli(*args: str) -> tuple[int, list[str], str]:
+    """(exit code, heavy modules imported, everything printed) of `qfinal ARGS` in a fresh interpreter."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("QFINAL_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+    marks = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
+    assert marks, f"the child did not report (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    result = json.loads(marks[-1][len(MARK):])
+    return result["code"], result["heavy"], proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("--help",),
+    ("--version",),
+    ("--as-module", "--help"),
+    ("--as-module", "--version"),
+], ids=lambda a: " ".join(a))
+def test_help_and_version_import_nothing_heavy(args):
+    code, heavy, output = run_cli(*args)
+    assert code == 0, output
+    assert heavy == [], f"qfinal {' '.join(args)} imported {heavy}"
+    if "--version" in args:
+        from qfinal import __version__
+
+        assert f"qfinal {__version__}" in output
+    else:
+        assert "load" in output and "validate" in output
+
+
+@pytest.mark.parametrize("command", ["load", "validate", "dequantize", "save"])
+def test_command_help_imports_nothing_heavy(command):
+    code, heavy, output = run_cli(command, "--help")
+    assert code == 0, output
+    assert heavy == [], f"qfinal {command} --help imported {heavy}"
+    assert "Usage" in output or "usage" in output
+
+
+@pytest.mark.parametrize("args", [
+    ("load",),                                   # missing SOURCE
+    ("load", "--no-such-option", "x"),           # unknown option
+    ("dequantize", "only-one-argument"),         # missing OUT
+    ("no-such-command",),
+], ids=lambda a: " ".join(a))
+def test_usage_errors_exit_2_without_heavy_imports(args):
+    code, heavy, output = run_cli(*args)
+    assert code == 2, f"qfinal {' '.join(args)} exited {code}, want 2 (usage error):\n{output[-2000:]}"
+    assert "Traceback" not in output, output
+    assert heavy == [], f"qfinal {' '.join(args)} imported {heavy}"
+
+
+@pytest.mark.parametrize("args", [
+    ("load", "somewhere", "--quantize", "nf5"),
+    ("load", "somewhere", "--max-memory", "not-a-budget"),
+    ("validate", "somewhere", "--fail-on", "never"),
+    ("dequantize", "somewhere", "out", "--dtype", "float64"),
+    ("save", "somewhere", "out", "--max-shard-size", "huge"),
+], ids=lambda a: " ".join(a))
+def test_bad_option_values_exit_2_without_heavy_imports(args, tmp_path):
+    args = tuple(str(tmp_path / a) if a in ("somewhere", "out") else a for a in args)
+    code, heavy, output = run_cli(*args)
+    assert code == 2, f"qfinal {' '.join(args)} exited {code}, want 2:\n{output[-2000:]}"
+    assert "Traceback" not in output, output
+    assert heavy == [], f"qfinal {' '.join(args)} imported {heavy} before rejecting an option value"
