@@ -31,9 +31,12 @@ def init_contexts(model_class, dtype, is_quantized: bool):
     return model_class.get_init_context(dtype, is_quantized, False, False)
 
 
-def load_checkpoint_into(model, checkpoint_files, load_config):
-    """Stream the checkpoint into `model` along the device map; returns (loading_info, disk_offload_index)."""
-    return type(model)._load_pretrained_model(model, None, checkpoint_files, load_config)
+def load_checkpoint_into(model, checkpoint_files, load_config, state_dict=None):
+    """Stream the checkpoint into `model` along the device map; returns (loading_info, disk_offload_index).
+
+    `state_dict` may hold lazy safetensors slices (transformers then reads those instead of
+    mmapping `checkpoint_files` itself)."""
+    return type(model)._load_pretrained_model(model, state_dict, checkpoint_files, load_config)
 
 
 def materialize_missing(model, loading_info, load_config) -> None:

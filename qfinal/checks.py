@@ -455,17 +455,17 @@ def meta_findings(model, missing: set[str], ties: list[DeclaredTie]) -> list[Fin
     return out
 
 
-_CHUNK = 1 << 24  # elements per isfinite pass: bounds the temporary bool tensor to 16 MiB
 
 
 def _all_finite(tensor) -> bool:
+    """min and max propagate NaN and reach ±Inf: two reductions and no boolean temporary, about
+    20x faster than isfinite().all() (it was most of a bf16 load's overhead over transformers)."""
     import torch
 
-    flat = tensor.detach().reshape(-1)
-    for start in range(0, flat.numel(), _CHUNK):
-        if not bool(torch.isfinite(flat[start:start + _CHUNK]).all()):
-            return False
-    return True
+    if tensor.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(tensor.detach().reshape(-1))
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def _float_tensors(model):

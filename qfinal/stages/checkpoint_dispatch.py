@@ -8,11 +8,60 @@ meta and initialized exactly as `from_pretrained` does, so later checks see what
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 
 from .. import _hf
 from ..pipeline import Context, Outcome
 from ..report import MismatchedKey
 from .base import BaseStage
+
+
+def _quantizes_on_load(ctx: Context) -> bool:
+    q = ctx.hf_quantizer
+    return q is not None and not q.pre_quantized and ctx.inventory.format == "safetensors"
+
+
+def fixed_mmap_threshold(threshold: int = 1 << 20) -> None:
+    """glibc: give every allocation >= `threshold` its own mmap, returned to the OS when freed.
+
+    By default glibc raises its mmap threshold to the largest block freed so far (up to 32 MiB),
+    so after the first big tensor is freed later ones come from the heap, which keeps freed memory
+    in the process: the bf16 source tensors of an on-the-fly quantization pile up there. Not glibc:
+    nothing to do.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+@contextmanager
+def read_without_mmap(files: list[str]):
+    """Lazy slices read with pread: each tensor is read, quantized and freed.
+
+    Quantizing on load touches every page of the bf16 shards once; mmapped, those pages stay in
+    the process's RSS until the file is closed, and the unquantized leaves (embeddings, norms,
+    the head) keep every shard's mapping alive. Measured on a 1.1B Llama (bench/): peak RSS
+    3.3 GB -> 1.4 GB for nf4, the packed output bit-identical, no slower.
+    """
+    from safetensors import safe_open
+
+    fixed_mmap_threshold()
+    handles, state = [], {}
+    try:
+        for file in files:
+            handle = safe_open(file, framework="pt", device="cpu", backend="pread")
+            handles.append(handle)
+            for key in handle.keys():
+                state[key] = handle.get_slice(key)
+        yield state
+    finally:
+        for handle in handles:
+            handle.__exit__(None, None, None)
 
 
 class CheckpointDispatch(BaseStage):
@@ -75,7 +124,12 @@ class CheckpointDispatch(BaseStage):
 
             for path in ctx.inventory.files:
                 safe_torch_load(path)
-        ctx.loading_info, ctx.disk_offload_index = _hf.load_checkpoint_into(model, files, ctx.load_config)
+        if _quantizes_on_load(ctx) and not (device_map and "disk" in device_map.values()):
+            with read_without_mmap(files) as state:
+                ctx.loading_info, ctx.disk_offload_index = _hf.load_checkpoint_into(model, files, ctx.load_config,
+                                                                                    state)
+        else:
+            ctx.loading_info, ctx.disk_offload_index = _hf.load_checkpoint_into(model, files, ctx.load_config)
         _hf.materialize_missing(model, ctx.loading_info, ctx.load_config)
 
         keys = ctx.report.keys
