@@ -5,7 +5,8 @@ saved (NotImplementedError), only the quantized layers get the requested dtype, 
 (GPT-2) come out in nn.Linear layout so the saved folder would not load. This module works on the
 files instead, streaming:
 
-* every input tensor is read on its own with `safe_open` (at most two input shards mapped at once);
+* every input tensor is read on its own with `safe_open(..., backend="pread")`: its bytes are
+  read into a buffer that goes with the tensor, nothing stays mapped (at most two input files open);
 * each quantized weight is rebuilt with bitsandbytes' own functions, along the exact path
   transformers' `dequantize_and_replace` takes: 4-bit -> `QuantState.from_dict` +
   `dequantize_4bit` (result in the quant state's own dtype, the dtype of the model that was
@@ -13,10 +14,11 @@ files instead, streaming:
   `.to(dtype)` cast. The result equals `model.dequantize(dtype)`'s weight bit for bit; Conv1D
   weights are then transposed back to the checkpoint's [in, out] layout;
 * every other floating tensor is the source tensor cast to `dtype`; other tensors pass unchanged;
-* output shards are planned up front from the headers and written one at a time with
-  `save_file`, so peak memory is bounded by the shard size, not the model: about two output
-  shards (the shard's tensors plus the bytes `save_file` serializes from them) plus one source
-  tensor and its cast, plus at most two source files' mapped pages (file-backed, reclaimable).
+* output shards are planned up front from the headers (transformers' greedy split,
+  `shards.plan_shards`); each shard's safetensors header is written first, then each tensor's
+  bytes as soon as it is computed (`shards.write_safetensors_streaming`), so peak memory depends
+  on neither the model nor the shard size: one output tensor plus the source tensors it is made
+  of (and their intermediate casts). The files are byte-identical to `save_file`'s.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from . import shards as _shards
 from .atomic import atomic_dir, check_output_dir
 from .errors import CheckpointError, ConfigError, OutputError, SourceError
 from .report import Finding
@@ -138,7 +141,7 @@ class _Source:
 
         for path in self.files:
             try:
-                with safe_open(path, "pt") as fh:
+                with safe_open(path, "pt", backend="pread") as fh:
                     for key in fh.keys():
                         if key in self.key_file:
                             raise CheckpointError(f"tensor {key!r} is stored in two files", where=str(path))
@@ -167,10 +170,12 @@ class _Source:
         path = self.key_file[key]
         handle = self._open.get(path)
         if handle is None:
-            while len(self._open) >= 2:  # bound mapped memory: close the least recently used file
+            while len(self._open) >= 2:  # bound open files: close the least recently used one
                 _p, old = self._open.popitem(last=False)
                 old.__exit__(None, None, None)
-            handle = safe_open(path, "pt").__enter__()
+            # pread, not mmap: each tensor owns the bytes read for it, and no touched input page
+            # stays mapped (and counted in RSS) while its file is open.
+            handle = safe_open(path, "pt", backend="pread").__enter__()
             self._open[path] = handle
         else:
             self._open.move_to_end(path)
@@ -328,24 +333,6 @@ def _plan(src: _Source, dtype: torch.dtype, method: str, conv1d, shapes, prefix:
                                                   it.name))
 
 
-def _shard(items: list[_Item], max_bytes: int) -> list[list[_Item]]:
-    """huggingface_hub's greedy split: a tensor bigger than the limit gets a shard of its own."""
-    shards: list[list[_Item]] = [[]]
-    size = 0
-    for item in items:
-        if item.nbytes > max_bytes:
-            shards.append([item])
-            shards.append([])
-            size = 0
-            continue
-        if size + item.nbytes > max_bytes and shards[-1]:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item.nbytes
-    return [s for s in shards if s]
-
-
 # --------------------------------------------------------------------------- the arithmetic
 
 def dequantize_4bit_weight(parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -435,8 +422,6 @@ def dequantize_checkpoint(source: Path | str, out: Path, *, dtype: torch.dtype |
                           max_shard_size: int | str = "2GB", force: bool = False,
                           progress: Callable[[int, int], None] | None = None) -> DequantizeResult:
     """Write OUT: SOURCE's bnb checkpoint dequantized to `dtype`, loadable by plain `from_pretrained`."""
-    from safetensors.torch import save_file
-
     dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     out = Path(out)
@@ -457,35 +442,41 @@ def dequantize_checkpoint(source: Path | str, out: Path, *, dtype: torch.dtype |
     src = _Source(folder, resolved.confine_to)
     try:
         items = _plan(src, dtype, method, conv1d, shapes, prefix, where)
-        shards = _shard(items, max_bytes)
-        n = len(shards)
-        names = (["model.safetensors"] if n == 1 else
-                 [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        by_name = {item.name: item for item in items}
+        shards = [[by_name[name] for name in names]
+                  for names in _shards.plan_shards(((it.name, it.nbytes) for it in items), max_bytes)]
+        names = _shards.shard_file_names(len(shards))
         result = DequantizeResult(out=out, dtype=dtype_name(dtype), quant_method=method,
                                   double_quant=double_quant)
+        weight_map: dict[str, str] = {}
+        for shard, name in zip(shards, names):
+            for item in shard:
+                (result.dequantized if item.kind != "copy" else result.cast).append(item.name)
+                weight_map[item.name] = name
+                result.total_bytes += item.nbytes
         total = len(items)
         done = 0
-        weight_map: dict[str, str] = {}
+
+        def computed(shard: list[_Item]):
+            """(name, tensor) for each item of `shard`, computed only when the writer asks."""
+            nonlocal done
+            for item in shard:
+                tensor = _materialize(item, src, where)
+                yield item.name, tensor
+                del tensor  # written: drop it before computing the next one
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+
         with atomic_dir(out, force=force) as tmp:
             for shard, name in zip(shards, names):
-                tensors: dict[str, torch.Tensor] = {}
-                for item in shard:
-                    tensors[item.name] = _materialize(item, src, where)
-                    (result.dequantized if item.kind != "copy" else result.cast).append(item.name)
-                    weight_map[item.name] = name
-                    result.total_bytes += item.nbytes
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-                save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-                del tensors
+                _shards.write_safetensors_streaming(
+                    tmp / name, [(item.name, item.dtype, item.shape) for item in shard], computed(shard),
+                    metadata={"format": "pt"})
                 result.files.append(name)
-            if n > 1:
-                index = {"metadata": {"total_size": result.total_bytes},
-                         "weight_map": dict(sorted(weight_map.items()))}
-                (tmp / "model.safetensors.index.json").write_text(
-                    json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-                result.files.append("model.safetensors.index.json")
+            if len(shards) > 1:
+                _shards.write_index(tmp, weight_map, result.total_bytes)
+                result.files.append(_shards.INDEX_FILE)
             _write_config(config, dtype, tmp / "config.json")
             result.files.append("config.json")
             result.files.extend(_copy_small_files(folder, resolved.confine_to, tmp))

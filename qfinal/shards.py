@@ -2,13 +2,23 @@
 
 Used where `save_pretrained` cannot be: models loaded from a bnb checkpoint or dequantized, whose
 weight converters have no reverse in transformers 5.x.
+
+`ShardWriter` / `write_safetensors_streaming` write one safetensors file without holding it in
+memory: the header (names, dtypes, shapes, offsets) is written first from the planned entries,
+then each tensor's bytes go to their offset as the tensor is produced. The bytes are those of
+`safetensors.torch.save_file` (0.8) for the same tensors: tensors laid out by dtype (descending,
+in safetensors' `Dtype` order), then by name; the header is compact JSON, UTF-8, "__metadata__"
+first, padded with spaces to a multiple of 8 bytes, after its little-endian u64 length.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import struct
+import sys
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -67,3 +77,157 @@ def write_state_dict(state_dict: Mapping, folder: Path, max_bytes: int) -> list[
     if len(files) > 1:
         write_index(folder, weight_map, total)
     return files
+
+
+# --------------------------------------------------------------------------- streaming writer
+
+# safetensors' `Dtype` enum, in declaration order (its derived `Ord`): save_file lays tensors out by
+# dtype, largest first, then by name. Checked against safetensors 0.8's save_file for every dtype
+# torch can give it (tests/test_dequantize.py); the F6_* types have no torch dtype.
+_ST_DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+                   "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+                   "C64", "F64", "I64", "U64")
+_ST_RANK = {name: i for i, name in enumerate(_ST_DTYPE_ORDER)}
+_TORCH_TO_ST = {  # torch dtype name -> safetensors dtype, where one element is one element on disk
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "int32": "I32",
+    "uint32": "U32", "int64": "I64", "uint64": "U64", "float16": "F16", "bfloat16": "BF16",
+    "float32": "F32", "float64": "F64", "complex64": "C64", "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3", "float8_e8m0fnu": "F8_E8M0", "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+}
+
+
+def safetensors_dtype(dtype) -> str:
+    """The safetensors name of a torch dtype ("F16" for torch.float16); ValueError if unsupported."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _TORCH_TO_ST:
+        raise ValueError(f"dtype {name} cannot be written by the streaming safetensors writer")
+    return _TORCH_TO_ST[name]
+
+
+def _element_size(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def safetensors_layout(entries: Iterable[tuple[str, object, Sequence[int]]],
+                       metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, tuple]]:
+    """(header, layout) of the safetensors file holding `entries` = (name, torch dtype, shape).
+
+    `header` is the whole prefix of the file (u64 length + padded JSON); `layout` maps each name to
+    (torch dtype, shape, start, end), offsets relative to the end of the header. Same bytes as
+    save_file's for the same tensors, provided `metadata` has at most one key (safetensors keeps
+    metadata in a hash map, so its order of several keys varies from run to run; here: as given).
+    """
+    table: dict[str, tuple] = {}
+    for name, dtype, shape in entries:
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ValueError(f"invalid tensor name {name!r}")
+        if name in table:
+            raise ValueError(f"tensor {name!r} listed twice")
+        shape = [int(d) for d in shape]
+        if any(d < 0 for d in shape):
+            raise ValueError(f"tensor {name!r} has a negative dimension: {shape}")
+        table[name] = (dtype, shape, safetensors_dtype(dtype))
+    order = sorted(table, key=lambda n: (-_ST_RANK[table[n][2]], n))  # str order == UTF-8 byte order
+    header: dict = {}
+    if metadata is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must map str to str")
+        header["__metadata__"] = dict(metadata)
+    layout: dict[str, tuple] = {}
+    pos = 0
+    for name in order:
+        dtype, shape, st = table[name]
+        count = 1
+        for d in shape:
+            count *= d
+        end = pos + count * _element_size(dtype)
+        header[name] = {"dtype": st, "shape": shape, "data_offsets": [pos, end]}
+        layout[name] = (dtype, shape, pos, end)
+        pos = end
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, layout
+
+
+class ShardWriter:
+    """One safetensors file, written a tensor at a time: only the tensor being written is in memory.
+
+    The header is written on opening; `write(name, tensor)` puts each tensor's bytes at its offset,
+    in any order; `close()` checks that every entry was written. Used as a context manager, an
+    exception inside the block closes the file without that check (the caller removes it; qfinal
+    writes inside `atomic_dir`, which does).
+    """
+
+    def __init__(self, path: Path | str, entries: Iterable[tuple[str, object, Sequence[int]]],
+                 metadata: Mapping[str, str] | None = None):
+        if sys.byteorder != "little":
+            raise NotImplementedError("the streaming safetensors writer needs a little-endian host")
+        self.path = Path(path)
+        header, self.layout = safetensors_layout(entries, metadata)
+        self._base = len(header)
+        self.size = self._base + max((end for *_x, end in self.layout.values()), default=0)
+        self._pending = set(self.layout)
+        self._fh = open(self.path, "wb")
+        try:
+            self._fh.write(header)
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def write(self, name: str, tensor) -> None:
+        if name not in self.layout:
+            raise ValueError(f"{self.path.name}: tensor {name!r} is not in the planned header")
+        if name not in self._pending:
+            raise ValueError(f"{self.path.name}: tensor {name!r} written twice")
+        dtype, shape, start, end = self.layout[name]
+        if tensor.dtype != dtype or list(tensor.shape) != shape:
+            raise ValueError(f"{self.path.name}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
+                             f"the header says {dtype} {shape}")
+        import torch
+
+        data = tensor.detach()
+        if data.device.type != "cpu":
+            data = data.cpu()
+        data = data.contiguous().reshape(-1)
+        if data.numel():
+            data = data.view(torch.uint8).numpy()
+            assert data.nbytes == end - start
+            self._fh.seek(self._base + start)
+            self._fh.write(memoryview(data))
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        """Close the file; ValueError if an entry was never written (the file is then incomplete)."""
+        if self._fh.closed:
+            return
+        self._fh.close()
+        if self._pending:
+            missing = sorted(self._pending)
+            raise ValueError(f"{self.path.name}: {len(missing)} planned tensor(s) never written, "
+                             f"e.g. {missing[0]!r}")
+        actual = os.path.getsize(self.path)
+        if actual != self.size:  # cannot happen unless the file was changed under us
+            raise OSError(f"{self.path}: {actual} bytes written, expected {self.size}")
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._fh.close()
+
+
+def write_safetensors_streaming(path: Path | str, entries: Iterable[tuple[str, object, Sequence[int]]],
+                                tensors: Iterable[tuple[str, object]],
+                                metadata: Mapping[str, str] | None = None) -> None:
+    """Write `path` from `entries` (name, dtype, shape) and `tensors`, an iterable (say a generator)
+    of (name, tensor) consumed one at a time; byte-identical to `save_file` of the same tensors."""
+    with ShardWriter(path, entries, metadata) as writer:
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+            del tensor  # before the iterable computes the next one

@@ -239,6 +239,14 @@ def test_sharded_source_and_output(sharded_bnb, tmp_path):
         assert size <= 40_000 or len(keys) == 1
     assert calls[-1] == (len(tensors), len(tensors)) and len(calls) == len(tensors)
     assert [c[0] for c in calls] == list(range(1, len(tensors) + 1))
+    # the streaming writer's shards are the bytes save_file writes for the same tensors
+    from safetensors.torch import save_file
+
+    for shard in shards:
+        with safe_open(out / shard, "pt") as fh:
+            again = {k: fh.get_tensor(k) for k in fh.keys()}
+        save_file(again, tmp_path / "again.safetensors", metadata={"format": "pt"})
+        assert (tmp_path / "again.safetensors").read_bytes() == (out / shard).read_bytes(), shard
     check_against_transformers(sharded_bnb, out, result, torch.bfloat16)
 
 
@@ -367,3 +375,150 @@ def test_conv1d_layout_comes_from_the_model_skeleton(checkpoints):
     assert shapes["transformer.h.0.mlp.c_fc.weight"] == [64, 256]  # [in, out]
     conv1d, _shapes, _prefix = dq._conv1d_layout(checkpoints.quantized("llama_tied", "int8"), "llama")
     assert conv1d == set()
+
+
+# ----------------------------------------------------------------------------------------- the writer
+
+def _writer_tensors() -> dict[str, torch.Tensor]:
+    """Every dtype the streaming writer takes, odd names (JSON escapes, non-ASCII), a scalar, an
+    empty tensor, a non-contiguous one; several tensors per dtype so the name order matters."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.layers.1.mlp.up_proj.weight": torch.randn(5, 3, generator=g).half(),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(3, 5, generator=g).half(),
+        "model.embed.weight": torch.randn(7, 4, generator=g).bfloat16(),
+        "lm_head.weight": torch.randn(4, 6, generator=g),
+        "scale": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+        "transposed": torch.randn(3, 4, generator=g).t(),
+        "f64": torch.randn(2, generator=g, dtype=torch.float64),
+        "position_ids": torch.arange(9).reshape(1, 9),
+        "i32": torch.arange(-3, 3, dtype=torch.int32),
+        "i16": torch.arange(-3, 3, dtype=torch.int16),
+        "weight.int8": torch.randint(-128, 127, (4, 4), generator=g, dtype=torch.int8),
+        "packed": torch.randint(0, 255, (10, 1), generator=g, dtype=torch.uint8),
+        "mask": torch.tensor([True, False, True]),
+        "fp8": torch.randn(3, 2, generator=g).to(torch.float8_e4m3fn),
+        "fp8b": torch.randn(3, generator=g).to(torch.float8_e5m2),
+        "c64": torch.randn(2, generator=g, dtype=torch.complex64),
+        "u16": torch.arange(-2, 2, dtype=torch.int16).view(torch.uint16),  # no arange for uint16
+        "u32": torch.arange(-2, 2, dtype=torch.int32).view(torch.uint32),
+        "u64": torch.arange(-2, 2, dtype=torch.int64).view(torch.uint64),
+        "e8m0": torch.arange(120, 126, dtype=torch.uint8).view(torch.float8_e8m0fnu),
+        "fnuz_a": torch.arange(3, dtype=torch.uint8).view(torch.float8_e4m3fnuz),
+        "fnuz_b": torch.arange(3, dtype=torch.uint8).view(torch.float8_e5m2fnuz),
+        'odd "name"\\with\nescapes\u0001\u007f/é中': torch.randn(2, 2, generator=g).half(),
+        "Zeta": torch.randn(2, generator=g).half(),  # uppercase sorts before lowercase
+    }
+    return tensors
+
+
+def _entries(tensors):
+    return [(k, v.dtype, list(v.shape)) for k, v in tensors.items()]
+
+
+@pytest.mark.parametrize("metadata", [{"format": "pt"}, None, {}], ids=["pt", "none", "empty"])
+def test_streaming_writer_matches_save_file(tmp_path, metadata):
+    from safetensors.torch import save_file
+
+    from qfinal.shards import write_safetensors_streaming
+
+    tensors = _writer_tensors()
+    want = tmp_path / "want.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, want, metadata=metadata)
+    got = tmp_path / "got.safetensors"
+    # tensors arrive in any order (here: reversed insertion order), not the file's layout order
+    write_safetensors_streaming(got, _entries(tensors), reversed(list(tensors.items())), metadata=metadata)
+    assert got.read_bytes() == want.read_bytes()
+    header_len = int.from_bytes(want.read_bytes()[:8], "little")
+    assert header_len % 8 == 0  # what this test pins down about safetensors' layout
+
+
+def test_streaming_writer_header_padding_matches_save_file(tmp_path):
+    """Header JSON lengths of every residue mod 8 (safetensors pads with spaces to a multiple of 8)."""
+    from safetensors.torch import save_file
+
+    from qfinal.shards import safetensors_layout, write_safetensors_streaming
+
+    residues = set()
+    for n in range(1, 17):
+        tensors = {"w" * n: torch.ones(2, dtype=torch.float16), "b": torch.zeros(1)}
+        save_file(tensors, tmp_path / "want", metadata={"format": "pt"})
+        write_safetensors_streaming(tmp_path / "got", _entries(tensors), tensors.items(), metadata={"format": "pt"})
+        assert (tmp_path / "got").read_bytes() == (tmp_path / "want").read_bytes(), n
+        header, _layout = safetensors_layout(_entries(tensors), {"format": "pt"})
+        residues.add(len(header.rstrip(b" ")) % 8)
+    assert residues == set(range(8))
+    # no tensors at all
+    save_file({}, tmp_path / "want", metadata={"format": "pt"})
+    write_safetensors_streaming(tmp_path / "got", [], [], metadata={"format": "pt"})
+    assert (tmp_path / "got").read_bytes() == (tmp_path / "want").read_bytes()
+
+
+def test_streaming_writer_holds_one_tensor_at_a_time(tmp_path):
+    import weakref
+
+    from qfinal.shards import write_safetensors_streaming
+
+    shapes = {f"t{i}": [64, 64] for i in range(6)}
+    alive = []
+
+    def produce():
+        for name in shapes:
+            assert not [r for r in alive if r() is not None], "a written tensor is still referenced"
+            tensor = torch.full(shapes[name], float(len(alive)))
+            alive.append(weakref.ref(tensor))
+            yield name, tensor
+            del tensor
+
+    path = tmp_path / "x.safetensors"
+    write_safetensors_streaming(path, [(n, torch.float32, s) for n, s in shapes.items()], produce())
+    got = read_tensors(tmp_path)
+    assert all(torch.equal(got[f"t{i}"], torch.full([64, 64], float(i))) for i in range(6))
+
+
+def test_streaming_writer_refuses_what_the_header_does_not_say(tmp_path):
+    from qfinal.shards import ShardWriter, write_safetensors_streaming
+
+    entries = [("a", torch.float16, [2, 3]), ("b", torch.float32, [4])]
+    with pytest.raises(ValueError, match="never written"):
+        write_safetensors_streaming(tmp_path / "x", entries, [("a", torch.zeros(2, 3, dtype=torch.float16))])
+    with pytest.raises(ValueError, match="header says"):
+        write_safetensors_streaming(tmp_path / "x", entries, [("a", torch.zeros(2, 3))])
+    with pytest.raises(ValueError, match="header says"):
+        write_safetensors_streaming(tmp_path / "x", entries, [("b", torch.zeros(5))])
+    with pytest.raises(ValueError, match="not in the planned header"):
+        write_safetensors_streaming(tmp_path / "x", entries, [("c", torch.zeros(4))])
+    with pytest.raises(ValueError, match="written twice"):
+        with ShardWriter(tmp_path / "x", entries) as w:
+            w.write("b", torch.zeros(4))
+            w.write("b", torch.zeros(4))
+    with pytest.raises(ValueError, match="listed twice"):
+        ShardWriter(tmp_path / "y", entries + [("a", torch.float16, [1])])
+    with pytest.raises(ValueError, match="cannot be written"):
+        ShardWriter(tmp_path / "y", [("q", torch.float4_e2m1fn_x2, [2])])
+    assert not (tmp_path / "y").exists()
+
+
+def test_source_reads_with_pread(checkpoints, monkeypatch):
+    """Inputs are opened with the pread backend: nothing of the source stays mapped."""
+    import safetensors
+
+    from qfinal.sources import resolve_source
+
+    resolved = resolve_source(checkpoints.quantized("gpt2", "nf4"))  # built before the spy
+    backends = []
+    real = safetensors.safe_open
+
+    def spy(*args, **kwargs):
+        backends.append(kwargs.get("backend", "mmap"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", spy)
+    src = dq._Source(resolved.folder, resolved.confine_to)
+    try:
+        for key in list(src.headers)[:3]:
+            src.get(key)
+    finally:
+        src.close()
+    assert backends and set(backends) == {"pread"}

@@ -2,8 +2,9 @@
 (or the old OUT, untouched, under --force) and no `.OUT.qfinal-tmp-*` folder.
 
 Subprocess cases send a real SIGINT / SIGTERM. To interrupt mid-write deterministically the child
-is a small wrapper around `qfinal.cli.main` whose safetensors `save_file` writes the first file,
-then signals readiness through a file and sleeps; the test sends the signal only once that first
+is a small wrapper around `qfinal.cli.main` whose safetensors writers (`save_file`, used by save,
+and qfinal's streaming shard writer, used by dequantize) write the first file, then signal
+readiness through a file and sleep; the test sends the signal only once that first
 file sits in the temp folder beside OUT. In-process cases raise from the same place instead.
 """
 
@@ -35,15 +36,26 @@ WRAPPER = textwrap.dedent('''
 
     import safetensors.torch
 
-    _real = safetensors.torch.save_file
+    import qfinal.shards
 
-    def _slow_save_file(tensors, filename, *args, **kwargs):
-        _real(tensors, filename, *args, **kwargs)
+    def _ready_then_sleep(filename):
         Path(os.environ["QFINAL_TEST_READY"]).write_text(str(filename))
         time.sleep(120)
 
+    _real_save_file = safetensors.torch.save_file
+    _real_streaming = qfinal.shards.write_safetensors_streaming
+
+    def _slow_save_file(tensors, filename, *args, **kwargs):
+        _real_save_file(tensors, filename, *args, **kwargs)
+        _ready_then_sleep(filename)
+
+    def _slow_streaming(path, *args, **kwargs):
+        _real_streaming(path, *args, **kwargs)
+        _ready_then_sleep(path)
+
     # Before transformers is imported: modeling_utils binds `save_file` at import time.
     safetensors.torch.save_file = _slow_save_file
+    qfinal.shards.write_safetensors_streaming = _slow_streaming
     # Ctrl-C semantics even when the test runner started us with SIGINT ignored (a background job).
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -150,18 +162,28 @@ def fail_after_first_file(monkeypatch):
     """Make every safetensors writer qfinal reaches write one file, then raise `exc`."""
     import transformers.modeling_utils as modeling_utils
 
+    import qfinal.shards
+
     def install(exc: BaseException) -> list[Path]:
-        real = safetensors.torch.save_file
+        real_save_file = safetensors.torch.save_file
+        real_streaming = qfinal.shards.write_safetensors_streaming
         written: list[Path] = []
 
         def save_file(tensors, filename, *args, **kwargs):
             if written:
                 raise exc
-            real(tensors, filename, *args, **kwargs)
+            real_save_file(tensors, filename, *args, **kwargs)
             written.append(Path(filename))
+
+        def write_safetensors_streaming(path, *args, **kwargs):
+            if written:
+                raise exc
+            real_streaming(path, *args, **kwargs)
+            written.append(Path(path))
 
         monkeypatch.setattr(safetensors.torch, "save_file", save_file)
         monkeypatch.setattr(modeling_utils, "safe_save_file", save_file)
+        monkeypatch.setattr(qfinal.shards, "write_safetensors_streaming", write_safetensors_streaming)
         return written
 
     return install
