@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig, build_config
+from .config import RunConfig, build_config, config_from_dict
 from .pipeline import Context, run_pipeline
 from .report import Report
 from .sources import resolve_source
@@ -25,11 +25,10 @@ class Finalized:
         return self.report.ok
 
 
-def _config(config: RunConfig | str | Path | None, overrides: dict) -> RunConfig:
+def resolve_config(config: RunConfig | str | Path | None, overrides: dict) -> RunConfig:
     if isinstance(config, RunConfig):
         if overrides:
-            data = config.model_dump(by_alias=True, exclude_unset=True)
-            return build_config(None, **{**data, **overrides})
+            return config_from_dict(config.model_dump(by_alias=True, exclude_unset=True), **overrides)
         return config
     return build_config(config, **overrides)
 
@@ -45,7 +44,7 @@ def load(source: str | Path, config: RunConfig | str | Path | None = None, *, al
     >>> result.report.ok, type(result.model).__name__   # doctest: +SKIP
     (True, 'LlamaForCausalLM')
     """
-    cfg = _config(config, overrides)
+    cfg = resolve_config(config, overrides)
     src = resolve_source(source)
     report = Report(source=src.label, command=command)
     ctx = Context(source=src, config=cfg, report=report, allow_pickle=allow_pickle)

@@ -7,6 +7,7 @@ file found next to a checkpoint cannot switch them on.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,6 +91,8 @@ class RunConfig(_Strict):
     offload_folder: str | None = None
     tie_weights: bool = True
     adapters: list[AdapterConfig] = []
+    load_adapters: bool = Field(True, description="false leaves the configured adapters off "
+                                                  "(reported as skipped by request)")
     merge_requantize: bool = False
     runtime: RuntimeConfig = RuntimeConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
@@ -141,16 +144,22 @@ def _format_errors(err: ValidationError) -> str:
 
 def _set_path(data: dict, path: tuple[str, ...], value: Any) -> None:
     for part in path[:-1]:
-        data = data.setdefault(part, {})
+        if not isinstance(data.get(part), dict):  # absent, or null in the YAML: the override wins
+            data[part] = {}
+        data = data[part]
     data[path[-1]] = value
 
 
 def build_config(file: str | Path | None = None, **overrides: Any) -> RunConfig:
     """Read YAML (if any), apply overrides named like CLI options, and validate everything."""
-    data: dict = {}
-    where = str(file) if file else "options"
-    if file is not None:
-        data = read_yaml(file)
+    data = read_yaml(file) if file is not None else {}
+    return config_from_dict(data, str(file) if file else "options", **overrides)
+
+
+def config_from_dict(data: dict, where: str = "options", **overrides: Any) -> RunConfig:
+    """Validate `data` (a config as YAML would give it) with `overrides` applied at their field
+    paths: `quantize="nf4"` sets `quantize.method` and keeps the other `quantize` fields."""
+    data = copy.deepcopy(data)
     merge_all = overrides.pop("merge_all_adapters", False)
     for name, value in overrides.items():
         if value is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _hf
-from .api import _config
+from .api import resolve_config
 from .config import RunConfig
 from .pipeline import Context, run_pipeline
 from .report import Finding, Report
@@ -67,7 +67,7 @@ def expected_bytes(model, hf_quantizer, converted: set[str]) -> dict[str, int]:
 
 
 def plan(source: str | Path, config: RunConfig | str | Path | None = None, **overrides: Any) -> Report:
-    cfg = _config(config, overrides)
+    cfg = resolve_config(config, overrides)
     src = resolve_source(source)
     report = Report(source=src.label, command="plan")
     ctx = Context(source=src, config=cfg, report=report)

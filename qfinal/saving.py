@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _hf
-from .api import Finalized, _config, load
+from .api import Finalized, load, resolve_config
 from .atomic import atomic_dir, check_output_dir
 from .config import RunConfig
 from .report import Finding, Report
@@ -177,7 +177,7 @@ def save(source: str | Path, out: str | Path, config: RunConfig | str | Path | N
          **overrides: Any) -> Report:
     """Finalize `source`, save to `out`, and prove the saved folder reloads to the same model."""
     out = Path(out)
-    cfg = _config(config, overrides)
+    cfg = resolve_config(config, overrides)
     check_output_dir(out, force)
     max_bytes = parse_size(max_shard_size)
     result = load(source, cfg, allow_pickle=allow_pickle, command="save")

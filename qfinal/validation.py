@@ -19,7 +19,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from . import checks
-from .api import _config
+from .api import resolve_config
 from .config import RunConfig
 from .pipeline import Context, peak_rss_bytes, run_pipeline
 from .report import Finding, MismatchedKey, Report, StageRecord
@@ -38,7 +38,7 @@ def validate(source: str | Path | Source, config: RunConfig | str | Path | None 
     Raises QfinalError (exit 2) only when validation cannot run: a missing path, an unreadable
     config.json, a bad config or allow-list pattern.
     """
-    cfg = _config(config, overrides)
+    cfg = resolve_config(config, overrides)
     vcfg = cfg.validate_
     checks.compile_patterns(vcfg.allow_missing, "validate.allow_missing")
     checks.compile_patterns(vcfg.allow_unexpected, "validate.allow_unexpected")
