@@ -53,6 +53,7 @@ class Context:
     loading_info: Any = None
     disk_offload_index: Any = None
     original_classes: dict[str, str] = field(default_factory=dict)
+    dequantized: bool = False  # postprocess (or a merge) turned the bnb modules back into plain ones
     scratch: dict[str, Any] = field(default_factory=dict)
 
 

@@ -89,14 +89,34 @@ def test_dry_run_counts_quantized_bytes(checkpoints):
 
 
 def _snapshot(model):
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    return state, type(model).__name__, sum(1 for _ in model.modules())
+    """Tensors (offloaded ones, on meta here, by shape), and every flag a finishing stage may set.
+    With offloaded tensors, also the logits on the probe batch: they read the offloaded weights
+    through accelerate's hooks. (Not otherwise: bitsandbytes repacks 4-bit weights on the CPU's
+    first forwards, which changes the state dict by itself.)"""
+    state = {k: (v.detach().clone() if v.device.type != "meta" else tuple(v.shape))
+             for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    if any(isinstance(v, tuple) for v in state.values()):
+        with torch.no_grad():
+            state["(logits)"] = model(**builders.probe_inputs(model)).logits
+    flags = ([m.training for m in model.modules()], [(n, p.requires_grad) for n, p in model.named_parameters()],
+             [getattr(m, "gradient_checkpointing", None) for m in model.modules()],
+             sum(len(getattr(m, "_forward_hooks", {})) + len(getattr(m, "_forward_pre_hooks", {}))
+                 for m in model.modules()))
+    return state, type(model).__name__, sum(1 for _ in model.modules()), flags
 
 
-@pytest.mark.parametrize("options", [{}, {"quantize": "nf4"}, {"quantize": "int8"}, {"adapters": "lora"},
-                                     {"adapters": "lora-merge"}])
+@pytest.mark.parametrize("options", [
+    {}, {"quantize": "nf4"}, {"quantize": "int8"}, {"adapters": "lora"}, {"adapters": "lora-merge"},
+    {"source": "nf4", "dequantize": True}, {"quantize": "nf4", "adapters": "lora-merge"},
+    {"device_map": "auto", "max_memory": {"cpu": "300KB", "disk": "10GB"}},
+    {"adapters": "lora", "runtime": {"mode": "training", "gradient_checkpointing": True}},
+], ids=["plain", "nf4", "int8", "lora", "lora-merge", "dequantize", "nf4-lora-merge", "offload", "training"])
 def test_finishing_stages_are_idempotent(checkpoints, tmp_path, options):
     options = dict(options)
+    source = (checkpoints.quantized("llama_tied", options.pop("source")) if "source" in options
+              else checkpoints["llama_tied"])
+    if "max_memory" in options:
+        options["offload_folder"] = str(tmp_path / "offload")
     if "adapters" in options:
         from peft import LoraConfig, get_peft_model
 
@@ -104,16 +124,19 @@ def test_finishing_stages_are_idempotent(checkpoints, tmp_path, options):
         get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights=False)
                        ).save_pretrained(tmp_path / "lora")
         options["adapters"] = [{"path": str(tmp_path / "lora"), "merge": options["adapters"] == "lora-merge"}]
-    result = qfinal.load(checkpoints["llama_tied"], **options)
+    result = qfinal.load(source, **options)
+    assert result.report.ok
     ctx = result.context
-    before_state, before_type, before_modules = _snapshot(ctx.model)
+    before_state, before_type, before_modules, before_flags = _snapshot(ctx.model)
     before_ties = [t.model_dump() for t in result.report.keys.tied]
     for stage in (Postprocess(), TieWeights(), AdapterLoad(), Runtime()):
         stage.run(ctx)
-    after_state, after_type, after_modules = _snapshot(ctx.model)
+    after_state, after_type, after_modules, after_flags = _snapshot(ctx.model)
     assert (after_type, after_modules) == (before_type, before_modules)
+    assert after_flags == before_flags  # modes, trainable set, checkpointing, hooks (no second dispatch)
     assert after_state.keys() == before_state.keys()
-    assert all(torch.equal(after_state[k], before_state[k]) for k in before_state)
+    for k, v in before_state.items():
+        assert torch.equal(after_state[k], v) if isinstance(v, torch.Tensor) else after_state[k] == v, k
     assert [t.model_dump() for t in ctx.report.keys.tied] == before_ties
 
 

@@ -12,6 +12,8 @@ class AdapterLoad(BaseStage):
 
     def run(self, ctx: Context) -> Outcome:
         specs = ctx.config.adapters
+        if not ctx.config.load_adapters:
+            return Outcome("skipped by request", f"load_adapters is false; {len(specs)} configured adapter(s) left off")
         if not specs:
             return Outcome("nothing to do", "no adapters configured")
         from ..adapters import AdapterSpec, apply_adapters
@@ -33,6 +35,7 @@ class AdapterLoad(BaseStage):
                 message=f"quantized base dequantized before merging ({detail}); the merged weights stay in "
                         f"{ctx.report.dtype} (set merge_requantize: true to quantize them again)"))
             ctx.hf_quantizer = None
+            ctx.dequantized = True
             ctx.report.quantization = "none (dequantized to merge adapters)"
         model, records, findings = apply_adapters(
             model, [AdapterSpec(path=a.path, name=a.name, merge=a.merge, scale=a.scale) for a in specs],

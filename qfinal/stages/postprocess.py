@@ -23,6 +23,8 @@ class Postprocess(BaseStage):
         load_generation_config(model, ctx.source.folder)
         q = ctx.hf_quantizer
         if q is None:
+            if ctx.dequantized:  # a second run over a finalized model
+                return Outcome("nothing to do", "model in eval mode; already dequantized")
             if ctx.config.dequantize:
                 from ..errors import CheckpointError
 
@@ -38,5 +40,6 @@ class Postprocess(BaseStage):
 
         detail = dequantize_in_memory(model, ctx.dtype, ctx.original_classes)
         ctx.hf_quantizer = None
+        ctx.dequantized = True
         ctx.report.quantization = "none (dequantized)"
         return Outcome("ran", detail)
