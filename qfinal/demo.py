@@ -37,7 +37,8 @@ def write_demo_checkpoint(out: Path) -> Path:
 
     from .atomic import atomic_dir
 
-    with atomic_dir(out, force=True) as tmp:
+    # fork_rng: seeding for the demo's weights must not reset the caller's global generator
+    with atomic_dir(out, force=True) as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         config = LlamaConfig(**DEMO_CONFIG, dtype="float32")
         model = LlamaForCausalLM(config).eval()

@@ -92,9 +92,17 @@ def test_stop_after_leaves_model_on_meta(checkpoints):
     assert len(result.report.keys.converted) == 14
 
 
-def test_switching_stages_off_is_reported(checkpoints):
-    result = qfinal.load(checkpoints["llama_tied"], tie_weights=False, validate={"enabled": False})
+def test_switching_stages_off_is_reported(checkpoints, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = builders.model_class_for(checkpoints["llama_tied"]).from_pretrained(checkpoints["llama_tied"])
+    get_peft_model(base, LoraConfig(target_modules=["q_proj"], r=2, init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "lora")
+    result = qfinal.load(checkpoints["llama_tied"], tie_weights=False, validate={"enabled": False},
+                         adapters=[str(tmp_path / "lora")], load_adapters=False)
     statuses = {s.name: s.status for s in result.report.stages}
     assert statuses["tie_weights"] == "skipped by request"
     assert statuses["validate"] == "skipped by request"
+    assert statuses["adapter_load"] == "skipped by request"
+    assert result.report.adapters == [] and not hasattr(result.model, "peft_config")
     assert result.report.keys.tied and not any(t.shared for t in result.report.keys.tied)

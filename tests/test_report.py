@@ -152,6 +152,20 @@ def test_cli_flags_override_yaml(tmp_path, checkpoints):
     assert cfg.quantize.method == "int8" and cfg.dtype == "bfloat16"
 
 
+def test_run_config_with_overrides_keeps_its_other_fields():
+    """qfinal.load(src, RunConfig, **overrides): an override sets its field, the rest stays."""
+    from qfinal.api import resolve_config
+
+    base = build_config(None, quantize="fp4", double_quant=True, compute_dtype="bfloat16",
+                        validate={"allow_missing": ["x.*"]})
+    cfg = resolve_config(base, {"dtype": "float16", "quantize": "nf4"})
+    assert cfg.dtype == "float16" and cfg.quantize.method == "nf4"
+    assert cfg.quantize.double_quant and cfg.quantize.compute_dtype == "bfloat16"
+    assert cfg.validate_.allow_missing == ["x.*"]
+    assert resolve_config(base, {}) is base
+    assert base.quantize.method == "fp4"  # the given config is not changed
+
+
 def test_config_without_architectures_needs_a_task(checkpoints, tmp_path):
     path = tmp_path / "noarch"
     shutil.copytree(checkpoints["llama_tied"], path)
@@ -204,3 +218,19 @@ def test_demo_runs_end_to_end(capsys):
     files = sorted(p.name for p in ensure_demo_checkpoint().iterdir())
     assert files.count("model.safetensors.index.json") == 1
     assert len([f for f in files if f.startswith("model-")]) == 2
+
+
+def test_demo_checkpoint_is_deterministic_and_leaves_the_global_rng_alone(tmp_path):
+    from qfinal.demo import write_demo_checkpoint
+
+    torch.manual_seed(99)
+    expected_next = torch.rand(3)
+    torch.manual_seed(99)
+    first = write_demo_checkpoint(tmp_path / "a")
+    assert torch.equal(torch.rand(3), expected_next)
+    second = write_demo_checkpoint(tmp_path / "b")
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    for name in names:
+        if name.endswith(".safetensors"):
+            assert (first / name).read_bytes() == (second / name).read_bytes(), name
