@@ -489,6 +489,8 @@ def _float_tensors(model):
             continue
         if tensor.device.type == "meta" or id(tensor) in seen:
             continue
+        if getattr(tensor, "bnb_quantized", False):
+            continue  # packed 4-bit codes: with a float quant_storage its bytes read as NaNs, not values
         seen.add(id(tensor))
         yield name, tensor
 

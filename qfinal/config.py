@@ -127,6 +127,8 @@ OVERRIDE_PATHS = {
     "double_quant": ("quantize", "double_quant"),
     "compute_dtype": ("quantize", "compute_dtype"),
     "skip_modules": ("quantize", "skip_modules"),
+    "quant_storage": ("quantize", "quant_storage"),
+    "int8_threshold": ("quantize", "int8_threshold"),
     "fail_on": ("validate", "fail_on"),
 }
 
@@ -192,6 +194,8 @@ def read_yaml(file: str | Path) -> dict:
         loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise ConfigError(f"YAML syntax error: {problem}", where=loc, hint="fix the YAML syntax") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError("YAML is nested too deeply", where=str(path), hint="fix the YAML syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -19,13 +19,19 @@ QUANT = {
 }
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes: bit-for-bit equality, NaN payloads and signed zeros included (4-bit data
+    packed into a float quant_storage is full of NaN patterns, which torch.equal calls unequal)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 def assert_state_dicts_identical(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sorted(sa) == sorted(sb)
     for key in sa:
         assert sa[key].dtype == sb[key].dtype, key
         assert sa[key].shape == sb[key].shape, key
-        assert torch.equal(sa[key], sb[key]), key
+        assert torch.equal(bits(sa[key]), bits(sb[key])), key
 
 
 def assert_logits_identical(a, b):
@@ -50,6 +56,45 @@ def test_load_equals_from_pretrained(checkpoints, fixture, quant):
     if bnb:
         packed = [k for k in result.model.state_dict() if k.endswith((".absmax", ".SCB"))]
         assert packed, "quant state must be part of the compared state dict"
+
+
+# The other BitsAndBytesConfig options qfinal exposes, each against the same from_pretrained call.
+OPTIONS = {
+    "fp4": ({"quantize": "fp4"}, dict(load_in_4bit=True, bnb_4bit_quant_type="fp4")),
+    "nf4_compute_bf16": ({"quantize": "nf4", "compute_dtype": "bfloat16"},
+                         dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)),
+    "nf4_bf16_model": ({"quantize": "nf4", "dtype": "bfloat16"},
+                       dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
+    "nf4_storage_bf16": ({"quantize": "nf4", "quant_storage": "bfloat16"},
+                         dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_quant_storage=torch.bfloat16)),
+    "nf4_skip": ({"quantize": "nf4", "skip_modules": ["lm_head", "SKIP"]},
+                 dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["lm_head", "SKIP"])),
+    "int8_threshold": ({"quantize": "int8", "int8_threshold": 3.0},
+                       dict(load_in_8bit=True, llm_int8_threshold=3.0)),
+}
+SKIPPED_LAYER = {"llama_untied": "q_proj", "gpt2": "c_attn"}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("fixture", ["llama_untied", "gpt2"])
+def test_quantization_options_equal_from_pretrained(checkpoints, fixture, option):
+    path = checkpoints[fixture]
+    overrides, bnb = OPTIONS[option]
+    overrides, bnb = dict(overrides), dict(bnb)
+    if "skip_modules" in overrides:
+        overrides["skip_modules"] = bnb["llm_int8_skip_modules"] = ["lm_head", SKIPPED_LAYER[fixture]]
+    result = qfinal.load(path, **overrides)
+    kwargs = {"quantization_config": tf.BitsAndBytesConfig(**bnb)}
+    if "dtype" in overrides:
+        kwargs["dtype"] = getattr(torch, overrides["dtype"])
+    reference = builders.model_class_for(path).from_pretrained(path, **kwargs)
+    assert_state_dicts_identical(result.model, reference)
+    assert_logits_identical(result.model, reference)
+    assert result.report.ok, [f for f in result.report.findings if f.severity == "error"]
+    if "skip_modules" in overrides:
+        kept = {s.module.rsplit(".", 1)[-1] for s in result.report.keys.skipped}
+        assert SKIPPED_LAYER[fixture] in kept
+        assert not any(c.module.endswith(SKIPPED_LAYER[fixture]) for c in result.report.keys.converted)
 
 
 @pytest.mark.parametrize("method", ["nf4", "fp4_dq", "int8"])
