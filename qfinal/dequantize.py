@@ -430,9 +430,11 @@ def dequantize_checkpoint(source: Path | str, out: Path, *, dtype: torch.dtype |
     if out.resolve() == folder.resolve():
         raise OutputError("output folder is the source folder", where=str(out),
                           hint="write the dequantized checkpoint somewhere else")
-    check_output_dir(out, force)  # fail fast; atomic_dir checks again before writing
+    # The source is checked before OUT: check_output_dir creates OUT's parent, which a refused
+    # source must not leave behind.
     config = read_config_json(folder)
     method, double_quant = bnb_quantization(config, where)
+    check_output_dir(out, force)  # fail fast; atomic_dir checks again before writing
     # The loader's own checks (duplicate names, index vs shards, confinement, exact layout), which
     # safe_open alone does not make; the first problem is refused with the file and key named.
     from .safety import inspect_checkpoint

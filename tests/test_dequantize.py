@@ -522,3 +522,146 @@ def test_source_reads_with_pread(checkpoints, monkeypatch):
     finally:
         src.close()
     assert backends and set(backends) == {"pread"}
+
+
+# ----------------------------------------------------------------------------------------- the CLI
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from qfinal.cli import main
+
+    capsys.readouterr()  # drop whatever fixture building printed
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_cli_dequantize_verify_and_existing_out(cases, tmp_path, capsys):
+    src, ref_out, _result = cases("gpt2", "nf4", torch.float16)
+
+    # --quiet: exit 0, nothing printed, OUT is what the library writes, loads with plain transformers
+    out = tmp_path / "out"
+    code, stdout, stderr = _cli(capsys, "dequantize", src, out, "--dtype", "float16", "--quiet")
+    assert (code, stdout, stderr) == (0, "", "")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == (ref_out / "model.safetensors").read_bytes()
+    plain, info = builders.model_class_for(out).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert all(p.dtype == torch.float16 for p in plain.state_dict().values() if p.is_floating_point())
+    assert not list(tmp_path.glob(".*qfinal-tmp-*"))
+
+    # --verify --json -: exit 0, the four named checks, none with an error finding
+    verified = tmp_path / "verified"
+    code, stdout, stderr = _cli(capsys, "dequantize", src, verified, "--dtype", "float16", "--verify",
+                                "--json", "-")
+    assert "Traceback" not in stderr, stderr
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    checks = {"dequantize_keys", "dequantize_dtype", "dequantize_tensors", "dequantize_logits"}
+    assert checks <= set(report["checks"]), report["checks"]
+    assert report["ok"] is True and report["command"] == "dequantize"
+    assert report["quantization"] == "nf4" and report["dtype"] == "float16"
+    assert not [f for f in report["findings"] if f["severity"] == "error"], report["findings"]
+    assert checks <= {f["check"] for f in report["findings"]}
+    assert [s["name"] for s in report["stages"]] == ["dequantize", "verify"]
+    assert (verified / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+    # an existing OUT without --force: exit 2, one line on stderr, OUT untouched
+    before = _snapshot(out)
+    code, stdout, stderr = _cli(capsys, "dequantize", src, out, "--dtype", "bfloat16")
+    assert code == 2
+    assert stdout == "" and len(stderr.splitlines()) == 1 and stderr.endswith("\n"), stderr
+    assert "already exists" in stderr and str(out) in stderr and "--force" in stderr
+    assert "Traceback" not in stderr
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "verified"]  # no temp folder left
+
+
+def test_cli_not_bnb_source(checkpoints, tmp_path, capsys):
+    src = checkpoints["llama_tied"]
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "nested" / "out"  # not even OUT's parent may be left behind
+    code, stdout, stderr = _cli(capsys, "dequantize", src, out)
+    assert code == 2, stderr
+    assert stdout == "" and len(stderr.splitlines()) == 1, stderr
+    assert stderr.startswith("qfinal: error: ") and "Traceback" not in stderr
+    assert "not bitsandbytes-quantized" in stderr
+    assert str(src) in stderr  # the folder (label) the config.json was read from
+    assert list(work.iterdir()) == []  # no OUT, no parent, no .out.qfinal-tmp-* folder
+    assert not list(src.parent.glob(".*qfinal-tmp-*"))
+
+
+# ----------------------------------------------------------------------------------------- the pipeline option
+
+@pytest.mark.parametrize("arch,method,dtype", [
+    ("llama_untied", "nf4", torch.float16),
+    ("llama_untied", "fp4_dq", torch.bfloat16),
+    ("llama_untied", "int8", torch.float16),
+    ("gpt2", "nf4", torch.bfloat16),
+    ("gpt2", "fp4_dq", torch.float16),
+    ("gpt2", "int8", torch.bfloat16),
+])
+def test_pipeline_dequantize_equals_streamed(cases, arch, method, dtype):
+    """`qfinal.load(bnb, dequantize=True, dtype=...)` is the same arithmetic as the streamed files."""
+    import qfinal
+    from qfinal.quantization import QUANTIZED_CLASSES
+
+    src, out, result = cases(arch, method, dtype)
+    streamed = read_tensors(out)
+    loaded = qfinal.load(src, dequantize=True, dtype=dq.dtype_name(dtype))
+    model = loaded.model
+    assert loaded.report.ok, loaded.report.findings
+    assert loaded.report.quantization == "none (dequantized)"
+    assert loaded.report.dtype == dq.dtype_name(dtype)
+    assert not [n for n, m in model.named_modules() if type(m).__name__ in QUANTIZED_CLASSES]
+    sd = model.state_dict()
+
+    # same names, except aliases of a tie the checkpoint stores once
+    assert set(streamed) <= set(sd)
+    for name in set(sd) - set(streamed):
+        assert any(sd[name].data_ptr() == sd[other].data_ptr() for other in streamed), name
+    differ = {}
+    for name, want in streamed.items():
+        have = sd[name]
+        if not bits_equal(have.detach(), want):
+            differ[name] = (have.dtype, list(have.shape), want.dtype, list(want.shape),
+                            (have.float() - want.float()).abs().max().item()
+                            if have.shape == want.shape else None)
+    assert not differ, differ
+    assert all(t.dtype == dtype for t in sd.values() if t.is_floating_point())
+
+    # layout: the in-memory model has Conv1D modules again, storing [in, out] like the checkpoint
+    conv1d = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    expected_conv1d, shapes, _prefix = dq._conv1d_layout(src, arch)
+    assert conv1d == expected_conv1d
+    assert bool(conv1d) == (arch == "gpt2")
+    non_square = 0
+    for name in result.dequantized:
+        owner = name.rsplit(".", 1)[0]
+        module = model.get_submodule(owner)
+        if owner in conv1d:
+            assert list(module.weight.shape) == [module.nx, module.nf] == shapes[name], name
+            non_square += module.nx != module.nf
+        else:
+            assert isinstance(module, torch.nn.Linear), name
+            assert list(module.weight.shape) == [module.out_features, module.in_features], name
+    assert (non_square > 0) == (arch == "gpt2")  # square weights could not show a transposition
+
+
+def test_cli_load_dequantize_report(checkpoints, capsys):
+    src = checkpoints.quantized("gpt2", "nf4_dq")
+    code, stdout, stderr = _cli(capsys, "load", src, "--dequantize", "--dtype", "float16", "--json", "-")
+    assert "Traceback" not in stderr, stderr
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["quantization"] == "none (dequantized)"
+    assert report["dtype"] == "float16" and report["ok"] is True
+    stages = {s["name"]: s for s in report["stages"]}
+    assert stages["postprocess"]["status"] == "ran"
+    assert "dequantized to float16" in stages["postprocess"]["detail"]
+    assert "8 Conv1D layout(s) restored" in stages["postprocess"]["detail"]  # 2 layers x 4 Conv1D
