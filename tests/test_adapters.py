@@ -395,3 +395,192 @@ def test_int8_merge(w, qlora, requantize):
     diff = _max_diff(_logits(model), qlora["fp32_merged"])
     print(f"\nint8 merged (requantize={requantize}) vs fp32 merged: max|Δlogits| = {diff:.4g}")
     assert diff <= 0.05
+
+
+# ------------------------------------------------------------------------------------------
+# through the pipeline and the CLI
+# ------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(capsys, *argv) -> tuple[int, dict]:
+    """Run `qfinal ARGV --json -`; return (exit code, the JSON report)."""
+    from qfinal.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv] + ["--json", "-"])
+    captured = capsys.readouterr()
+    assert exc.value.code in (0, 1), captured.err
+    return exc.value.code, json.loads(captured.out)
+
+
+def _yaml(tmp_path, *adapters: Path, merge: bool = False) -> Path:
+    config = tmp_path / "adapters.yaml"
+    config.write_text("adapters:\n" + "".join(f"  - path: {json.dumps(str(a))}\n    merge: {str(merge).lower()}\n"
+                                               for a in adapters))
+    return config
+
+
+def _failing_checks(report: dict) -> set[str]:
+    return {f["check"] for f in report["findings"] if f["severity"] == "error"}
+
+
+@pytest.mark.parametrize("adapter", ["gpt2_lora", "llama_renamed"])
+def test_validate_fails_on_foreign_adapter(w, tmp_path, capsys, adapter):
+    code, report = _cli(capsys, "validate", w["llama"], "--config", _yaml(tmp_path, w[adapter]))
+    assert code == 1
+    assert report["ok"] is False
+    assert "adapter_coverage" in _failing_checks(report)
+    (record,) = report["adapters"]
+    assert record["name"] == adapter and record["path"] == str(w[adapter])
+    if adapter == "gpt2_lora":  # another architecture: nothing lands
+        assert record["unused"] == _keys(w["gpt2_lora"])
+        assert record["matched"] == 0
+        assert record["unmatched_targets"] == ["c_attn", "c_fc"]
+    else:  # renamed keys: the renamed ones, and only those, are unused
+        assert record["unused"] == w["renamed_keys"]
+        assert record["matched"] == len(_keys(w[adapter])) - len(w["renamed_keys"])
+        assert record["unmatched_targets"] == []
+    # the same command with the adapter made for this base passes
+    (tmp_path / "good").mkdir()
+    good = _yaml(tmp_path / "good", w["llama_lora"])
+    code, report = _cli(capsys, "validate", w["llama"], "--config", good)
+    assert code == 0 and report["adapters"][0]["unused"] == [] and report["adapters"][0]["matched"] == 12
+
+
+@pytest.fixture(scope="module")
+def seq_cls(w):
+    """A real peft SEQ_CLS LoRA: peft adds `score` (the classification head) to modules_to_save."""
+    root = w["root"]
+    torch.manual_seed(11)
+    config = tf.LlamaConfig(**builders.LLAMA, tie_word_embeddings=False, num_labels=3, pad_token_id=0)
+    tf.LlamaForSequenceClassification(config).save_pretrained(root / "llama_cls")
+    base = _load(root / "llama_cls")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False,
+                                                     target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(root / "llama_seq_cls")
+    return dict(base=root / "llama_cls", adapter=root / "llama_seq_cls")
+
+
+def test_adapter_for_another_task(w, seq_cls, tmp_path, capsys):
+    adapter = seq_cls["adapter"]
+    keys = _keys(adapter)
+    head = ["base_model.model.score.weight"]
+    assert set(head) < set(keys)  # peft saved the head through modules_to_save
+    # on the base it was made for: everything lands
+    model, (record,), findings = apply_adapters(_load(seq_cls["base"]), [AdapterSpec(str(adapter))])
+    assert record.matched == len(keys) and record.unused == [] and not _errors(findings)
+    assert not [f for f in findings if f.check == "adapter_base"]
+    # on the causal LM of the same config: the LoRA tensors land, the head has nowhere to go
+    model, (record,), findings = apply_adapters(_load(w["llama"]), [AdapterSpec(str(adapter))])
+    assert type(model).__name__ == "PeftModelForSequenceClassification"  # peft picks the wrapper by task_type
+    assert type(model.get_base_model()).__name__ == "LlamaForCausalLM"
+    assert record.task_type == "SEQ_CLS"
+    assert record.modules_to_save == ["classifier", "score"]
+    assert record.unused == head and record.matched == len(keys) - 1
+    assert record.unmatched_targets == []
+    (error,) = _errors(findings)
+    assert "1 of 9 tensor(s) unused" in error.message and "no such module in the base: " + head[0] in error.message
+    base_warnings = [f.message for f in findings if f.check == "adapter_base" and f.severity == "warning"]
+    assert any("trained for task SEQ_CLS; the base is a LlamaForCausalLM" in m for m in base_warnings), base_warnings
+    assert any("architectures ['LlamaForSequenceClassification'] vs ['LlamaForCausalLM']" in m
+               for m in base_warnings), base_warnings
+    # under validate: exit 1 on adapter_coverage, the task mismatch in the report
+    code, report = _cli(capsys, "validate", w["llama"], "--config", _yaml(tmp_path, adapter))
+    assert code == 1 and "adapter_coverage" in _failing_checks(report)
+    (record,) = report["adapters"]
+    assert record["unused"] == head and record["task_type"] == "SEQ_CLS"
+    assert record["modules_to_save"] == ["classifier", "score"]
+    assert any(f["check"] == "adapter_base" and f["severity"] == "warning" and "SEQ_CLS" in f["message"]
+               for f in report["findings"])
+
+
+def test_cli_load_two_adapters_merged(w, capsys, monkeypatch):
+    import qfinal.api
+
+    captured = {}
+    real_load = qfinal.api.load
+
+    def spy(*args, **kwargs):
+        captured["result"] = real_load(*args, **kwargs)
+        return captured["result"]
+
+    monkeypatch.setattr(qfinal.api, "load", spy)
+    a, b = w["llama_lora"], w["llama_lora2"]
+    code, report = _cli(capsys, "load", w["llama"], "--adapter", a, "--adapter", b, "--merge")
+    assert code == 0, report["findings"]
+    assert [(r["name"], r["path"]) for r in report["adapters"]] == [("llama_lora", str(a)), ("llama_lora2", str(b))]
+    for record, adapter in zip(report["adapters"], (a, b)):
+        lora_keys = [k for k in _keys(adapter) if ".lora_" in k]
+        assert record["matched"] == len(lora_keys) == len(_keys(adapter)) > 0
+        assert record["unused"] == [] and record["unmatched_targets"] == []
+        assert record["merged"] is True
+    model = captured["result"].model
+    assert not isinstance(model, PeftModel) and not any("lora" in n for n, _ in model.named_modules())
+    once = PeftModel.from_pretrained(_load(w["llama"]), str(a)).merge_and_unload()
+    only_a = _logits(once)
+    reference = PeftModel.from_pretrained(once, str(b)).merge_and_unload()  # merges into `once` in place
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(_logits(model), _logits(reference))
+    assert not torch.equal(_logits(model), only_a), "the second adapter must change the output"
+
+
+def _bnb_modules(model) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
+
+
+@pytest.mark.parametrize("requantize", [False, True])
+def test_pipeline_qlora_merge(w, qlora, requantize):
+    import qfinal
+
+    result = qfinal.load(w["llama"], quantize="nf4", adapters=[{"path": qlora["adapter"], "merge": True}],
+                         merge_requantize=requantize)
+    report, model = result.report, result.model
+    assert report.ok, report.failing()
+    (record,) = report.adapters
+    assert record.merged and record.matched == 12 and record.unused == []
+    merge_info = [f.message for f in report.findings if f.check == "adapter_merge"]
+    q_proj = model.model.layers[0].self_attn.q_proj
+    if requantize:
+        assert type(q_proj).__name__ == "Linear4bit" and type(q_proj.weight).__name__ == "Params4bit"
+        assert not any("dequantized before merging" in m for m in merge_info), merge_info
+        assert any("quantize again" in m for m in merge_info), merge_info
+        assert report.quantization.startswith("nf4"), report.quantization
+    else:
+        assert _bnb_modules(model) == []
+        assert not any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
+        assert type(q_proj) is torch.nn.Linear and q_proj.weight.dtype == torch.float32
+        assert any("quantized base dequantized before merging" in m for m in merge_info), merge_info
+        assert report.quantization == "none (dequantized to merge adapters)"
+    diff = _max_diff(_logits(model), qlora["fp32_merged"])
+    print(f"\npipeline nf4 merged (requantize={requantize}) vs fp32 merged: max|Δlogits| = {diff:.4g}")
+    assert diff <= NF4_MERGED_ATOL
+    if not requantize:  # as in the library: the dequantized merge adds no error beyond the base's own
+        assert diff <= 1.5 * _max_diff(qlora["nf4_base"], qlora["fp32_base"]) + 1e-3
+    assert not torch.equal(_logits(model), qlora["fp32_merged"])  # it really went through nf4
+
+
+def test_example_config_lora_merge(w, tmp_path, monkeypatch, capsys):
+    import qfinal
+
+    example = REPO / "configs" / "lora-merge.yaml"
+    monkeypatch.chdir(tmp_path)  # the example's `path: ./my-lora` is relative to the working directory
+    shutil.copytree(w["llama_lora"], tmp_path / "my-lora")
+    result = qfinal.load(w["llama"], example)
+    assert result.report.ok, result.report.failing()
+    (record,) = result.report.adapters
+    assert (record.name, record.path, record.merged, record.matched) == ("my-lora", "./my-lora", True, 12)
+    assert record.unused == [] and record.unmatched_targets == []
+    reference = PeftModel.from_pretrained(_load(w["llama"]), str(w["llama_lora"])).merge_and_unload()
+    assert not isinstance(result.model, PeftModel)
+    assert torch.equal(_logits(result.model), _logits(reference))
+    # what its comment promises: an adapter that does not fit fails the adapter_coverage check (exit 1)
+    shutil.rmtree(tmp_path / "my-lora")
+    shutil.copytree(w["gpt2_lora"], tmp_path / "my-lora")
+    code, report = _cli(capsys, "validate", w["llama"], "--config", example)
+    assert code == 1 and "adapter_coverage" in _failing_checks(report)
+    assert report["adapters"][0]["unused"] == _keys(w["gpt2_lora"])
