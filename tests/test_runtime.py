@@ -39,11 +39,45 @@ def test_training_mode_with_adapter_trains_only_the_adapter(checkpoints, tmp_pat
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_attention_implementation_is_the_one_in_use(checkpoints, attn):
+def test_attention_implementation_is_the_one_in_use(checkpoints, attn, monkeypatch):
+    """What the report says runs is what a forward pass really calls (spied on, not read back)."""
+    from transformers.models.llama import modeling_llama
+
     result = qfinal.load(checkpoints["llama_tied"], runtime={"attn_implementation": attn})
-    assert result.model.config._attn_implementation == attn
     assert result.report.extra["attn_implementation"] == attn
     assert any(f.check == "attn_implementation" and f.severity == "info" for f in result.report.findings)
+
+    calls = {"eager": 0, "sdpa": 0}
+    real_eager, real_sdpa = modeling_llama.eager_attention_forward, torch.nn.functional.scaled_dot_product_attention
+
+    def eager(*args, **kwargs):
+        calls["eager"] += 1
+        return real_eager(*args, **kwargs)
+
+    def sdpa(*args, **kwargs):
+        calls["sdpa"] += 1
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", eager)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    with torch.no_grad():
+        result.model(**builders.probe_inputs(result.model))
+    layers = result.model.config.num_hidden_layers
+    assert calls == ({"eager": layers, "sdpa": 0} if attn == "eager" else {"eager": 0, "sdpa": layers})
+
+
+def test_attention_check_reads_every_attention_module(checkpoints):
+    """A module whose config says otherwise than the model's (a sub-config left behind) is caught."""
+    import copy
+
+    from qfinal.stages.runtime import attention_in_use
+
+    model = qfinal.load(checkpoints["llama_tied"], runtime={"attn_implementation": "sdpa"}).model
+    assert attention_in_use(model) == "sdpa"
+    odd = copy.copy(model.config)
+    odd._attn_implementation = "eager"
+    model.model.layers[1].self_attn.config = odd
+    assert attention_in_use(model) == "mixed: eager (model.layers.1.self_attn), sdpa"
 
 
 def test_unavailable_attention_falls_back_with_a_finding(checkpoints):

@@ -35,8 +35,24 @@ def freeze_for_adapter_training(model) -> None:
 
 
 def attention_in_use(model) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None)
+    """The attention implementation the model's attention modules will dispatch to.
+
+    transformers picks the function per call from each attention module's own `config`, so every
+    module holding a config is read, not just the top-level one: a sub-config left on another
+    implementation shows up as "mixed: ..." (naming the odd modules) instead of passing unseen.
+    """
+    top = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    odd: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if not name.lower().endswith(("attn", "attention")):
+            continue
+        used = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if used is not None and used != top:
+            odd.setdefault(used, []).append(name)
+    if not odd:
+        return top
+    parts = [f"{impl} ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})" for impl, names in sorted(odd.items())]
+    return "mixed: " + ", ".join(parts + [str(top)])
 
 
 class Runtime(BaseStage):
