@@ -325,12 +325,25 @@ def declared_ties(model) -> list[DeclaredTie]:
     return [out[t] for t in sorted(out)]
 
 
-def same_tensor(model, target: str, source: str) -> bool | None:
-    """True when both names resolve to one storage; None when that cannot be told (offloaded)."""
+def same_tensor(model, target: str, source: str, offload_index: dict | None = None) -> bool | None:
+    """True when both names resolve to one storage; None when that cannot be told (offloaded).
+
+    With accelerate's disk `offload_index` (name -> where the hook reads the weight at forward
+    time), an offloaded half shares storage only if both names read the same bytes: the same
+    tensor of the same checkpoint file. A half on disk and the other in memory, or two offload
+    files, are two copies, whatever the Parameter objects say.
+    """
     try:
         a, b = model.get_parameter(target), model.get_parameter(source)
     except AttributeError:
         return False
+    if offload_index:
+        ea, eb = offload_index.get(target), offload_index.get(source)
+        if ea is not None or eb is not None:
+            if ea is None or eb is None:
+                return False
+            where_a = (ea.get("safetensors_file"), ea.get("weight_name"))
+            return ea is eb or (None not in where_a and where_a == (eb.get("safetensors_file"), eb.get("weight_name")))
     if a is b:
         return True
     if a.device.type == "meta" or b.device.type == "meta":
@@ -340,7 +353,8 @@ def same_tensor(model, target: str, source: str) -> bool | None:
 
 def tie_findings(ties: list[DeclaredTie], present: Callable[[str], str | None] | None, *,
                  model=None, read_tensor: Callable[[str], object] | None = None,
-                 tie_enabled: bool = True, shapes: dict | None = None) -> list[Finding]:
+                 tie_enabled: bool = True, shapes: dict | None = None,
+                 offload_index: dict | None = None) -> list[Finding]:
     """tie_audit: for each declared tie, whether the config asks for it, whether the checkpoint
     holds one key or both (and whether both are equal), and whether the finalized tensors share
     storage. One finding per tie, stating all of it.
@@ -373,7 +387,7 @@ def tie_findings(ties: list[DeclaredTie], present: Callable[[str], str | None] |
 
                 a, b = read_tensor(kt), read_tensor(ks)
                 equal = bool(a.shape == b.shape and torch.equal(a, b.to(a.dtype)))
-        shared = same_tensor(model, t, s) if model is not None else None
+        shared = same_tensor(model, t, s, offload_index) if model is not None else None
         asks = "config asks to tie" if tie.requested else "config does not ask to tie (tie_word_embeddings: false)"
         facts = f"{t} <- {s}: {asks}; checkpoint holds {holds}"
         if both and tie.requested:

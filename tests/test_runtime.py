@@ -99,6 +99,32 @@ def test_compile_gives_the_same_logits(checkpoints):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cpu", ["300KB", "50KB"], ids=["head-in-memory", "all-on-disk"])
+def test_ties_survive_offload(checkpoints, tmp_path, cpu):
+    """The tie audit runs after dispatch and reads accelerate's offload index; the offloaded model
+    computes exactly what the in-memory one does."""
+    from qfinal.checks import same_tensor
+
+    plain = qfinal.load(checkpoints["llama_tied"]).model
+    result = qfinal.load(checkpoints["llama_tied"], device_map="auto", max_memory={"cpu": cpu, "disk": "10GB"},
+                         offload_folder=str(tmp_path / "off"))
+    on_disk = result.model.lm_head.weight.device.type == "meta"
+    assert on_disk == (cpu == "50KB")
+    assert [(t.target, t.shared) for t in result.report.keys.tied] == [("lm_head.weight", True)]
+    audit = [f for f in result.report.findings if f.check == "tie_audit"]
+    assert audit and audit[0].severity == "info" and "share storage" in audit[0].message
+    inputs = builders.probe_inputs(plain)
+    with torch.no_grad():
+        assert torch.equal(result.model(**inputs).logits, plain(**inputs).logits)
+    if on_disk:  # the same Parameter object, but a second copy on disk would break the tie
+        index = dict(result.context.disk_offload_index)
+        assert same_tensor(result.model, "lm_head.weight", "model.embed_tokens.weight", index) is True
+        index["lm_head.weight"] = {**index["lm_head.weight"], "weight_name": "lm_head.weight"}
+        assert same_tensor(result.model, "lm_head.weight", "model.embed_tokens.weight", index) is False
+        del index["lm_head.weight"]
+        assert same_tensor(result.model, "lm_head.weight", "model.embed_tokens.weight", index) is False
+
+
 def test_dry_run_predicts_the_real_placement_and_bytes(checkpoints, tmp_path):
     options = dict(device_map="auto", max_memory={"cpu": "300KB", "disk": "10GB"})
     predicted = plan(checkpoints["llama_tied"], **options, offload_folder=str(tmp_path / "plan"))

@@ -11,14 +11,17 @@ from ..report import TiedKey
 from .base import BaseStage, unwrap
 
 
-def audit_ties(model) -> list[TiedKey]:
+def audit_ties(model, offload_index: dict | None = None) -> list[TiedKey]:
     """Every tie the config asks for, refused ones included (transformers drops a tie from
-    `all_tied_weights_keys` when the checkpoint holds two different tensors for it)."""
+    `all_tied_weights_keys` when the checkpoint holds two different tensors for it).
+
+    Offloaded halves share storage only if accelerate's offload index sends both names to the same
+    bytes; an offloaded pair with no index entry counts as shared only if it is one Parameter."""
     from ..checks import declared_ties, same_tensor
 
     model = unwrap(model)
-    # An offloaded pair (both on meta) counts as shared only if it is one Parameter object.
-    return [TiedKey(target=t.target, source=t.source, shared=bool(same_tensor(model, t.target, t.source)))
+    return [TiedKey(target=t.target, source=t.source,
+                    shared=bool(same_tensor(model, t.target, t.source, offload_index)))
             for t in declared_ties(model) if t.requested]
 
 
@@ -32,15 +35,17 @@ class TieWeights(BaseStage):
         else:
             _hf.adjust_keys(model, info)
         keys = ctx.report.keys
-        keys.tied = audit_ties(model)
         keys.missing = sorted(info.missing_keys)
         keys.unexpected = sorted(info.unexpected_keys)
         device_map = ctx.device_map
         hooked = ""
         if device_map is not None and (len(set(device_map.values())) > 1 or "disk" in device_map.values()):
-            _hf.accelerate_dispatch(model, ctx.hf_quantizer, device_map, ctx.config.offload_folder,
-                                    ctx.disk_offload_index, False)
+            if not getattr(model, "_qfinal_dispatched", False):  # a second run must not hook twice
+                _hf.accelerate_dispatch(model, ctx.hf_quantizer, device_map, ctx.config.offload_folder,
+                                        ctx.disk_offload_index, False)
+                model._qfinal_dispatched = True
             hooked = "; offload hooks attached"
+        keys.tied = audit_ties(model, ctx.disk_offload_index)  # after dispatch: what the forward will use
         shared = sum(t.shared for t in keys.tied)
         if not ctx.config.tie_weights:
             return Outcome("skipped by request", f"{len(keys.tied)} declared tie(s) left untied{hooked}")

@@ -65,7 +65,8 @@ class Validate(BaseStage):
         reader = checkpoint_reader(inventory, ctx.source.folder) if has_headers else None
         ties = checks.declared_ties(model)
         findings += checks.tie_findings(ties, lookup, model=model, read_tensor=reader,
-                                        tie_enabled=ctx.config.tie_weights)
+                                        tie_enabled=ctx.config.tie_weights,
+                                        offload_index=ctx.disk_offload_index)
         findings += checks.meta_findings(model, set(info.missing_keys), ties)
         if vcfg.check_nan:
             findings += checks.nan_findings(model)
