@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers as tf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import builders
 import qfinal
 import qfinal.saving as saving
 from qfinal.cli import main
+from qfinal.compare import bit_equal
 
 
 def checks_by_name(report):
@@ -95,27 +99,80 @@ def _run(argv, capsys):
     return exit_info.value.code, capsys.readouterr()
 
 
-def test_tensor_changed_after_saving_fails_the_round_trip(checkpoints, tmp_path, monkeypatch, capsys):
+def _run_json(argv, capsys):
+    """`qfinal save ... --json -`: the exit code and the report as parsed from stdout."""
+    code, captured = _run([*argv, "--json", "-"], capsys)
+    assert captured.out.strip(), (code, captured.err[-2000:])  # exit 70 prints a traceback, no report
+    return code, json.loads(captured.out)
+
+
+def errors_by_check(report: dict) -> dict:
+    out: dict = {}
+    for f in report["findings"]:
+        if f["severity"] == "error":
+            out.setdefault(f["check"], []).append(f)
+    return out
+
+
+def assert_failed_unpublished(code, report, out, check):
+    """Exit 1, `check` among the errors for both reloads, and OUT neither published nor left half-made."""
+    errors = errors_by_check(report)
+    assert code == 1
+    assert report["ok"] is False
+    assert check in errors, sorted(errors)
+    for who in ("qfinal reload", "transformers reload"):
+        assert any(f["message"].startswith(who) for f in errors[check]), (who, errors[check])
+    assert any("not published" in f["message"] for f in errors["roundtrip_saved"])
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.qfinal-tmp-*"))
+    return errors
+
+
+def _after_writing(monkeypatch, edit):
+    """Let `write_model` write the folder, then call `edit(result, folder)` before the proof runs."""
     real_write = saving.write_model
 
-    def write_then_corrupt(result, folder, max_bytes):
+    def write_then_edit(result, folder, max_bytes):
         writer = real_write(result, folder, max_bytes)
-        path = folder / "model.safetensors"
-        tensors = load_file(path)
-        tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1.0
-        save_file(tensors, path, metadata={"format": "pt"})
+        edit(result, folder)
         return writer
 
-    monkeypatch.setattr(saving, "write_model", write_then_corrupt)
+    monkeypatch.setattr(saving, "write_model", write_then_edit)
+
+
+def _edit_config(change):
+    def edit(result, folder):
+        path = folder / "config.json"
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    return edit
+
+
+def test_tensor_changed_after_saving_fails_the_round_trip(checkpoints, tmp_path, monkeypatch, capsys):
+    bump = 0.375  # exact in float32: the reported max abs difference must be exactly this
+    original = {}
+
+    def corrupt(result, folder):
+        path = folder / "model.safetensors"
+        tensors = load_file(path)
+        original["w"] = tensors["model.norm.weight"].clone()
+        tensors["model.norm.weight"][3] += bump
+        save_file(tensors, path, metadata={"format": "pt"})
+
+    _after_writing(monkeypatch, corrupt)
     out = tmp_path / "out"
-    code, captured = _run(["save", str(checkpoints["llama_untied"]), str(out), "--json", "-"], capsys)
-    assert code == 1
-    assert "model.norm.weight" in captured.out and "roundtrip_tensors" in captured.out
-    assert not out.exists()
-    assert not list(tmp_path.glob(".out.qfinal-tmp-*"))
+    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
+    errors = assert_failed_unpublished(code, report, out, "roundtrip_tensors")
+    keyed = [f for f in errors["roundtrip_tensors"] if f["key"] == "model.norm.weight"]
+    assert len(keyed) == 2  # one per reload, and no other tensor blamed
+    assert {f["key"] for f in errors["roundtrip_tensors"]} == {None, "model.norm.weight"}
+    rel = bump / original["w"].double().norm().item()
+    for f in keyed:
+        assert f"model.norm.weight: max abs diff {bump:g}, rel error {rel:.3g}" in f["message"], f["message"]
 
 
-def test_tie_broken_before_saving_fails_the_round_trip(checkpoints, tmp_path, monkeypatch):
+def test_tie_broken_before_saving_fails_the_round_trip(checkpoints, tmp_path, monkeypatch, capsys):
     real_write = saving.write_model
 
     def untie_then_write(result, folder, max_bytes):
@@ -124,10 +181,158 @@ def test_tie_broken_before_saving_fails_the_round_trip(checkpoints, tmp_path, mo
         return real_write(result, folder, max_bytes)
 
     monkeypatch.setattr(saving, "write_model", untie_then_write)
-    report = qfinal.save(checkpoints["llama_tied"], tmp_path / "out")
-    failed = {f.check for f in report.findings if f.severity == "error"}
-    assert "roundtrip_ties" in failed
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    code, report = _run_json(["save", str(checkpoints["llama_tied"]), str(out)], capsys)
+    errors = assert_failed_unpublished(code, report, out, "roundtrip_ties")
+    assert all("lm_head.weight" in f["message"] for f in errors["roundtrip_ties"])
+
+
+@pytest.mark.parametrize("options,change,field", [
+    ([], lambda c: c.update(dtype="float16"), "dtype"),
+    (["--quantize", "nf4"], lambda c: c["quantization_config"].update(bnb_4bit_compute_dtype="float16"),
+     "quantization_config"),
+], ids=["dtype", "quantization_config"])
+def test_config_changed_after_saving_fails_the_round_trip(checkpoints, tmp_path, monkeypatch, capsys,
+                                                         options, change, field):
+    _after_writing(monkeypatch, _edit_config(change))
+    out = tmp_path / "out"
+    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out), *options], capsys)
+    errors = assert_failed_unpublished(code, report, out, "roundtrip_config")
+    assert {f["key"] for f in errors["roundtrip_config"]} == {field}
+    assert all(f"config fields differ: {field}" in f["message"] for f in errors["roundtrip_config"])
+    if field == "quantization_config":  # only the compute dtype changed: the stored tensors are all exact
+        assert "roundtrip_tensors" not in errors and "roundtrip_keys" not in errors
+
+
+def test_quantization_config_not_persisted_fails_keys_and_config(checkpoints, tmp_path, monkeypatch, capsys):
+    """Without quantization_config the saved folder reloads as a float model: the packed weights do
+    not fit (qfinal reports it; plain from_pretrained refuses to load) and the quant state keys are gone."""
+    _after_writing(monkeypatch, _edit_config(lambda c: c.pop("quantization_config")))
+    out = tmp_path / "out"
+    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out), "--quantize", "nf4"], capsys)
+    errors = errors_by_check(report)
+    assert code == 1 and not out.exists() and not list(tmp_path.glob(".out.qfinal-tmp-*"))
+    assert {f["key"] for f in errors["roundtrip_config"]} == {"quantization_config"}
+    missing = {f["key"] for f in errors["roundtrip_keys"]} - {None}
+    assert "model.layers.0.self_attn.q_proj.weight.absmax" in missing
+    assert all(f["message"].startswith("qfinal reload") for f in errors["roundtrip_keys"])
+    assert any(f["message"].startswith("transformers reload: from_pretrained failed")
+               for f in errors["roundtrip_saved"])
+
+
+def test_tensor_dropped_from_saved_files_fails_the_round_trip(checkpoints, tmp_path, monkeypatch, capsys):
+    """A tensor missing from the files does not change the reloaded key set (transformers initializes
+    the parameter at random), so it is `missing_keys` and `roundtrip_tensors` that fail, not `roundtrip_keys`."""
+    dropped = "model.layers.0.mlp.up_proj.weight"
+
+    def drop(result, folder):
+        path = folder / "model.safetensors"
+        tensors = load_file(path)
+        del tensors[dropped]
+        save_file(tensors, path, metadata={"format": "pt"})
+
+    _after_writing(monkeypatch, drop)
+    out = tmp_path / "out"
+    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
+    errors = assert_failed_unpublished(code, report, out, "roundtrip_tensors")
+    assert [f["key"] for f in errors["missing_keys"]] == [dropped]
+    assert {f["key"] for f in errors["roundtrip_tensors"]} == {None, dropped}
+    assert "roundtrip_keys" not in errors
+
+
+def test_logits_changed_with_every_tensor_exact_fails_the_round_trip(checkpoints, tmp_path, monkeypatch, capsys):
+    """roundtrip_logits fails on its own when forward-relevant state is outside the state dict: the
+    rotary `inv_freq` is a non-persistent buffer, so changing it in memory after writing leaves keys,
+    tensors, ties and config equal while the logits differ."""
+    _after_writing(monkeypatch, lambda result, folder: result.model.model.rotary_emb.inv_freq.mul_(2))
+    out = tmp_path / "out"
+    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
+    errors = assert_failed_unpublished(code, report, out, "roundtrip_logits")
+    assert set(errors) == {"roundtrip_logits", "roundtrip_saved"}
+    passed = {f["check"] for f in report["findings"] if f["severity"] == "info"}
+    assert {"roundtrip_keys", "roundtrip_tensors", "roundtrip_ties", "roundtrip_config"} <= passed
+
+
+def _tensors_by_file(folder):
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            out[path.name] = {k: fh.get_tensor(k) for k in fh.keys()}
+    return out
+
+
+def _all_tensors(folder):
+    merged: dict = {}
+    for tensors in _tensors_by_file(folder).values():
+        assert not merged.keys() & tensors.keys()  # no tensor in two files
+        merged.update(tensors)
+    return merged
+
+
+def assert_sharded_as_indexed(folder):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    weight_map = index["weight_map"]
+    files = _tensors_by_file(folder)
+    assert "model.safetensors" not in files
+    assert len(files) >= 2 and set(files) == set(weight_map.values())
+    for name, tensors in files.items():
+        assert set(tensors) == {k for k, f in weight_map.items() if f == name}, name
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for tensors in files.values() for t in tensors.values())
+
+
+def assert_single_file(folder):
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (folder / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["plain", "prequantized"])
+def test_max_shard_size_shards_the_saved_folder(checkpoints, tmp_path, capsys, kind):
+    source = checkpoints["llama_untied"] if kind == "plain" else checkpoints.quantized("llama_tied", "nf4")
+    sharded = tmp_path / "sharded"
+    code, report = _run_json(["save", str(source), str(sharded), "--max-shard-size", "40KB"], capsys)
+    assert code == 0, errors_by_check(report)
+    writer = report["extra"]["save"]["writer"]
+    if kind == "plain":
+        assert writer == "save_pretrained"
+    else:
+        assert writer.startswith("qfinal writer")
+    assert_sharded_as_indexed(sharded)
+
+    single = tmp_path / "single"  # the default max shard size (2GB)
+    assert_round_trip_proven(qfinal.save(source, single), single)
+    assert_single_file(single)
+    a, b = _all_tensors(sharded), _all_tensors(single)
+    assert a.keys() == b.keys() and all(bit_equal(a[k], b[k]) for k in a)
+
+
+def _sharded_bnb_checkpoint(source, out, method):
+    model = builders.model_class_for(source).from_pretrained(
+        source, quantization_config=tf.BitsAndBytesConfig(**builders.QUANT_OPTIONS[method]))
+    out.mkdir(parents=True)
+    model.save_pretrained(out, max_shard_size="40KB")
+    return out
+
+
+@pytest.mark.parametrize("method,out_shard", [("nf4", "40KB"), ("fp4", "2GB")])
+def test_save_sharded_prequantized_checkpoint(checkpoints, tmp_path, method, out_shard):
+    source = _sharded_bnb_checkpoint(checkpoints["llama_sharded"], tmp_path / "src", method)
+    assert_sharded_as_indexed(source)
+    quant = json.loads((source / "config.json").read_text())["quantization_config"]
+    assert quant["bnb_4bit_quant_type"] == method and not quant["bnb_4bit_use_double_quant"]
+
+    out = tmp_path / "out"
+    report = qfinal.save(source, out, max_shard_size=out_shard)
+    assert_round_trip_proven(report, out)
+    assert report.extra["save"]["writer"].startswith("qfinal writer")
+    if out_shard == "2GB":
+        assert_single_file(out)
+    else:
+        assert_sharded_as_indexed(out)
+    original, saved = _all_tensors(source), _all_tensors(out)
+    assert original.keys() == saved.keys()
+    assert sum(k.endswith(f".weight.quant_state.bitsandbytes__{method}") for k in saved) == 14
+    assert [k for k in original if not bit_equal(original[k], saved[k])] == []
 
 
 def test_existing_output_needs_force(checkpoints, tmp_path, capsys):
