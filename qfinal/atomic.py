@@ -136,11 +136,15 @@ def atomic_file(path: Path, mode: str = "w") -> Iterator:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        full = _out_of_space(err)
+        if full:  # as atomic_dir does: the destination's fault, not a qfinal bug
+            raise OutputError(f"cannot write the file: {full}; any previous file is unchanged", where=str(path),
+                              hint="free some space or choose another location") from None
         raise
 
 

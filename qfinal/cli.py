@@ -124,8 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, prog_name="qfinal", standalone_mode=False)
     except QfinalError as err:
-        if debug:
-            raise
+        if debug:  # the traceback, then the same line and exit code as without --debug
+            import traceback
+
+            traceback.print_exc()
         sys.stderr.write(f"qfinal: error: {_one_line(err.line())}\n")
         sys.exit(err.exit_code)
     except exits as err:

@@ -658,10 +658,10 @@ def test_malicious_pickle_refused_with_allow_pickle(run, plain, bnb, tmp_path, c
     extra = [] if command == "dequantize" else ["--allow-pickle"]
     res = run(*argv_for(command, src, out, *extra))
     try:
-        if command == "validate":  # a refused file is a failed check, or a refusal; never a crash
-            assert res.code in (1, 2) and "Traceback" not in res.err, res.err
-            if res.code == 1:
-                assert_check_failed(res, "pickle_refused", "pytorch_model.bin")
+        if command == "validate":  # a checkpoint defect: a failed named check, exit 1, the file named
+            assert_check_failed(res, "pickle_refused", "pytorch_model.bin", "weights_only=True")
+            assert "pickle_refused" in json.loads(res.out)["extra"]["full_mode"]
+            assert not out.exists() and not no_temp_left(tmp_path)
         elif command == "dequantize":
             line = assert_refused(res, out=out, root=tmp_path)
             assert str(src) in line or "pytorch_model.bin" in line, line
@@ -669,3 +669,179 @@ def test_malicious_pickle_refused_with_allow_pickle(run, plain, bnb, tmp_path, c
             assert_refused(res, "pytorch_model.bin", out=out, root=tmp_path)
     finally:
         assert not marker.exists(), "the pickle payload ran"
+
+
+# ----------------------------------------------------------------------------- loose pickle weights
+
+
+def loose_pickle_checkpoint(source: Path, dest: Path, name: str, payload=None) -> Path:
+    """`source` with its safetensors weights replaced by a torch.save'd state dict named `name`."""
+    shutil.copytree(source, dest)
+    state = load_file(dest / SINGLE)
+    (dest / SINGLE).unlink()
+    if payload is not None:
+        state["lm_head.extra"] = payload
+    torch.save(state, dest / name)
+    return dest
+
+
+LOOSE = ["model.pt", "model.pth", "model.ckpt"]
+
+
+@pytest.mark.parametrize("name", LOOSE)
+def test_loose_pickle_refused_without_allow_pickle(run, plain, tmp_path, name):
+    src = loose_pickle_checkpoint(plain, tmp_path / "src", name)
+    line = assert_refused(run("load", src, "--quiet"), name, "--allow-pickle", "weights_only=True", root=tmp_path)
+    assert "pytorch_model.bin" not in line
+    assert_check_failed(run("validate", src, "--json", "-"), "pickle_refused", name)
+
+
+@pytest.mark.parametrize("name", LOOSE)
+def test_loose_pickle_loaded_with_allow_pickle(run, plain, tmp_path, name):
+    """--allow-pickle loads the loose file (weights_only=True): every key found, none left missing."""
+    src = loose_pickle_checkpoint(plain, tmp_path / "src", name)
+    res = run("load", src, "--allow-pickle", "--json", "-")
+    assert res.code == 0 and res.err == "", res.err
+    doc = json.loads(res.out)
+    meta_init = next(s for s in doc["stages"] if s["name"] == "meta_init")
+    assert "1 pickle file(s)" in meta_init["detail"], meta_init
+    assert doc["keys"]["missing"] == [] and doc["keys"]["unexpected"] == [] and doc["ok"] is True
+    assert not any(f["check"] == "pickle_refused" for f in doc["findings"])
+
+
+@pytest.mark.parametrize("name", LOOSE)
+def test_loose_malicious_pickle_refused_with_allow_pickle(run, plain, tmp_path, name):
+    marker = tmp_path / "marker"
+    src = loose_pickle_checkpoint(plain, tmp_path / "src", name, Payload(marker))
+    try:
+        assert_refused(run("load", src, "--quiet", "--allow-pickle"), name, "weights_only=True", root=tmp_path)
+        res = run("validate", src, "--allow-pickle", "--json", "-")
+        assert_check_failed(res, "pickle_refused", name)
+    finally:
+        assert not marker.exists(), "the pickle payload ran"
+
+
+# ----------------------------------------------------------------------------- the 100 MB header cap
+
+
+def sparse_header_over_cap(path: Path) -> int:
+    """Header length field 100 MB + 1, in a file made long enough (sparse) to hold it."""
+    from qfinal.safety import MAX_HEADER_SIZE
+
+    n = MAX_HEADER_SIZE + 1
+    with open(path, "r+b") as fh:
+        fh.write(struct.pack("<Q", n))
+        fh.truncate(8 + n + 64)
+    assert path.stat().st_size > 8 + n
+    return n
+
+
+def test_header_over_cap_refused_by_load(run, plain, tmp_path):
+    import tracemalloc
+
+    src = copy_of(plain, tmp_path)
+    n = sparse_header_over_cap(src / SINGLE)
+    tracemalloc.start()
+    try:
+        res = run("load", src, "--quiet")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_refused(res, SINGLE, f"header length {n}", "100000000-byte limit", root=tmp_path)
+    assert peak < 50_000_000, f"{peak} bytes allocated: the header was read"
+
+
+@pytest.mark.parametrize("command", ["validate", "validate-fast"])
+def test_header_over_cap_is_a_failed_check(run, plain, tmp_path, command):
+    src = copy_of(plain, tmp_path)
+    sparse_header_over_cap(src / SINGLE)
+    res = run(*argv_for(command, src, tmp_path / "out"))
+    assert_check_failed(res, "safetensors_header", SINGLE, "100000000-byte limit")
+
+
+# ----------------------------------------------------------------------------- --debug
+
+
+@pytest.mark.parametrize("how", ["plain", "flag", "env"])
+def test_debug_shows_traceback_and_keeps_exit_2(run, tmp_path, monkeypatch, how):
+    """--debug (or QFINAL_DEBUG=1) adds the traceback; the exit code and the last line stay the same."""
+    missing = tmp_path / "nope"
+    # setenv first so monkeypatch restores the variable: `--debug` sets it in os.environ.
+    monkeypatch.setenv("QFINAL_DEBUG", "1" if how == "env" else "")
+    argv = ["--debug", "load", missing] if how == "flag" else ["load", missing]
+    res = run(*argv)
+    if how == "plain":
+        assert_refused(res, str(missing), "path does not exist", root=tmp_path)
+        return
+    assert res.code == 2, res.err
+    assert "Traceback (most recent call last)" in res.err and "SourceError" in res.err, res.err
+    last = res.err.strip().splitlines()[-1]
+    assert last.startswith("qfinal: error: ") and str(missing) in last, last
+    assert res.out == ""
+
+
+# ----------------------------------------------------------------------------- trust_remote_code
+
+
+def test_trust_remote_code_off_by_default(run, plain):
+    res = run("load", plain, "--json", "-")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["trust_remote_code"] is False
+    res = run("load", plain)
+    assert res.code == 0 and "trust_remote_code" not in res.out
+
+
+def test_trust_remote_code_only_from_the_config(run, plain, tmp_path):
+    config = tmp_path / "trust.yaml"
+    config.write_text("trust_remote_code: true\n")
+    res = run("load", plain, "--config", config, "--json", "-")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["trust_remote_code"] is True
+    res = run("load", plain, "--config", config)
+    assert res.code == 0 and "trust_remote_code=ON" in res.out, res.out
+    assert_refused(run("load", plain, "--trust-remote-code"), "--trust-remote-code")  # no CLI switch
+
+
+# ----------------------------------------------------------------------------- atomic report files
+
+
+def _fail_fsync(monkeypatch, errno_: int) -> None:
+    import qfinal.atomic
+
+    def fsync(fd):
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(qfinal.atomic.os, "fsync", fsync)
+
+
+REPORT_FILES = {
+    # name: (file name, argv given the source and the file)
+    "junit": ("report.xml", lambda src, f: ["validate", src, "--fast", "--quiet", "--junit", f]),
+    "diff_html": ("diff.html", lambda src, f: ["diff", src, src, "--no-outputs", "--quiet", "--html", f]),
+    "quality_html": ("quality.html", lambda src, f: ["load", src, "--quantize", "nf4", "--quiet", "--html", f]),
+}
+
+
+@pytest.mark.parametrize("error", ["EIO", "ENOSPC"])
+@pytest.mark.parametrize("kind", sorted(REPORT_FILES))
+def test_report_file_is_written_atomically(run, plain, tmp_path, monkeypatch, kind, error):
+    """An fsync failure while writing keeps the old file and leaves no temp file beside it; a full
+    disk is the destination's fault (one line, exit 2), an I/O error stays a failure (not 0 or 1)."""
+    import errno
+
+    name, argv = REPORT_FILES[kind]
+    target = tmp_path / name
+    target.write_text("the previous report")
+    res = run(*argv(plain, target))  # control: a normal run replaces the file
+    assert res.code == 0, res.err
+    written = target.read_text()
+    assert written != "the previous report" and ("<testsuites" in written or "<html" in written.lower())
+    target.write_text("the previous report")
+    _fail_fsync(monkeypatch, getattr(errno, error))
+    res = run(*argv(plain, target))
+    if error == "ENOSPC":
+        assert_refused(res, str(target), "No space left", root=tmp_path)
+    else:
+        assert res.code not in (0, 1), res.err
+    assert target.read_text() == "the previous report"
+    assert [p.name for p in tmp_path.iterdir()] == [name]

@@ -689,3 +689,135 @@ def outside_for_props(tmp_path_factory) -> Path:
     model = two_shards(base / "model")
     (model / "link.safetensors").symlink_to(target)
     return model
+
+
+# ----------------------------------------------------------------------------- the 100 MB header cap
+
+
+def test_header_length_over_cap_is_refused_unread(tmp_path):
+    """A length field just over 100 MB, in a (sparse) file long enough to hold it, is refused on the
+    length alone: the 100 MB are never read into memory (tracemalloc sees every bytes object)."""
+    import tracemalloc
+
+    from qfinal.safety import MAX_HEADER_SIZE
+
+    path = tmp_path / "big.safetensors"
+    n = MAX_HEADER_SIZE + 1
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", n))
+        fh.truncate(8 + n + 64)  # sparse: the header fits inside the file
+    assert path.stat().st_size > 8 + n
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError) as info:
+            read_safetensors_header(path, root=tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert message.startswith("big.safetensors") and f"header length {n}" in message
+    assert f"{MAX_HEADER_SIZE}-byte limit" in message and "runs past" not in message
+    assert peak < 5_000_000, f"{peak} bytes allocated while refusing the header"
+
+
+# ----------------------------------------------------------------------------- YAML config properties
+
+import yaml  # noqa: E402
+
+from qfinal.config import RunConfig, build_config  # noqa: E402
+from qfinal.errors import ConfigError  # noqa: E402
+
+CONFIG_TEXTS = [p.read_text() for p in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))]
+TOP_KEYS = sorted({f.alias or n for n, f in RunConfig.model_fields.items()} | set(RunConfig.model_fields))
+SUB_KEYS = ["method", "double_quant", "compute_dtype", "quant_storage", "skip_modules", "int8_threshold",
+            "mode", "attn_implementation", "compile", "enabled", "warmup", "gradient_checkpointing",
+            "fail_on", "allow_missing", "allow_unexpected", "check_nan", "quality", "path", "name", "merge",
+            "scale", "cpu", "disk", "0", "cuda:0", "tpu", "methd"]
+yaml_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 2**70), st.floats(), st.text(max_size=8),
+    st.sampled_from(["nf4", "fp4", "int8", "none", "auto", "float16", "bfloat16", "float32", "float8", "cpu",
+                     "inference", "training", "sdpa", "eager", "error", "warning", "2GiB", "300KB", "lm_head",
+                     "causal-lm", "LlamaForCausalLM", "./my-lora", "re:^cls\\."]))
+yaml_values = st.recursive(
+    yaml_scalars,
+    lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.sampled_from(SUB_KEYS), c, max_size=3)),
+    max_leaves=6)
+yaml_docs = st.dictionaries(st.sampled_from(TOP_KEYS + ["quantise", "allow_pickle"]), yaml_values, max_size=4)
+YAML_BITS = [":", ": ", "-", "- ", " ", "  ", "\n", "\t", "[", "]", "{", "}", ",", "&a ", "*a", "<<: *a", "!!str ",
+             "!!python/object:os.system ", "!!binary ", "'", '"', "#", "? ", "|", ">", "%YAML 1.1", "@", "`",
+             "~", "---", "...", "1e400", "0x1F", "\x00", "\ufeff", "\x85", "\u2028", "\ud800", "é"]
+
+
+@st.composite
+def mutated_yaml(draw) -> str:
+    """A real config (configs/*.yaml or a dumped dict of plausible keys), edited a few times."""
+    text = draw(st.sampled_from(CONFIG_TEXTS) | yaml_docs.map(lambda d: yaml.safe_dump(d, allow_unicode=True)))
+    for _ in range(draw(st.integers(0, 4))):
+        op = draw(st.sampled_from(["insert", "delete", "truncate", "dup_line", "drop_line", "indent"]))
+        i = draw(st.integers(0, len(text)))
+        lines = text.splitlines(keepends=True)
+        j = draw(st.integers(0, max(len(lines) - 1, 0)))
+        if op == "insert":
+            text = text[:i] + draw(st.sampled_from(YAML_BITS) | st.text(max_size=3)) + text[i:]
+        elif op == "delete":
+            text = text[:i] + text[i + draw(st.integers(1, 6)):]
+        elif op == "truncate":
+            text = text[:i]
+        elif lines and op == "dup_line":
+            text = "".join(lines[:j + 1] + lines[j:])
+        elif lines and op == "drop_line":
+            text = "".join(lines[:j] + lines[j + 1:])
+        elif lines:
+            text = "".join(lines[:j] + [" " * draw(st.integers(1, 3)) + lines[j]] + lines[j + 1:])
+    return text
+
+
+def _assert_config_or_config_error(path: Path, blob: bytes) -> RunConfig | None:
+    """build_config gives a RunConfig or the one user-facing ConfigError naming the file; anything
+    else (RecursionError, TypeError, a pydantic error...) escapes and fails the property."""
+    path.write_bytes(blob)
+    try:
+        cfg = build_config(path)
+    except ConfigError as err:
+        assert str(path) in str(err), str(err)
+        return None
+    assert isinstance(cfg, RunConfig)
+    # Strict schema: a document that is accepted holds only known top-level keys.
+    doc = yaml.safe_load(blob.decode("utf-8")) or {}
+    assert set(doc) <= set(TOP_KEYS), sorted(doc)
+    return cfg
+
+
+YAML_PROPS = settings(max_examples=150, deadline=None,
+                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@YAML_PROPS
+@given(text=st.text(max_size=200), raw=st.none() | st.binary(max_size=80))
+def test_random_yaml_text_gives_config_or_config_error(workdir, text, raw):
+    blob = raw if raw is not None else text.encode("utf-8", "surrogatepass")
+    _assert_config_or_config_error(workdir / "random.yaml", blob)
+
+
+@YAML_PROPS
+@given(text=mutated_yaml())
+def test_mutated_yaml_config_gives_config_or_config_error(workdir, text):
+    _assert_config_or_config_error(workdir / "mutated.yaml", text.encode("utf-8", "surrogatepass"))
+
+
+def test_shipped_configs_are_valid(workdir):
+    """Control for the mutation property: unmutated, every configs/*.yaml is accepted."""
+    assert len(CONFIG_TEXTS) >= 5
+    for i, text in enumerate(CONFIG_TEXTS):
+        assert isinstance(_assert_config_or_config_error(workdir / f"shipped{i}.yaml", text.encode()), RunConfig)
+
+
+@pytest.mark.parametrize("text", ["quantize: " + "[" * 5000, "[" * 100_000, "{a: " * 3000,
+                                  "a:\n" + "".join("  " * i + "b:\n" for i in range(1, 3000))],
+                         ids=["flow_lists", "top_level_lists", "flow_maps", "block_maps"])
+def test_deeply_nested_yaml_is_a_config_error(tmp_path, text):
+    """PyYAML composes recursively: deep nesting raised RecursionError (exit 70) before the fix."""
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        build_config(path)
