@@ -97,6 +97,16 @@ _TORCH_TO_ST = {  # torch dtype name -> safetensors dtype, where one element is 
 }
 
 
+def torch_dtype_of(st_dtype: str):
+    """The torch dtype of a safetensors dtype name ("BF16" -> torch.bfloat16); ValueError if none."""
+    import torch
+
+    for name, st in _TORCH_TO_ST.items():
+        if st == st_dtype:
+            return getattr(torch, name)
+    raise ValueError(f"safetensors dtype {st_dtype} has no torch dtype")
+
+
 def safetensors_dtype(dtype) -> str:
     """The safetensors name of a torch dtype ("F16" for torch.float16); ValueError if unsupported."""
     name = str(dtype).removeprefix("torch.")
@@ -226,8 +236,21 @@ def write_safetensors_streaming(path: Path | str, entries: Iterable[tuple[str, o
                                 tensors: Iterable[tuple[str, object]],
                                 metadata: Mapping[str, str] | None = None) -> None:
     """Write `path` from `entries` (name, dtype, shape) and `tensors`, an iterable (say a generator)
-    of (name, tensor) consumed one at a time; byte-identical to `save_file` of the same tensors."""
-    with ShardWriter(path, entries, metadata) as writer:
+    of (name, tensor) consumed one at a time; byte-identical to `save_file` of the same tensors.
+
+    Each tensor's bytes are written by a helper thread while the iterable computes the next one
+    (the write releases the GIL), so at most two tensors are alive: the one being written and the
+    one being computed. Measured on the 1.1B nf4 -> fp16 bench: writing no longer adds to the
+    compute time.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ShardWriter(path, entries, metadata) as writer, ThreadPoolExecutor(1, "qfinal-writer") as pool:
+        in_flight = None
         for name, tensor in tensors:
-            writer.write(name, tensor)
-            del tensor  # before the iterable computes the next one
+            if in_flight is not None:
+                in_flight.result()  # re-raises a failed write here, in order
+            in_flight = pool.submit(writer.write, name, tensor)
+            del tensor  # the writer holds it until written
+        if in_flight is not None:
+            in_flight.result()

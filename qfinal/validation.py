@@ -75,8 +75,10 @@ def validate(source: str | Path | Source, config: RunConfig | str | Path | None 
                 run_pipeline(ctx, on_stage=on_stage)  # the Validate stage reports any problems too
                 return ctx.report
             except QfinalError as err:
-                check = getattr(err, "check", None)  # a checkpoint refusal met while loading (a bad pickle)
-                if check not in checks.HEADER_CHECKS:
+                # a checkpoint refusal met while loading (a bad pickle, inconsistent quant state):
+                # the header-only checks can still run and report it
+                check = getattr(err, "check", None)
+                if check not in checks.HEADER_CHECKS + checks.KEY_CHECKS:
                     raise
                 refused = Finding(check=check, severity="error", key=getattr(err, "key", None), message=err.line())
                 why = f"{check}: {err.what}"
@@ -89,7 +91,8 @@ def validate(source: str | Path | Source, config: RunConfig | str | Path | None 
     if cfg.adapters:
         skipped["adapter_coverage"] = "adapters are applied in the full mode only"
     _run_fast(ctx, on_stage, skipped)
-    if refused is not None:
+    if refused is not None and not any(f.check == refused.check and f.severity == "error"
+                                       for f in ctx.report.findings):  # unless fast mode said it itself
         ctx.report.findings.insert(0, refused)
     if loader_error is not None and not ctx.report.failing("error"):
         raise loader_error  # the checkpoint looks fine, so the crash is a bug: keep its traceback

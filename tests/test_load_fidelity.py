@@ -151,3 +151,38 @@ def test_switching_stages_off_is_reported(checkpoints, tmp_path):
     assert statuses["adapter_load"] == "skipped by request"
     assert result.report.adapters == [] and not hasattr(result.model, "peft_config")
     assert result.report.keys.tied and not any(t.shared for t in result.report.keys.tied)
+
+
+def test_pread_slices_are_the_files_bytes(tmp_path, monkeypatch):
+    """Quantize-on-load reads through PreadSlice: every dtype, a scalar, an empty tensor and an
+    index equal safetensors' own reads bit for bit; nothing is mapped; a truncated file is a
+    CheckpointError, not garbage."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qfinal.errors import CheckpointError
+    from qfinal.stages.checkpoint_dispatch import read_without_mmap
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"bf16": torch.randn(33, 7, generator=g).bfloat16(), "f16": torch.randn(5, generator=g).half(),
+               "f32": torch.randn(2, 3, 4, generator=g), "i64": torch.arange(-5, 5), "u8": torch.arange(200,
+               dtype=torch.uint8), "bool": torch.tensor([True, False]), "scalar": torch.tensor(1.5),
+               "empty": torch.zeros(0, 4), "nan": torch.tensor([float("nan"), -0.0, float("inf")])}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, path)
+    mapped = []
+    monkeypatch.setattr("safetensors.safe_open", lambda *a, **k: mapped.append(a) or safe_open(*a, **k))
+    with read_without_mmap([str(path)]) as state:
+        assert sorted(state) == sorted(tensors) and not mapped
+        for key, want in tensors.items():
+            got = state[key][...]
+            assert got.dtype == want.dtype and got.shape == want.shape, key
+            assert torch.equal(bits(got), bits(want)), key
+            assert state[key].get_shape() == list(want.shape)
+        assert torch.equal(state["f32"][1], tensors["f32"][1])
+    with read_without_mmap([str(path)]) as state:  # the file shrinks after its header was checked
+        with open(path, "r+b") as fh:
+            fh.truncate(path.stat().st_size - 16)
+        last = max((k for k in state if tensors[k].numel()), key=lambda k: state[k].offset)
+        with pytest.raises(CheckpointError, match="ended before"):
+            state[last][...]

@@ -345,9 +345,28 @@ def test_quant_state_disagreeing_with_config(capsys, nf4_variants, variant, key,
     assert list(bad) == ["quantization_config"], bad
     assert [f["key"] for f in bad["quantization_config"]] == [key]
     assert text in bad["quantization_config"][0]["message"]
-    if mode == "full" and variant != "says_fp4":
-        # transformers' loader crashes on such a checkpoint: the gate reports why instead (exit 1, not 70)
-        assert "the loader failed" in report["extra"]["full_mode"]
+    if mode == "full":
+        # qfinal refuses to load such a checkpoint (transformers' loader crashes on it): the gate
+        # runs the header checks instead and says why
+        assert "not possible: quantization_config" in report["extra"]["full_mode"]
+
+
+@pytest.mark.parametrize("variant, text", [
+    ("no_absmax", "model.layers.1.mlp.down_proj lacks its quant state"),
+    ("stray_state", "belong to no quantized module"),
+    ("says_fp4", "hold nf4 quant state"),
+])
+def test_load_refuses_quant_state_disagreeing_with_config(capsys, nf4_variants, variant, text, monkeypatch):
+    """One line and exit 2 from the headers, before any tensor is read (not exit 70 from the loader)."""
+    import qfinal._hf as hf
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("tensor data was read")
+
+    monkeypatch.setattr(hf, "load_checkpoint_into", no_read)
+    code, _out, err = run_cli(capsys, "load", nf4_variants[variant])
+    assert_one_line_error(code, err)
+    assert "config.json" in err and "cannot be loaded" in err and text in err
 
 
 def test_nan_in_quant_state_is_caught(capsys, nf4_variants):
