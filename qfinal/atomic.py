@@ -22,9 +22,8 @@ from .errors import OutputError
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            with open(os.path.join(dirpath, name), "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(root)
+            _fsync_file(Path(dirpath, name))
+        _fsync_dir(Path(dirpath))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -77,6 +76,38 @@ def check_output_dir(out: Path, force: bool) -> None:
                           hint="choose a writable location")
 
 
+# Background fsyncs started by `sync_early`, per temporary folder; atomic_dir waits for them.
+_EARLY_SYNCS: dict[Path, list] = {}
+_SYNC_POOL = None
+
+
+def sync_early(tmp: Path, path: Path) -> None:
+    """Start flushing `path` (a finished file, or a folder of them, inside atomic_dir's `tmp`) to
+    disk now, in a helper thread, so the flush overlaps the work still to come (the save round
+    trip, the next dequantized shard). atomic_dir waits for it before the rename and re-raises
+    its error: a failed writeback still fails the output."""
+    global _SYNC_POOL
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _SYNC_POOL is None:
+        _SYNC_POOL = ThreadPoolExecutor(1, "qfinal-fsync")
+    path = Path(path)
+    job = _fsync_tree if path.is_dir() else _fsync_file
+    _EARLY_SYNCS.setdefault(Path(tmp), []).append(_SYNC_POOL.submit(job, path))
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _wait_early_syncs(tmp: Path, *, raise_errors: bool) -> None:
+    for job in _EARLY_SYNCS.pop(tmp, []):
+        error = job.exception()
+        if error is not None and raise_errors:
+            raise error
+
+
 @contextmanager
 def atomic_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out` in one rename."""
@@ -86,7 +117,8 @@ def atomic_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
     try:
         with _sigterm_as_exception():
             yield tmp
-            _fsync_tree(tmp)
+            _wait_early_syncs(tmp, raise_errors=True)
+            _fsync_tree(tmp)  # what was not flushed early, and the folders; quick for flushed files
             if out.exists():
                 backup = tmp.with_name(tmp.name + "-old")
                 os.rename(out, backup)
@@ -96,6 +128,7 @@ def atomic_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
                 os.rename(tmp, out)
             _fsync_dir(out.resolve().parent)
     except BaseException as err:
+        _wait_early_syncs(tmp, raise_errors=False)
         shutil.rmtree(tmp, ignore_errors=True)
         full = _out_of_space(err)
         if full:

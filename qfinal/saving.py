@@ -13,7 +13,7 @@ from typing import Any
 
 from . import _hf
 from .api import Finalized, load, resolve_config
-from .atomic import atomic_dir, check_output_dir
+from .atomic import atomic_dir, check_output_dir, sync_early
 from .config import RunConfig
 from .report import Finding, Report
 from .shards import write_state_dict
@@ -197,6 +197,7 @@ def save(source: str | Path, out: str | Path, config: RunConfig | str | Path | N
         with atomic_dir(out, force=force) as tmp:
             writer = write_model(result, tmp, max_bytes)
             copied = copy_side_files(result.context.source.folder, tmp)
+            sync_early(tmp, tmp)  # flushed while the round trip is proven
             findings = prove_round_trip(result, tmp)
             report.findings.extend(findings)
             report.extra["save"] = {"out": str(out), "writer": writer, "copied": copied,
