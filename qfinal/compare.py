@@ -802,6 +802,11 @@ def bar(value: float, top: float, width: int = 40) -> str:
 
 
 def render_rich_bars(rows, console: "Console", *, title: str = "Relative error by layer", width: int = 40) -> None:
+    """Print `rich_bars_table`."""
+    console.print(rich_bars_table(rows, title=title, width=width))
+
+
+def rich_bars_table(rows, *, title: str = "Relative error by layer", width: int = 40):
     """Per-row bar chart of relative error (rows: LayerQuality or TensorDiff), bars scaled to the
     largest finite error. Rows without a rel_error are skipped."""
     from rich.table import Table
@@ -823,7 +828,7 @@ def render_rich_bars(rows, console: "Console", *, title: str = "Relative error b
             layer, mtype = parse_layer(r.name)[1], module_type_of(r.name)
         table.add_row(Text(r.name), "" if layer is None else str(layer), Text(mtype), _num(r.rel_error),
                       Text(bar(r.rel_error, top, width), style="magenta"))
-    console.print(table)
+    return table
 
 
 # -------------------------------------------------------------------------------------- helpers

@@ -151,7 +151,7 @@ def test_one_perturbed_tensor_is_named(files, capsys, tmp_path, monkeypatch):
     assert PERTURBED in out_text and "WITHIN TOLERANCES" in out_text
 
 
-def test_nf4_candidate_matches_bitsandbytes(files, checkpoints, capsys):
+def test_nf4_candidate_matches_bitsandbytes(files, checkpoints, capsys, monkeypatch):
     code, report = run_json(capsys, "diff", files["llama"], files["llama"], "--config-a", files["nf4"])
     assert code == 1  # exact equality is the default tolerance
     assert report["quantization"] == "nf4 vs none"
@@ -167,6 +167,23 @@ def test_nf4_candidate_matches_bitsandbytes(files, checkpoints, capsys):
         assert tensors[name]["max_abs"] == pytest.approx(max_abs, rel=1e-9), name
         rels.append(rel)
     assert 0.05 < min(rels) <= max(rels) < 0.15  # nf4 on Gaussian-initialized weights: about 9%
+
+    # the terminal view charts the same errors by layer, one bar per differing tensor, longest for the worst
+    from rich.console import Console
+
+    from qfinal.render.diff_view import error_chart
+
+    comparison_rows = {t["name"]: t["rel_error"] for t in tensors.values() if t["status"] != "identical"}
+    monkeypatch.setenv("COLUMNS", "160")  # names unfolded, one row per line
+    code, out, _err = run(capsys, "diff", files["llama"], files["llama"], "--config-a", files["nf4"])
+    assert code == 1 and "Relative error by layer (14 differing tensor(s))" in out
+    lines = {name: line for line in out.splitlines() for name in comparison_rows if name in line and "█" in line}
+    assert set(lines) == set(comparison_rows)
+    worst = max(comparison_rows, key=comparison_rows.get)
+    assert lines[worst].count("█") == 20  # the chart's full width is the largest error
+    by_error = sorted(comparison_rows, key=comparison_rows.get)
+    lengths = [lines[name].count("█") for name in by_error]
+    assert lengths == sorted(lengths)  # bars grow with the error
 
 
 def test_gpt2_conv1d_aligns_with_quantized_linear(files, checkpoints, capsys):

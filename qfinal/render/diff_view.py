@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
@@ -42,6 +44,25 @@ def _verdict(report: Report, comparison: Comparison) -> Text:
     return Text("WITHIN TOLERANCES", "bold green")
 
 
+CHART_ROWS = 60
+
+
+def error_chart(comparison: Comparison, rows: int = CHART_ROWS):
+    """The relative error of every differing tensor, in checkpoint (so layer) order, as bars: where
+    along the depth of the model the difference sits. Long lists keep the largest errors."""
+    from ..compare import rich_bars_table
+
+    differing = [t for t in comparison.tensors if not t.bit_identical and t.rel_error is not None]
+    shown = differing
+    if len(differing) > rows:
+        largest = sorted(differing, key=lambda t: 0.0 if math.isnan(t.rel_error) else t.rel_error, reverse=True)
+        keep = {id(t) for t in largest[:rows]}
+        shown = [t for t in differing if id(t) in keep]
+    title = "Relative error by layer (" + (f"the {rows} largest of {len(differing)}" if len(shown) < len(differing)
+                                           else f"{len(differing)} differing tensor(s)") + ")"
+    return rich_bars_table(shown, title=title, width=20)
+
+
 def build(report: Report, comparison: Comparison, tolerances: Tolerances, *, top: int = 15) -> Group:
     parts: list = []
     data = report.extra.get("diff", {})
@@ -80,6 +101,7 @@ def build(report: Report, comparison: Comparison, tolerances: Tolerances, *, top
                           _pair(t.dtype_a or "-", t.dtype_b or "-"), _num(t.max_abs), _num(t.rel_error),
                           Text("ok", "green") if ok else Text("FAIL", "bold red"))
         parts.append(table)
+        parts.append(error_chart(comparison))
     else:
         parts.append(Text(f"All {len(comparison.tensors)} tensors are bit-identical.", "green"))
 
