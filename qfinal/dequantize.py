@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from . import shards as _shards
-from .atomic import atomic_dir, check_output_dir, sync_early
+from .atomic import atomic_dir, check_output_dir
 from .errors import CheckpointError, ConfigError, OutputError, SourceError
 from .report import Finding
 from .sources import read_config_json, resolve_source
@@ -475,7 +475,6 @@ def dequantize_checkpoint(source: Path | str, out: Path, *, dtype: torch.dtype |
                 _shards.write_safetensors_streaming(
                     tmp / name, [(item.name, item.dtype, item.shape) for item in shard], computed(shard),
                     metadata={"format": "pt"})
-                sync_early(tmp, tmp / name)  # flushed while the next shard is computed
                 result.files.append(name)
             if len(shards) > 1:
                 _shards.write_index(tmp, weight_map, result.total_bytes)
