@@ -8,7 +8,7 @@ the pinned range in pyproject.toml says which releases the tests cover.
 from __future__ import annotations
 
 from transformers.integrations.accelerate import (  # noqa: F401  (re-exported)
-    _get_device_map as get_device_map,
+    _get_device_map,
     accelerate_dispatch,
     check_and_set_device_map,
 )
@@ -24,6 +24,22 @@ from transformers.core_model_loading import (  # noqa: F401  (fast validate rena
 )
 
 SUPPORTED_TRANSFORMERS = ">=5.23,<5.24"
+
+
+def get_device_map(model, device_map, max_memory, hf_quantizer):
+    """transformers' device-map inference (honouring `max_memory`); a bnb model that would spill to
+    the CPU or disk beside an accelerator, or to disk at all, is a usage error, not a crash."""
+    try:
+        return _get_device_map(model, device_map, max_memory, hf_quantizer)
+    except ValueError as err:
+        if "dispatched on the CPU or the disk" not in str(err):  # the quantizer's validate_environment
+            raise
+        from .errors import ConfigError
+
+        raise ConfigError("the bitsandbytes-quantized model does not fit and would be offloaded to disk, "
+                          "which bitsandbytes cannot run", where="max_memory",
+                          hint="raise max_memory so the model fits in memory, or load without quantization "
+                               "(offload works for unquantized models)") from None
 
 
 def init_contexts(model_class, dtype, is_quantized: bool):

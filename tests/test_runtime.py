@@ -200,20 +200,71 @@ def test_finishing_stages_are_idempotent(checkpoints, tmp_path, options):
     assert [t.model_dump() for t in ctx.report.keys.tied] == before_ties
 
 
-def test_load_dry_run_cli_reads_no_tensor_data(checkpoints, monkeypatch, capsys):
+@pytest.mark.parametrize("command", [["load", "--dry-run"], ["plan"]], ids=["load-dry-run", "plan"])
+def test_load_dry_run_cli_reads_no_tensor_data(checkpoints, monkeypatch, capsys, tmp_path, command):
+    """Every way to read tensor data is closed off: the loader, safetensors' tensor reads, qfinal's
+    pread slices, torch.load. The plan (offloading, so the device map is inferred) still comes out."""
     import json
+
+    import safetensors
+    import safetensors.torch
 
     import qfinal._hf as hf
     from qfinal.cli import main
+    from qfinal.stages.checkpoint_dispatch import PreadSlice
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run must not read tensor data")
 
+    real_open = safetensors.safe_open
+
+    class HeadersOnly:
+        def __init__(self, *args, **kwargs):
+            self._fh = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._fh.__exit__(*exc)
+
+        def __getattr__(self, name):
+            if name in ("get_tensor", "get_slice"):
+                return refuse
+            return getattr(self._fh, name)
+
     monkeypatch.setattr(hf, "load_checkpoint_into", refuse)
+    monkeypatch.setattr(safetensors, "safe_open", HeadersOnly)
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(PreadSlice, "__getitem__", refuse)
+    source = str(checkpoints["llama_untied"])
+    offload = ["--device-map", "auto", "--max-memory", "cpu=400KB,disk=10GB", "--offload-folder", str(tmp_path / "off")]
+    for extra in (offload, ["--quantize", "nf4"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command[0], source, *command[1:], "--json", "-", *extra])
+        assert exit_info.value.code == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["command"] == "plan" and data["extra"]["plan"]["bytes_per_device"]["cpu"] > 0
+        if extra is offload:
+            assert set(data["placement"].values()) == {"cpu", "disk"}
+            assert data["extra"]["plan"]["bytes_per_device"]["disk"] > 0
+            assert not (tmp_path / "off").exists()
+        else:
+            assert len(data["keys"]["converted"]) == 14
+            assert {leaf["module"] for leaf in data["extra"]["plan"]["large_unquantized"]} >= {"lm_head"}
+
+
+@pytest.mark.parametrize("command", [["load"], ["load", "--dry-run"]], ids=["load", "dry-run"])
+def test_quantized_model_that_would_offload_is_a_usage_error(checkpoints, capsys, tmp_path, command):
+    """transformers' quantizer raises ValueError when a bnb model spills to disk: one line, exit 2."""
+    from qfinal.cli import main
+
     with pytest.raises(SystemExit) as exit_info:
-        main(["load", str(checkpoints["llama_untied"]), "--dry-run", "--quantize", "nf4", "--json", "-"])
-    assert exit_info.value.code == 0
-    data = json.loads(capsys.readouterr().out)
-    assert data["command"] == "plan" and len(data["keys"]["converted"]) == 14
-    assert data["extra"]["plan"]["bytes_per_device"]["cpu"] > 0
-    assert {leaf["module"] for leaf in data["extra"]["plan"]["large_unquantized"]} >= {"lm_head"}
+        main([command[0], str(checkpoints["llama_untied"]), *command[1:], "--quantize", "nf4", "--device-map", "auto",
+              "--max-memory", "cpu=60KB,disk=10GB", "--offload-folder", str(tmp_path / "off")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert "max_memory" in line and "offloaded to disk" in line
+    assert not (tmp_path / "off").exists()

@@ -618,3 +618,29 @@ def test_adapter_on_top_keeps_the_audit_right(capsys, variants, tmp_path, merge)
     assert "share storage" in tie["message"]
     code, report = validate_json(capsys, variants["clean"], "fast", "--config", config)
     assert code == 0 and "adapter_coverage" in report["extra"]["skipped_checks"]
+
+
+def test_meta_tensors_name_each_reason():
+    """Every reason meta_tensors gives, on a hand-built module: a key missing from the checkpoint,
+    a non-persistent buffer never materialized, a tie that did not resolve, and anything else."""
+    from qfinal.checks import DeclaredTie, meta_findings
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loaded = torch.nn.Linear(2, 2)
+            self.missing = torch.nn.Linear(2, 2, device="meta")
+            self.head = torch.nn.Linear(2, 2, bias=False, device="meta")
+            self.other = torch.nn.Linear(2, 2, bias=False, device="meta")
+            self.register_buffer("freqs", torch.empty(4, device="meta"), persistent=False)
+            self.register_buffer("kept", torch.zeros(4), persistent=False)
+
+    block = Block()
+    ties = [DeclaredTie(target="head.weight", source="loaded.weight", requested=True)]
+    found = {f.key: f for f in meta_findings(block, {"missing.weight", "missing.bias"}, ties)}
+    assert set(found) == {"missing.weight", "missing.bias", "head.weight", "other.weight", "freqs"}
+    assert all(f.check == "meta_tensors" and f.severity == "error" for f in found.values())
+    assert found["missing.weight"].message == "parameter left on the meta device: the key is missing from the checkpoint"
+    assert found["freqs"].message == "buffer left on the meta device: a non-persistent buffer that was never materialized"
+    assert "a tie that did not resolve (tied to loaded.weight)" in found["head.weight"].message
+    assert "never loaded or initialized" in found["other.weight"].message
