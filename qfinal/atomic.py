@@ -84,7 +84,7 @@ _SYNC_POOL = None
 def sync_early(tmp: Path, path: Path) -> None:
     """Start flushing `path` (a finished file, or a folder of them, inside atomic_dir's `tmp`) to
     disk now, in a helper thread, so the flush overlaps the work still to come (the save round
-    trip, the next dequantized shard). atomic_dir waits for it before the rename and re-raises
+    trip's comparisons). atomic_dir waits for it before the rename and re-raises
     its error: a failed writeback still fails the output."""
     global _SYNC_POOL
     from concurrent.futures import ThreadPoolExecutor
