@@ -354,13 +354,13 @@ def test_failure_mid_write_leaves_nothing(sharded_bnb, tmp_path, monkeypatch):
     real = dq._materialize
     seen = []
 
-    def flaky(item, src, where):
+    def flaky(item, src, where, *rest):
         seen.append(item.name)
         if len(seen) == 12:
             # mid-write: output shards are already on disk in the temp folder beside OUT
             assert list(tmp_path.glob(".out.qfinal-tmp-*/model-*.safetensors"))
             raise RuntimeError("disk on fire")
-        return real(item, src, where)
+        return real(item, src, where, *rest)
 
     monkeypatch.setattr(dq, "_materialize", flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
