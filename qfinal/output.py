@@ -13,18 +13,36 @@ from typing import Iterator
 
 
 def quiet_libraries() -> None:
-    """transformers prints its own progress bars and load report; qfinal's report replaces them."""
-    import logging
-    import warnings
+    """transformers prints its own progress bars and load report; qfinal's report replaces them.
 
-    from transformers.utils import logging as hf_logging
+    Without importing transformers, which a command may never need (dequantize of a model
+    without Conv1D): until it is imported, the environment variables it reads on import say the
+    same. A TRANSFORMERS_VERBOSITY the user set is kept."""
+    import logging
+    import os
+    import sys
+    import warnings
 
     # bitsandbytes logs that an optional CPU kernel package is absent, on every 4-bit import.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+
+    verbosity_set = "TRANSFORMERS_VERBOSITY" in os.environ
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        if not verbosity_set:
+            hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        return
+    if not verbosity_set:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    if "huggingface_hub" in sys.modules:  # it read its environment already
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 class Output:
