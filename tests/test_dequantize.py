@@ -377,6 +377,73 @@ def test_conv1d_layout_comes_from_the_model_skeleton(checkpoints):
     assert conv1d == set()
 
 
+# Architectures whose layout the fast path must decide without transformers (True: provably no
+# Conv1D) or hand to the skeleton (False). Each is also checked against the skeleton below.
+FAST_PATH = {"llama": True, "mistral": True, "qwen2": True, "gemma2": True, "phi3": True,
+             "gpt_neox": True, "opt": True, "falcon": True, "bloom": True, "bert": True, "t5": True,
+             "bart": True, "gpt2": False, "openai-gpt": False, "imagegpt": False}
+
+
+def _first_class(model_type: str) -> str:
+    from transformers.models.auto import modeling_auto as ma
+
+    for mapping in (ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+                    ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES, ma.MODEL_MAPPING_NAMES):
+        if model_type in mapping:
+            return mapping[model_type]
+    raise KeyError(model_type)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAST_PATH))
+def test_conv1d_fast_path_agrees_with_the_skeleton(model_type, tmp_path):
+    """The fast path reads transformers' sources instead of building the model; whenever it says
+    "no Conv1D", the skeleton (a default-size model built on the meta device) has none."""
+    arch = _first_class(model_type)
+    config = tf.AutoConfig.for_model(model_type)
+    config.architectures = [arch]
+    config.save_pretrained(tmp_path)
+    as_saved = json.loads((tmp_path / "config.json").read_text())
+    fast = dq._plainly_without_conv1d(as_saved)
+    assert fast == FAST_PATH[model_type], (model_type, arch)
+    conv1d, shapes, _prefix = dq._conv1d_layout(tmp_path, model_type)  # no config: the skeleton
+    if fast:
+        assert conv1d == set(), (model_type, sorted(conv1d)[:3])
+        assert dq._conv1d_layout(tmp_path, model_type, as_saved) == (set(), {}, "")
+    else:
+        assert dq._conv1d_layout(tmp_path, model_type, as_saved)[1] == shapes  # built, as before
+
+
+@pytest.mark.parametrize("change", ["auto_map", "two_archs", "sub_config", "unknown_class", "no_model_type"])
+def test_conv1d_fast_path_refuses_what_it_cannot_prove(change):
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+              "quantization_config": {"quant_method": "bitsandbytes"}}
+    assert dq._plainly_without_conv1d(config)  # the quantization_config is not a sub-model
+    if change == "auto_map":
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_mine.MyModel"}
+    elif change == "two_archs":
+        config["architectures"].append("LlamaModel")
+    elif change == "sub_config":
+        config["text_config"] = {"model_type": "gpt2"}
+    elif change == "unknown_class":
+        config["architectures"] = ["GPT2LMHeadModel"]  # not defined in modeling_llama.py
+    else:
+        del config["model_type"]
+    assert not dq._plainly_without_conv1d(config)
+
+
+def test_dequantize_without_conv1d_never_imports_transformers(checkpoints, tmp_path):
+    """The point of the fast path: a Llama dequantize needs bitsandbytes, not transformers."""
+    import subprocess
+
+    src = checkpoints.quantized("llama_untied", "nf4")
+    code = ("import sys, qfinal.dequantize as dq; dq.dequantize_checkpoint(sys.argv[1], sys.argv[2]); "
+            "print('transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 # ----------------------------------------------------------------------------------------- the writer
 
 def _writer_tensors() -> dict[str, torch.Tensor]:
