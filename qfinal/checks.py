@@ -471,15 +471,39 @@ def meta_findings(model, missing: set[str], ties: list[DeclaredTie]) -> list[Fin
 
 
 
-def _all_finite(tensor) -> bool:
+_SCAN_CHUNK = 16 << 20  # bytes read from a file at a time: a multiple of every element size
+
+
+def _finite_range(values) -> bool:
+    import torch
+
+    lo, hi = torch.aminmax(values)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _all_finite(tensor, views=None, buffer: bytearray | None = None) -> bool:
     """min and max propagate NaN and reach ±Inf: two reductions and no boolean temporary, about
-    20x faster than isfinite().all() (it was most of a bf16 load's overhead over transformers)."""
+    20x faster than isfinite().all() (it was most of a bf16 load's overhead over transformers).
+
+    With `views` (a `residency.FileViews`), a tensor that is a never-written view of a mapped file
+    and not yet resident is read from the file in chunks, so the scan does not page it in (a
+    1.1B Llama's 131 MB embedding, of which a forward pass reads a few rows)."""
     import torch
 
     if tensor.numel() == 0:
         return True
-    lo, hi = torch.aminmax(tensor.detach().reshape(-1))
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    flat = tensor.detach().reshape(-1)
+    where = views.file_view(flat) if views is not None and not views.all_resident(flat) else None
+    if where is None:
+        return _finite_range(flat)
+    from .residency import read_chunks
+
+    fd, offset = where
+    nbytes = flat.numel() * flat.element_size()
+    for chunk in read_chunks(fd, offset, nbytes, buffer if buffer is not None else bytearray(_SCAN_CHUNK)):
+        if not _finite_range(torch.frombuffer(chunk, dtype=flat.dtype)):
+            return False
+    return True
 
 
 def _float_tensors(model):
@@ -513,10 +537,13 @@ def nan_findings(model) -> list[Finding]:
     """nan_inf: NaN or Inf in any floating tensor of the finalized model (bnb absmax/SCB included)."""
     import torch
 
+    from .residency import FileViews
+
     out = []
-    with torch.no_grad():
+    buffer = bytearray(_SCAN_CHUNK)
+    with torch.no_grad(), FileViews() as views:
         for name, tensor in _float_tensors(model):
-            if _all_finite(tensor):
+            if _all_finite(tensor, views, buffer):
                 continue
             nan = int(torch.isnan(tensor).sum())
             inf = int(torch.isinf(tensor).sum())

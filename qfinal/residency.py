@@ -1,0 +1,149 @@
+"""Tensors that are still their checkpoint file's bytes, and reading them without paging them in.
+
+transformers loads a safetensors shard by mapping it privately: each tensor is a view of the
+mapping, and only the pages something reads become resident (counted in the process's RSS).
+A NaN scan that reads every tensor through the mapping makes all of them resident, although the
+forward pass may never read most of a large embedding (32 tokens read 32 of its 32,000 rows).
+
+The kernel can say, page by page (/proc/self/pagemap), whether a private mapping's page was ever
+written (it then holds a private anonymous copy). A tensor none of whose pages was written holds
+exactly the file's bytes, so a scan can read them from the file, through the page cache, which is
+not the process's memory. Linux only; everywhere else (and for any tensor this cannot prove) the
+caller reads the tensor itself.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import sys
+
+_PRESENT, _SWAPPED, _FILE_PAGE = 63, 62, 61  # pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
+
+
+class FileViews:
+    """The process's file mappings, read once; `file_view(tensor)` is valid until the mappings
+    change (use one instance per scan)."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._maps: list[tuple[int, int, int, str, tuple[int, int, int]]] = []
+        self._pagemap: int | None = None
+        self._files: dict[str, int] = {}
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+                lines = fh.readlines()
+            self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+        except OSError:
+            self._pagemap = None
+            return
+        for line in lines:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 6 or not fields[5].startswith("/"):
+                continue
+            path = fields[5].rstrip("\n")
+            if path.endswith(" (deleted)") or fields[1][3] != "p":  # private mappings only
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            major, minor = (int(x, 16) for x in fields[3].split(":"))
+            self._maps.append((start, end, int(fields[2], 16), path, (major, minor, int(fields[4]))))
+        self._maps.sort()
+        self._starts = [m[0] for m in self._maps]
+
+    def close(self) -> None:
+        for fd in [self._pagemap, *self._files.values()]:
+            if fd is not None:
+                os.close(fd)
+        self._pagemap, self._files = None, {}
+
+    def __enter__(self) -> "FileViews":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def file_view(self, tensor) -> tuple[int, int] | None:
+        """(open file descriptor, offset) of `tensor`'s bytes in the file it is a never-written view
+        of; None when it is not one (or this cannot be proven)."""
+        if self._pagemap is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return None
+        nbytes = tensor.numel() * tensor.element_size()
+        ptr = tensor.data_ptr()
+        if nbytes == 0:
+            return None
+        i = bisect.bisect_right(self._starts, ptr) - 1
+        if i < 0:
+            return None
+        start, end, offset, path, identity = self._maps[i]
+        if ptr + nbytes > end or not self._never_written(ptr, nbytes):
+            return None
+        fd = self._files.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                return None
+            st = os.fstat(fd)
+            if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) != identity:
+                os.close(fd)  # the path now names another file than the one mapped: replaced
+                return None
+            self._files[path] = fd
+        return fd, offset + (ptr - start)
+
+    def _never_written(self, ptr: int, nbytes: int) -> bool:
+        import torch
+
+        first, last = ptr // self.page, (ptr + nbytes - 1) // self.page
+        count = last - first + 1
+        try:
+            raw = os.pread(self._pagemap, 8 * count, 8 * first)
+        except OSError:
+            return False
+        if len(raw) != 8 * count:
+            return False
+        entries = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+        present = entries < 0  # bit 63
+        file_page = ((entries >> _FILE_PAGE) & 1).bool()
+        swapped = ((entries >> _SWAPPED) & 1).bool()
+        written = (present & ~file_page) | swapped
+        return not bool(written.any())
+
+    def resident_pages(self, tensor) -> tuple[int, int]:
+        """(pages of `tensor` in the process's memory, pages it spans); (0, 0) when unknown."""
+        import torch
+
+        if self._pagemap is None:
+            return 0, 0
+        nbytes = max(tensor.numel() * tensor.element_size(), 1)
+        first, last = tensor.data_ptr() // self.page, (tensor.data_ptr() + nbytes - 1) // self.page
+        try:
+            raw = os.pread(self._pagemap, 8 * (last - first + 1), 8 * first)
+        except OSError:
+            return 0, 0
+        present = int((torch.frombuffer(bytearray(raw), dtype=torch.int64) < 0).sum())  # bit 63
+        return present, last - first + 1
+
+    def all_resident(self, tensor) -> bool:
+        """Every page of `tensor` is already in the process's memory (reading it there costs no RSS)."""
+        present, total = self.resident_pages(tensor)
+        return total > 0 and present == total
+
+
+def read_chunks(fd: int, offset: int, nbytes: int, buffer: bytearray):
+    """Yield memoryviews of `nbytes` at `offset` in `fd`, `len(buffer)` at a time, read into `buffer`
+    (reused: each view is valid until the next one)."""
+    view = memoryview(buffer)
+    done = 0
+    while done < nbytes:
+        want = min(len(buffer), nbytes - done)
+        filled = 0
+        while filled < want:  # a chunk is whole, so it never splits an element
+            got = os.preadv(fd, [view[filled:want]], offset + done + filled)
+            if got <= 0:
+                raise OSError(f"file ended at offset {offset + done + filled}, {nbytes - done - filled} bytes short")
+            filled += got
+        yield view[:want]
+        done += want
