@@ -471,7 +471,7 @@ def meta_findings(model, missing: set[str], ties: list[DeclaredTie]) -> list[Fin
 
 
 
-_SCAN_CHUNK = 16 << 20  # bytes read from a file at a time: a multiple of every element size
+_SCAN_CHUNK = 1 << 20  # bytes read from a file at a time: a multiple of every element size, L2-sized
 
 
 def _finite_range(values) -> bool:
