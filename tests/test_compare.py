@@ -177,6 +177,64 @@ def test_bitwise_semantics_nan_zero_and_dtype():
     assert cmp.exceeds(Tolerances(allow_dtype_change=True)) == []
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
+                                   torch.int16, torch.complex64])
+@pytest.mark.parametrize("numel", [1, 3, 8, 63, 4096])
+def test_bit_equal_sees_every_flipped_bit(dtype, numel):
+    """bit_equal compares in int64 words where the size and alignment allow: one flipped bit
+    anywhere (first, middle, last element, any bit of it) must still be seen, on any slice."""
+    from qfinal.compare import _as_words, bit_equal
+
+    g = torch.Generator().manual_seed(numel)
+    base = torch.randint(0, 256, (numel * torch.empty((), dtype=dtype).element_size(),), dtype=torch.uint8,
+                         generator=g).view(dtype)
+    for a in (base, base[1:] if numel > 1 else base):  # a slice: an odd storage offset
+        assert bit_equal(a, a.clone())
+        width = a.element_size()
+        for index in {0, a.numel() // 2, a.numel() - 1}:
+            for bit in (0, 7):
+                b = a.clone()
+                flat = b.view(torch.uint8).reshape(-1)
+                flat[index * width + width - 1] ^= 1 << bit
+                assert not bit_equal(a, b), (dtype, numel, index, bit)
+    words = _as_words(base, base.clone())
+    nbytes = numel * base.element_size()
+    if nbytes % 8 == 0 and base.element_size() < 8 and base.data_ptr() % 8 == 0:
+        assert words is not None and words[0].dtype == torch.int64  # the fast path is taken
+
+
+def test_compare_of_a_plain_model_does_not_import_bitsandbytes(tmp_path):
+    """bitsandbytes is only looked at when something imported it: a plain save round trip must
+    not pay its import (about 1.5 s)."""
+    import subprocess
+
+    code = ("import sys, torch; from qfinal.compare import compare_models; "
+            "m = torch.nn.Sequential(torch.nn.Linear(4, 4)); "
+            "c = compare_models(m, m, dequantize=False, outputs=False); "
+            "print(all(t.bit_identical for t in c.tensors), 'bitsandbytes' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]
+
+
+def test_reference_logits_are_used_as_given(tmp_path):
+    """compare_models(reference_logits=...) compares the candidate with those logits and does
+    not run the reference (save computes the original's logits once for both reloads)."""
+    from qfinal.compare import probe_batch, probe_logits
+
+    path = builders.llama(tmp_path / "llama", tied=False)
+    model = builders.model_class_for(path).from_pretrained(path).eval()
+    probe = probe_batch(model)
+    want = probe_logits(model, probe)
+    calls = []
+    real_forward = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or real_forward(*a, **k)
+    same = compare_models(model, model, dequantize=False, probe=probe, reference_logits=want)
+    assert len(calls) == 1 and same.output.logits_max_abs == 0.0
+    moved = compare_models(model, model, dequantize=False, probe=probe, reference_logits=want + 0.5)
+    assert moved.output.logits_max_abs == pytest.approx(0.5)
+
+
 # ----------------------------------------------------------------------------------- quantized
 
 

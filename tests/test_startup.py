@@ -102,3 +102,28 @@ def test_bad_option_values_exit_2_without_heavy_imports(args, tmp_path):
     assert code == 2, f"qfinal {' '.join(args)} exited {code}, want 2:\n{output[-2000:]}"
     assert "Traceback" not in output, output
     assert heavy == [], f"qfinal {' '.join(args)} imported {heavy} before rejecting an option value"
+
+
+@pytest.mark.parametrize("user_verbosity", [None, "info"])
+def test_quiet_libraries_does_not_import_transformers(user_verbosity):
+    """Silencing transformers must not import it; the variables it reads on import do the job,
+    and a verbosity the user chose is kept."""
+    code = ("import os, sys; from qfinal.output import quiet_libraries; quiet_libraries(); "
+            "from transformers.utils import logging; "
+            "print('ok', os.environ['TRANSFORMERS_VERBOSITY'], "
+            "logging.get_verbosity(), logging.is_progress_bar_enabled())")
+    probe = ("import sys; from qfinal.output import quiet_libraries; quiet_libraries(); "
+             "print('transformers' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    if user_verbosity:
+        env["TRANSFORMERS_VERBOSITY"] = user_verbosity
+    lazy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert lazy.returncode == 0, lazy.stderr
+    assert lazy.stdout.strip() == "False"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    _ok, verbosity, level, bars = done.stdout.split()
+    import logging
+
+    want = logging.INFO if user_verbosity == "info" else logging.ERROR
+    assert (verbosity, int(level), bars) == (user_verbosity or "error", want, "False")
