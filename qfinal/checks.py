@@ -533,17 +533,37 @@ def _float_tensors(model):
         yield name, tensor
 
 
+def _lookup_tables(model) -> set[int]:
+    """ids of the tensors a forward pass reads only a few rows of: embedding tables, unless a
+    non-embedding module (a tied output head) also uses them, which reads all of them."""
+    import torch
+
+    tables, used_whole = set(), set()
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False)]
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+            tables.update(id(p) for p in own)
+        else:
+            used_whole.update(id(p) for p in own)
+    return tables - used_whole
+
+
 def nan_findings(model) -> list[Finding]:
-    """nan_inf: NaN or Inf in any floating tensor of the finalized model (bnb absmax/SCB included)."""
+    """nan_inf: NaN or Inf in any floating tensor of the finalized model (bnb absmax/SCB included).
+
+    Embedding tables are read from their file when they are untouched views of it (see
+    `_all_finite`): the forward pass pages in only the rows it looks up. Every other tensor is
+    read where it is: the forward pass reads it whole anyway, and reading a file costs a copy."""
     import torch
 
     from .residency import FileViews
 
     out = []
     buffer = bytearray(_SCAN_CHUNK)
+    tables = _lookup_tables(model)
     with torch.no_grad(), FileViews() as views:
         for name, tensor in _float_tensors(model):
-            if _all_finite(tensor, views, buffer):
+            if _all_finite(tensor, views if id(tensor) in tables else None, buffer):
                 continue
             nan = int(torch.isnan(tensor).sum())
             inf = int(torch.isinf(tensor).sum())

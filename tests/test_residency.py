@@ -92,16 +92,41 @@ def test_nan_written_in_memory_is_found(tmp_path):
         assert checks._all_finite(t, views) is False
 
 
-def test_nan_findings_name_the_tensor_from_either_path(tmp_path):
-    tensors = {"from_file.weight": torch.randn(64, 64), "in_memory.weight": torch.randn(64, 64)}
-    tensors["from_file.weight"][5, 5] = float("nan")
-    loaded = mapped(tmp_path, tensors)
+def _model(loaded: dict[str, torch.Tensor], tie: bool) -> torch.nn.Module:
     model = torch.nn.Module()
-    for name in ("from_file", "in_memory"):
-        layer = torch.nn.Linear(64, 64, bias=False)
-        layer.weight = torch.nn.Parameter(loaded[f"{name}.weight"], requires_grad=False)
-        model.add_module(name, layer)
-    model.in_memory.weight.data[0, 0] = float("-inf")
+    model.embed = torch.nn.Embedding(512, 64)
+    model.embed.weight = torch.nn.Parameter(loaded["embed.weight"], requires_grad=False)
+    model.head = torch.nn.Linear(64, 512, bias=False)
+    model.head.weight = model.embed.weight if tie else torch.nn.Parameter(loaded["head.weight"],
+                                                                          requires_grad=False)
+    return model
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_nan_findings_name_the_tensor_from_either_path(tmp_path, tie):
+    tensors = {"embed.weight": torch.randn(512, 64), "head.weight": torch.randn(512, 64)}
+    tensors["embed.weight"][5, 5] = float("nan")
+    model = _model(mapped(tmp_path, tensors), tie)
+    if not tie:
+        model.head.weight.data[0, 0] = float("-inf")  # in memory only
+    assert checks._lookup_tables(model) == (set() if tie else {id(model.embed.weight)})
     findings = checks.nan_findings(model)
-    assert sorted(f.key for f in findings) == ["from_file.weight", "in_memory.weight"]
+    want = ["embed.weight"] if tie else ["embed.weight", "head.weight"]
+    assert sorted(f.key for f in findings) == want
     assert all(f.check == "nan_inf" and f.severity == "error" for f in findings)
+
+
+@linux
+@pytest.mark.parametrize("tie", [False, True])
+def test_only_an_untied_embedding_is_read_from_its_file(tmp_path, tie):
+    """An embedding table is read from the file (a forward looks up a few rows); a tied head
+    reads it whole, so then it, like every other weight, is scanned where it is."""
+    model = _model(mapped(tmp_path, {"embed.weight": torch.randn(4096, 256),
+                                     "head.weight": torch.randn(4096, 256)}), tie)
+    with FileViews() as views:
+        before = views.resident_pages(model.embed.weight)
+    assert checks.nan_findings(model) == []
+    with FileViews() as views:
+        after = views.resident_pages(model.embed.weight)
+        assert views.all_resident(model.head.weight)  # scanned in memory
+    assert (after == before) != tie and before[0] < before[1] // 2
