@@ -711,7 +711,8 @@ def _align(name: str, ta: torch.Tensor, tb: torch.Tensor, la: _Layout | None, lb
 
 def compare_models(a, b, *, dequantize: bool = True, probe: dict | None = None, outputs: bool = True,
                    dtype: torch.dtype | None = torch.float32,
-                   reference_logits: torch.Tensor | None = None) -> Comparison:
+                   reference_logits: torch.Tensor | None = None,
+                   same_file_bytes: Mapping[str, tuple] | None = None) -> Comparison:
     """Compare candidate `a` with reference `b` (models or mappings of tensors), aligned by name.
 
     `dequantize=True`: bitsandbytes weights are dequantized with bnb's functions and Conv1D weights
@@ -721,19 +722,37 @@ def compare_models(a, b, *, dequantize: bool = True, probe: dict | None = None, 
     with the smaller vocabulary) when both sides are models whose forward accepts it and `outputs`.
     `reference_logits`: `probe_logits(b, probe)` computed earlier, for a caller that compares
     several candidates with the same reference (one forward of `b` instead of one per candidate).
+    `same_file_bytes`: name -> `residency.FileViews.locate` of a tensor already proven
+    bit-identical to `b`'s; an `a` tensor at exactly that location holds the same bytes, so it
+    is identical without being read (save: the qfinal reload maps the files the transformers
+    reload was compared from).
     """
+    from .residency import FileViews
+
     ma, la = _side(a, dequantize, dtype)
     mb, lb = _side(b, dequantize, dtype)
     diffs = []
-    for name in _union(ma, mb):
-        ta = ma[name] if name in ma else None
-        tb = mb[name] if name in mb else None
-        if ta is None or tb is None:
-            diffs.append(diff_tensor(name, ta, tb))
-            continue
-        xa, xb, aligned = _align(name, ta, tb, la, lb)
-        diffs.append(diff_tensor(name, xa, xb, aligned=aligned, shape_a=tuple(ta.shape), shape_b=tuple(tb.shape)))
-        del ta, tb, xa, xb
+    views = FileViews() if same_file_bytes else None
+    try:
+        for name in _union(ma, mb):
+            ta = ma[name] if name in ma else None
+            tb = mb[name] if name in mb else None
+            if ta is None or tb is None:
+                diffs.append(diff_tensor(name, ta, tb))
+                continue
+            xa, xb, aligned = _align(name, ta, tb, la, lb)
+            known = same_file_bytes.get(name) if same_file_bytes else None
+            if (known is not None and aligned is None and xa.dtype == xb.dtype and xa.shape == xb.shape
+                    and views.locate(xa) == known):
+                sa, da = _meta(xa)
+                diffs.append(TensorDiff(name, "identical", sa, sa, da, da, True, 0.0, 0.0, None))
+            else:
+                diffs.append(diff_tensor(name, xa, xb, aligned=aligned, shape_a=tuple(ta.shape),
+                                         shape_b=tuple(tb.shape)))
+            del ta, tb, xa, xb
+    finally:
+        if views is not None:
+            views.close()
 
     output, note = None, None
     if outputs and _is_model(a) and _is_model(b):

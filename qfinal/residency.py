@@ -65,9 +65,8 @@ class FileViews:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def file_view(self, tensor) -> tuple[int, int] | None:
-        """(open file descriptor, offset) of `tensor`'s bytes in the file it is a never-written view
-        of; None when it is not one (or this cannot be proven)."""
+    def _mapping(self, tensor):
+        """(mapping, offset of the tensor in its file) for a never-written view; else None."""
         if self._pagemap is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
             return None
         nbytes = tensor.numel() * tensor.element_size()
@@ -77,9 +76,29 @@ class FileViews:
         i = bisect.bisect_right(self._starts, ptr) - 1
         if i < 0:
             return None
-        start, end, offset, path, identity = self._maps[i]
+        mapping = self._maps[i]
+        start, end, offset = mapping[:3]
         if ptr + nbytes > end or not self._never_written(ptr, nbytes):
             return None
+        return mapping, offset + (ptr - start)
+
+    def locate(self, tensor) -> tuple[tuple[int, int, int], int, int, str, tuple] | None:
+        """Where `tensor`'s bytes are, for a never-written view: (file identity (device major,
+        minor, inode), offset, byte count, dtype, shape). Two tensors with the same location hold
+        the same bytes without either being read: both are that file's bytes."""
+        found = self._mapping(tensor)
+        if found is None:
+            return None
+        (_s, _e, _o, _path, identity), offset = found
+        return identity, offset, tensor.numel() * tensor.element_size(), str(tensor.dtype), tuple(tensor.shape)
+
+    def file_view(self, tensor) -> tuple[int, int] | None:
+        """(open file descriptor, offset) of `tensor`'s bytes in the file it is a never-written view
+        of; None when it is not one (or this cannot be proven)."""
+        found = self._mapping(tensor)
+        if found is None:
+            return None
+        (_s, _e, _o, path, identity), file_offset = found
         fd = self._files.get(path)
         if fd is None:
             try:
@@ -91,7 +110,7 @@ class FileViews:
                 os.close(fd)  # the path now names another file than the one mapped: replaced
                 return None
             self._files[path] = fd
-        return fd, offset + (ptr - start)
+        return fd, file_offset
 
     def _never_written(self, ptr: int, nbytes: int) -> bool:
         import torch

@@ -108,8 +108,11 @@ def config_differences(a, b) -> list[str]:
     return [f for f in fields if da.get(f) != db.get(f)]
 
 
-def round_trip_findings(original, reloaded, who: str, reference: dict | None = None) -> list[Finding]:
-    """`reference`: the original's probe batch and logits (`original_logits`), shared by both reloads."""
+def round_trip_findings(original, reloaded, who: str, reference: dict | None = None,
+                        proven: dict[str, tuple] | None = None):
+    """(findings, comparison) of `reloaded` against `original`. `reference`: the original's probe
+    batch and logits (`original_logits`), shared by both reloads; `proven`: file locations already
+    proven equal to the original (`proven_locations`)."""
     from .compare import _vocab, compare_models
     from .stages.tie_weights import audit_ties
 
@@ -117,7 +120,7 @@ def round_trip_findings(original, reloaded, who: str, reference: dict | None = N
     if reference is None or _vocab(reloaded) != _vocab(original):
         reference = {}  # a different vocabulary needs compare_models' own probe choice
     comparison = compare_models(reloaded, original, dequantize=False, probe=reference.get("probe"),
-                                reference_logits=reference.get("logits"))
+                                reference_logits=reference.get("logits"), same_file_bytes=proven)
     for f in comparison.findings("roundtrip"):
         findings.append(f.model_copy(update={"message": f"{who} reload: {f.message}"}))
     before = [t.model_dump() for t in audit_ties(original)]
@@ -135,7 +138,25 @@ def round_trip_findings(original, reloaded, who: str, reference: dict | None = N
     else:
         findings.append(Finding(check="roundtrip_config", severity="info",
                                 message=f"{who} reload: config equal (quantization_config and dtype included)"))
-    return findings
+    return findings, comparison
+
+
+def proven_locations(reloaded, comparison) -> dict[str, tuple]:
+    """Where in the saved files lie the tensors of `reloaded` that `comparison` proved
+    bit-identical to the original: a second reload that maps the same bytes needs no second read
+    of them (on the 1.1B bench, one 2.2 GB comparison, about 0.3 s)."""
+    from .compare import raw_state_dict
+    from .residency import FileViews
+
+    identical = {t.name for t in comparison.tensors if t.bit_identical and t.aligned is None}
+    state = raw_state_dict(reloaded)
+    out = {}
+    with FileViews() as views:
+        for name in identical & set(state):
+            location = views.locate(state[name])
+            if location is not None:
+                out[name] = location
+    return out
 
 
 def reload_config(cfg: RunConfig, adapters: list[tuple[str, Path]]) -> RunConfig:
@@ -176,23 +197,28 @@ def original_logits(original) -> dict | None:
 
 
 def prove_round_trip(result: Finalized, folder: Path) -> list[Finding]:
+    """Both reloads against the original; the transformers one first, so that the qfinal reload's
+    tensors that map the very bytes it was proven on are not read again. One reload at a time."""
     original = result.model
     adapters = saved_adapters(original, folder)
     reference = original_logits(original)
-    via_qfinal = load(folder, reload_config(result.context.config, adapters), command="save (reload)")
-    findings = [f.model_copy(update={"message": f"qfinal reload: {f.message}"})
-                for f in via_qfinal.report.findings if f.severity != "info"]
-    findings += round_trip_findings(original, via_qfinal.model, "qfinal", reference)
-    del via_qfinal
+    proven: dict[str, tuple] = {}
     try:
         via_transformers = reload_with_transformers(original, folder, adapters)
     except Exception as err:  # the saved folder does not load with plain from_pretrained: not exact
         reason = " ".join(str(err).split())
-        findings.append(Finding(check="roundtrip_saved", severity="error", message=(
-            f"transformers reload: from_pretrained failed: {type(err).__name__}: {reason}")))
-        return findings
-    findings += round_trip_findings(original, via_transformers, "transformers", reference)
-    return findings
+        transformers_findings = [Finding(check="roundtrip_saved", severity="error", message=(
+            f"transformers reload: from_pretrained failed: {type(err).__name__}: {reason}"))]
+    else:
+        transformers_findings, comparison = round_trip_findings(original, via_transformers, "transformers",
+                                                        reference, None)
+        proven = proven_locations(via_transformers, comparison)
+        del via_transformers, comparison
+    via_qfinal = load(folder, reload_config(result.context.config, adapters), command="save (reload)")
+    findings = [f.model_copy(update={"message": f"qfinal reload: {f.message}"})
+                for f in via_qfinal.report.findings if f.severity != "info"]
+    findings += round_trip_findings(original, via_qfinal.model, "qfinal", reference, proven)[0]
+    return findings + transformers_findings
 
 
 def save(source: str | Path, out: str | Path, config: RunConfig | str | Path | None = None, *,

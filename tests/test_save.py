@@ -389,3 +389,72 @@ def test_save_with_merged_adapter_bakes_it_into_the_weights(checkpoints, lora, t
     saved = tf.LlamaForCausalLM.from_pretrained(out)
     for key, value in merged.state_dict().items():
         assert torch.equal(saved.state_dict()[key], value), key
+
+
+# ------------------------------------------------ the qfinal reload's tensors proven by location
+
+def _count_tensor_reads(monkeypatch):
+    """Names compared by reading both tensors (compare.diff_tensor), per call of compare_models."""
+    import qfinal.compare as compare
+
+    reads: list[str] = []
+    real = compare.diff_tensor
+    monkeypatch.setattr(compare, "diff_tensor", lambda name, *a, **k: reads.append(name) or real(name, *a, **k))
+    return reads
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/pagemap")
+def test_qfinal_reload_tensors_mapping_the_proven_bytes_are_not_read_again(checkpoints, tmp_path, monkeypatch):
+    reads = _count_tensor_reads(monkeypatch)
+    report = qfinal.save(checkpoints["llama_untied"], tmp_path / "out")
+    assert_round_trip_proven(report, tmp_path / "out")
+    saved = set(load_file(tmp_path / "out" / "model.safetensors"))
+    # every saved tensor read once (the transformers reload); the qfinal reload reads only what
+    # does not map the saved bytes (non-persistent-free Llama: nothing)
+    assert sorted(reads) == sorted(saved)
+    qfinal_msgs = [f.message for f in report.findings if f.check == "roundtrip_tensors"
+                   and f.message.startswith("qfinal reload")]
+    assert qfinal_msgs and all("identical" in m or "bit" in m for m in qfinal_msgs), qfinal_msgs
+
+
+def test_qfinal_reload_tensor_changed_in_memory_is_still_caught(checkpoints, tmp_path, monkeypatch, capsys):
+    """A qfinal-reload tensor with a private (written) page is not the file's bytes any more: it is
+    read and compared, and the difference is reported for the qfinal reload only."""
+    real_load = saving.load
+
+    def load_then_edit(*args, **kwargs):
+        result = real_load(*args, **kwargs)
+        if kwargs.get("command") == "save (reload)":
+            result.model.model.norm.weight.data[1] += 0.5
+        return result
+
+    monkeypatch.setattr(saving, "load", load_then_edit)
+    out = tmp_path / "out"
+    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
+    assert code == 1 and not out.exists()
+    errors = errors_by_check(report)
+    keyed = [f for f in errors["roundtrip_tensors"] if f["key"] == "model.norm.weight"]
+    assert [f["message"].split(":")[0] for f in keyed] == ["qfinal reload"]
+    assert "max abs diff 0.5" in keyed[0]["message"]
+
+
+def test_saved_file_replaced_between_reloads_is_still_caught(checkpoints, tmp_path, monkeypatch, capsys):
+    """The qfinal reload maps a rewritten file (another inode): no location matches the proven
+    ones, so every tensor is read and the change is found."""
+    real_load = saving.load
+
+    def rewrite_then_load(*args, **kwargs):
+        if kwargs.get("command") == "save (reload)":
+            path = args[0] / "model.safetensors"
+            tensors = load_file(path)
+            tensors["model.norm.weight"][2] += 0.25
+            save_file(tensors, str(path) + ".new", metadata={"format": "pt"})
+            __import__("os").replace(str(path) + ".new", path)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(saving, "load", rewrite_then_load)
+    out = tmp_path / "out"
+    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
+    assert code == 1 and not out.exists()
+    keyed = [f for f in errors_by_check(report)["roundtrip_tensors"] if f["key"] == "model.norm.weight"]
+    assert [f["message"].split(":")[0] for f in keyed] == ["qfinal reload"]
