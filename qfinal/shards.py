@@ -13,6 +13,7 @@ first, padded with spaces to a multiple of 8 bytes, after its little-endian u64 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -162,6 +163,105 @@ def safetensors_layout(entries: Iterable[tuple[str, object, Sequence[int]]],
     return struct.pack("<Q", len(raw)) + raw, layout
 
 
+class PositionalFile:
+    """A new file written by offset, in any order, as fast as the disk allows.
+
+    Where the filesystem supports it, whole 4 KiB blocks go through O_DIRECT from a page-aligned
+    staging buffer, written by a helper thread while the caller computes the next tensor; the
+    few bytes at each end of a write that do not fill a block go through the page cache. On the
+    2-vCPU machine, 2.1 GB buffered + fsync took 4.0 s (2.9 s of it kernel CPU, which competes
+    with the arithmetic); O_DIRECT took 1.5 s (0.3 s CPU). A block is only ever written one way,
+    so the two paths never overlap; `close` waits for every write, and the caller's fsync then
+    makes the whole file durable (atomic_dir does). No O_DIRECT (tmpfs, other systems): buffered.
+    """
+
+    BLOCK = 4096
+    CHUNK = 8 << 20  # bytes per direct write; two staging buffers of this size
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._direct: int | None = None
+        direct_flag = getattr(os, "O_DIRECT", 0)
+        if direct_flag:
+            try:
+                self._direct = os.open(self.path, os.O_WRONLY | direct_flag)
+            except OSError:  # EINVAL: this filesystem has no direct I/O
+                self._direct = None
+        self._pool = None
+        self._free: list = []
+        self._inflight: list = []  # (future, buffer)
+
+    @property
+    def direct(self) -> bool:
+        return self._direct is not None
+
+    def _pwrite_all(self, fd: int, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+
+    def _direct_job(self, buffer, n: int, offset: int) -> None:
+        try:
+            self._pwrite_all(self._direct, memoryview(buffer)[:n], offset)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            self._pwrite_all(self._fd, memoryview(buffer)[:n], offset)  # refused after all: buffered
+
+    def _staging(self):
+        import mmap
+
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, "qfinal-direct-write")
+            self._free = [mmap.mmap(-1, self.CHUNK) for _ in range(2)]  # page-aligned
+        while not self._free:
+            future, buffer = self._inflight.pop(0)
+            future.result()  # re-raises the write's error (ENOSPC...)
+            self._free.append(buffer)
+        return self._free.pop()
+
+    def write(self, offset: int, data) -> None:
+        """Put `data` (a buffer) at `offset`; ranges of different calls must not overlap."""
+        view = memoryview(data).cast("B")
+        end = offset + len(view)
+        first = -(-offset // self.BLOCK) * self.BLOCK  # whole blocks: [first, last)
+        last = end // self.BLOCK * self.BLOCK
+        if self._direct is None or last - first < self.BLOCK:
+            self._pwrite_all(self._fd, view, offset)
+            return
+        self._pwrite_all(self._fd, view[: first - offset], offset)
+        self._pwrite_all(self._fd, view[last - offset:], last)
+        for start in range(first, last, self.CHUNK):
+            n = min(self.CHUNK, last - start)
+            buffer = self._staging()
+            buffer[:n] = view[start - offset: start - offset + n]
+            self._inflight.append((self._pool.submit(self._direct_job, buffer, n, start), buffer))
+
+    def close(self, *, wait_errors: bool = True) -> None:
+        """Wait for every write (re-raising the first error unless `wait_errors` is False), close."""
+        error = None
+        for future, buffer in self._inflight:
+            exc = future.exception()
+            error = error or exc
+            buffer.close()
+        for buffer in self._free:
+            buffer.close()
+        self._inflight, self._free = [], []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for fd in (self._direct, self._fd):
+            if fd is not None:
+                os.close(fd)
+        self._direct = self._fd = None
+        if error is not None and wait_errors:
+            raise error
+
+
 class ShardWriter:
     """One safetensors file, written a tensor at a time: only the tensor being written is in memory.
 
@@ -180,11 +280,11 @@ class ShardWriter:
         self._base = len(header)
         self.size = self._base + max((end for *_x, end in self.layout.values()), default=0)
         self._pending = set(self.layout)
-        self._fh = open(self.path, "wb")
+        self._file = PositionalFile(self.path)
         try:
-            self._fh.write(header)
+            self._file.write(0, header)
         except BaseException:
-            self._fh.close()
+            self._file.close(wait_errors=False)
             raise
 
     def write(self, name: str, tensor) -> None:
@@ -205,15 +305,15 @@ class ShardWriter:
         if data.numel():
             data = data.view(torch.uint8).numpy()
             assert data.nbytes == end - start
-            self._fh.seek(self._base + start)
-            self._fh.write(memoryview(data))
+            self._file.write(self._base + start, memoryview(data))
         self._pending.discard(name)
 
     def close(self) -> None:
         """Close the file; ValueError if an entry was never written (the file is then incomplete)."""
-        if self._fh.closed:
+        if self._file is None:
             return
-        self._fh.close()
+        file, self._file = self._file, None
+        file.close()
         if self._pending:
             missing = sorted(self._pending)
             raise ValueError(f"{self.path.name}: {len(missing)} planned tensor(s) never written, "
@@ -228,8 +328,9 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:
-            self._fh.close()
+        elif self._file is not None:
+            file, self._file = self._file, None
+            file.close(wait_errors=False)
 
 
 def write_safetensors_streaming(path: Path | str, entries: Iterable[tuple[str, object, Sequence[int]]],

@@ -732,3 +732,107 @@ def test_cli_load_dequantize_report(checkpoints, capsys):
     assert stages["postprocess"]["status"] == "ran"
     assert "dequantized to float16" in stages["postprocess"]["detail"]
     assert "8 Conv1D layout(s) restored" in stages["postprocess"]["detail"]  # 2 layers x 4 Conv1D
+
+
+# ------------------------------------------------------------- PositionalFile (O_DIRECT + buffered)
+
+def _no_direct(monkeypatch):
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_positional_file_any_order_any_alignment(tmp_path, monkeypatch, direct):
+    """Disjoint ranges of every size class (inside one block, across a boundary, many blocks,
+    more than one staging chunk) written in random order give exactly the intended bytes."""
+    import random
+
+    from qfinal.shards import PositionalFile
+
+    if not direct:
+        _no_direct(monkeypatch)
+    monkeypatch.setattr(PositionalFile, "CHUNK", 3 * 4096)  # several chunks: staging buffers reused
+    rng = random.Random(7)
+    sizes = [1, 7, 4095, 4096, 4097, 3 * 4096, 3 * 4096 + 5, 50_000, 123_457, 2, 8191]
+    ranges, pos = [], 13  # an unaligned start
+    for n in sizes * 3:
+        ranges.append((pos, bytes(rng.getrandbits(8) for _ in range(n))))
+        pos += n
+    want = bytearray(pos)
+    for off, data in ranges:
+        want[off:off + len(data)] = data
+    want[:13] = b"H" * 13
+    rng.shuffle(ranges)
+    f = PositionalFile(tmp_path / "x.bin")
+    if not direct:
+        assert not f.direct
+    f.write(0, b"H" * 13)
+    for off, data in ranges:
+        f.write(off, data)
+    f.close()
+    assert (tmp_path / "x.bin").read_bytes() == bytes(want)
+
+
+def test_positional_file_direct_write_error_is_raised(tmp_path, monkeypatch):
+    """A failed direct write (the disk is full) fails the file: at the next write or at close."""
+    import errno
+
+    from qfinal.shards import PositionalFile
+
+    f = PositionalFile(tmp_path / "x.bin")
+    if not f.direct:
+        f.close()
+        pytest.skip("no O_DIRECT on this filesystem")
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(f, "_direct_job", full)
+    f.write(0, bytes(5 * 4096))
+    with pytest.raises(OSError) as err:
+        f.write(5 * 4096, bytes(PositionalFile.CHUNK * 3))  # waits for a staging buffer
+        f.close()
+    assert err.value.errno == errno.ENOSPC
+    f.close(wait_errors=False)
+
+
+def test_positional_file_falls_back_when_direct_io_is_refused(tmp_path, monkeypatch):
+    """A filesystem that opens O_DIRECT but refuses the write (EINVAL): the block goes buffered."""
+    import errno
+
+    from qfinal.shards import PositionalFile
+
+    f = PositionalFile(tmp_path / "x.bin")
+    if not f.direct:
+        f.close()
+        pytest.skip("no O_DIRECT on this filesystem")
+    real = os.pwrite
+
+    def refuse_direct(fd, data, offset):
+        if fd == f._direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refuse_direct)
+    payload = bytes(range(256)) * 100  # 25,600 bytes: whole blocks plus a tail
+    f.write(100, payload)
+    f.write(0, b"x" * 100)
+    f.close()
+    assert (tmp_path / "x.bin").read_bytes() == b"x" * 100 + payload
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_streaming_writer_large_tensors_match_save_file(tmp_path, monkeypatch, direct):
+    """Tensors of many blocks at unaligned offsets, through the direct path (and without it)."""
+    from safetensors.torch import save_file
+
+    from qfinal.shards import write_safetensors_streaming
+
+    if not direct:
+        _no_direct(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"w{i}": torch.randn(257 + i, 129, generator=g).to(torch.float16) for i in range(5)}
+    tensors["tail"] = torch.randn(3, generator=g)
+    save_file(tensors, tmp_path / "want", metadata={"format": "pt"})
+    write_safetensors_streaming(tmp_path / "got", _entries(tensors), reversed(list(tensors.items())),
+                                metadata={"format": "pt"})
+    assert (tmp_path / "got").read_bytes() == (tmp_path / "want").read_bytes()
