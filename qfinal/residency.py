@@ -112,38 +112,40 @@ class FileViews:
             self._files[path] = fd
         return fd, file_offset
 
-    def _never_written(self, ptr: int, nbytes: int) -> bool:
+    def _entries(self, ptr: int, nbytes: int):
+        """The pagemap entries (int64) of the pages spanning [ptr, ptr + nbytes); None if unreadable."""
         import torch
 
-        first, last = ptr // self.page, (ptr + nbytes - 1) // self.page
+        first, last = ptr // self.page, (ptr + max(nbytes, 1) - 1) // self.page
         count = last - first + 1
         try:
             raw = os.pread(self._pagemap, 8 * count, 8 * first)
         except OSError:
-            return False
+            return None
         if len(raw) != 8 * count:
+            return None
+        return torch.frombuffer(bytearray(raw), dtype=torch.int64)
+
+    @staticmethod
+    def _bit(entries, bit: int):
+        return ((entries >> bit) & 1).bool()  # bit 63 included: >> on int64 keeps the sign, & 1 drops it
+
+    def _never_written(self, ptr: int, nbytes: int) -> bool:
+        entries = self._entries(ptr, nbytes)
+        if entries is None:
             return False
-        entries = torch.frombuffer(bytearray(raw), dtype=torch.int64)
-        present = entries < 0  # bit 63
-        file_page = ((entries >> _FILE_PAGE) & 1).bool()
-        swapped = ((entries >> _SWAPPED) & 1).bool()
-        written = (present & ~file_page) | swapped
+        present, file_page = self._bit(entries, _PRESENT), self._bit(entries, _FILE_PAGE)
+        written = (present & ~file_page) | self._bit(entries, _SWAPPED)  # a private copy, in memory or swap
         return not bool(written.any())
 
     def resident_pages(self, tensor) -> tuple[int, int]:
         """(pages of `tensor` in the process's memory, pages it spans); (0, 0) when unknown."""
-        import torch
-
         if self._pagemap is None:
             return 0, 0
-        nbytes = max(tensor.numel() * tensor.element_size(), 1)
-        first, last = tensor.data_ptr() // self.page, (tensor.data_ptr() + nbytes - 1) // self.page
-        try:
-            raw = os.pread(self._pagemap, 8 * (last - first + 1), 8 * first)
-        except OSError:
+        entries = self._entries(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+        if entries is None:
             return 0, 0
-        present = int((torch.frombuffer(bytearray(raw), dtype=torch.int64) < 0).sum())  # bit 63
-        return present, last - first + 1
+        return int(self._bit(entries, _PRESENT).sum()), entries.numel()
 
     def all_resident(self, tensor) -> bool:
         """Every page of `tensor` is already in the process's memory (reading it there costs no RSS)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import struct
 import sys
@@ -175,7 +176,7 @@ class PositionalFile:
     makes the whole file durable (atomic_dir does). No O_DIRECT (tmpfs, other systems): buffered.
     """
 
-    BLOCK = 4096
+    BLOCK = max(4096, mmap.PAGESIZE)  # never share a memory page between the two paths
     CHUNK = 8 << 20  # bytes per direct write; two staging buffers of this size
 
     def __init__(self, path: Path | str):
@@ -211,8 +212,6 @@ class PositionalFile:
             self._pwrite_all(self._fd, memoryview(buffer)[:n], offset)  # refused after all: buffered
 
     def _staging(self):
-        import mmap
-
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -220,8 +219,8 @@ class PositionalFile:
             self._free = [mmap.mmap(-1, self.CHUNK) for _ in range(2)]  # page-aligned
         while not self._free:
             future, buffer = self._inflight.pop(0)
-            future.result()  # re-raises the write's error (ENOSPC...)
             self._free.append(buffer)
+            future.result()  # re-raises the write's error (ENOSPC...)
         return self._free.pop()
 
     def write(self, offset: int, data) -> None:
