@@ -493,7 +493,7 @@ def _all_finite(tensor, views=None, buffer: bytearray | None = None) -> bool:
     if tensor.numel() == 0:
         return True
     flat = tensor.detach().reshape(-1)
-    where = views.file_view(flat) if views is not None and not views.all_resident(flat) else None
+    where = views.file_view(flat, unless_resident=True) if views is not None else None
     if where is None:
         return _finite_range(flat)
     from .residency import read_chunks

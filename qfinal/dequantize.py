@@ -24,6 +24,7 @@ files instead, streaming:
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections import OrderedDict
@@ -290,10 +291,7 @@ class _Item:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _plan(src: _Source, dtype: torch.dtype, method: str, conv1d, shapes, prefix: str,
@@ -413,10 +411,7 @@ class _Scratch:
         self._bytes: torch.Tensor | None = None
 
     def take(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if self._bytes is None or self._bytes.numel() < nbytes:
             self._bytes = None  # free the smaller buffer before allocating the larger one
             self._bytes = torch.empty(max(nbytes, 1), dtype=torch.uint8)

@@ -65,8 +65,9 @@ class FileViews:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _mapping(self, tensor):
-        """(mapping, offset of the tensor in its file) for a never-written view; else None."""
+    def _mapping(self, tensor, *, unless_resident: bool = False):
+        """(mapping, offset of the tensor in its file) for a never-written view; else None (also
+        when `unless_resident` and every page is already in memory). One pagemap read."""
         if self._pagemap is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
             return None
         nbytes = tensor.numel() * tensor.element_size()
@@ -78,7 +79,12 @@ class FileViews:
             return None
         mapping = self._maps[i]
         start, end, offset = mapping[:3]
-        if ptr + nbytes > end or not self._never_written(ptr, nbytes):
+        if ptr + nbytes > end:
+            return None
+        entries = self._entries(ptr, nbytes)
+        if entries is None or not self._never_written(entries):
+            return None
+        if unless_resident and bool(self._bit(entries, _PRESENT).all()):
             return None
         return mapping, offset + (ptr - start)
 
@@ -92,10 +98,11 @@ class FileViews:
         (_s, _e, _o, _path, identity), offset = found
         return identity, offset, tensor.numel() * tensor.element_size(), str(tensor.dtype), tuple(tensor.shape)
 
-    def file_view(self, tensor) -> tuple[int, int] | None:
+    def file_view(self, tensor, *, unless_resident: bool = False) -> tuple[int, int] | None:
         """(open file descriptor, offset) of `tensor`'s bytes in the file it is a never-written view
-        of; None when it is not one (or this cannot be proven)."""
-        found = self._mapping(tensor)
+        of; None when it is not one (or this cannot be proven), and with `unless_resident` when
+        every page of it is in memory already (reading it there then costs no RSS)."""
+        found = self._mapping(tensor, unless_resident=unless_resident)
         if found is None:
             return None
         (_s, _e, _o, path, identity), file_offset = found
@@ -130,10 +137,7 @@ class FileViews:
     def _bit(entries, bit: int):
         return ((entries >> bit) & 1).bool()  # bit 63 included: >> on int64 keeps the sign, & 1 drops it
 
-    def _never_written(self, ptr: int, nbytes: int) -> bool:
-        entries = self._entries(ptr, nbytes)
-        if entries is None:
-            return False
+    def _never_written(self, entries) -> bool:
         present, file_page = self._bit(entries, _PRESENT), self._bit(entries, _FILE_PAGE)
         written = (present & ~file_page) | self._bit(entries, _SWAPPED)  # a private copy, in memory or swap
         return not bool(written.any())
