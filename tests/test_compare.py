@@ -192,14 +192,14 @@ def test_bit_equal_sees_every_flipped_bit(dtype, numel):
         assert bit_equal(a, a.clone())
         width = a.element_size()
         for index in {0, a.numel() // 2, a.numel() - 1}:
-            for bit in (0, 7):
-                b = a.clone()
-                flat = b.view(torch.uint8).reshape(-1)
-                flat[index * width + width - 1] ^= 1 << bit
-                assert not bit_equal(a, b), (dtype, numel, index, bit)
-    words = _as_words(base, base.clone())
-    nbytes = numel * base.element_size()
-    if nbytes % 8 == 0 and base.element_size() < 8 and base.data_ptr() % 8 == 0:
+            for byte in range(width):
+                for bit in range(8):
+                    b = a.clone()
+                    flat = b.view(torch.uint8).reshape(-1)
+                    flat[index * width + byte] ^= 1 << bit
+                    assert not bit_equal(a, b), (dtype, numel, index, byte, bit)
+    if numel in (8, 4096) and base.element_size() < 8:  # sizes that divide into words
+        words = _as_words(base, base.clone())  # a fresh tensor's storage is 64-byte aligned
         assert words is not None and words[0].dtype == torch.int64  # the fast path is taken
 
 

@@ -169,10 +169,6 @@ def test_nf4_candidate_matches_bitsandbytes(files, checkpoints, capsys, monkeypa
     assert 0.05 < min(rels) <= max(rels) < 0.15  # nf4 on Gaussian-initialized weights: about 9%
 
     # the terminal view charts the same errors by layer, one bar per differing tensor, longest for the worst
-    from rich.console import Console
-
-    from qfinal.render.diff_view import error_chart
-
     comparison_rows = {t["name"]: t["rel_error"] for t in tensors.values() if t["status"] != "identical"}
     monkeypatch.setenv("COLUMNS", "160")  # names unfolded, one row per line
     code, out, _err = run(capsys, "diff", files["llama"], files["llama"], "--config-a", files["nf4"])
@@ -184,6 +180,9 @@ def test_nf4_candidate_matches_bitsandbytes(files, checkpoints, capsys, monkeypa
     by_error = sorted(comparison_rows, key=comparison_rows.get)
     lengths = [lines[name].count("█") for name in by_error]
     assert lengths == sorted(lengths)  # bars grow with the error
+    top = comparison_rows[worst]
+    for name, line in lines.items():  # ... in proportion to it (rounded to whole cells)
+        assert abs(line.count("█") - 20 * comparison_rows[name] / top) <= 1, (name, line)
 
 
 def test_gpt2_conv1d_aligns_with_quantized_linear(files, checkpoints, capsys):

@@ -234,7 +234,12 @@ def test_load_dry_run_cli_reads_no_tensor_data(checkpoints, monkeypatch, capsys,
             return getattr(self._fh, name)
 
     monkeypatch.setattr(hf, "load_checkpoint_into", refuse)
+    import transformers.modeling_utils as modeling_utils
+
     monkeypatch.setattr(safetensors, "safe_open", HeadersOnly)
+    monkeypatch.setattr(modeling_utils, "safe_open", HeadersOnly)  # imported by name there
+    monkeypatch.setattr(modeling_utils, "_safe_load_bytes", refuse)
+    monkeypatch.setattr(modeling_utils, "load_state_dict", refuse)
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr(PreadSlice, "__getitem__", refuse)
