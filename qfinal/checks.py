@@ -548,9 +548,11 @@ def _lookup_tables(model) -> set[int]:
     return tables - used_whole
 
 
-def nan_findings(model) -> list[Finding]:
+def nan_findings(model, prescan=None) -> list[Finding]:
     """nan_inf: NaN or Inf in any floating tensor of the finalized model (bnb absmax/SCB included).
 
+    With `prescan` (a `prescan.Prescan` that read the checkpoint files while torch was imported),
+    a tensor proven a never-written view of a file span it found clean is not read again.
     Embedding tables are read from their file when they are untouched views of it (see
     `_all_finite`): the forward pass pages in only the rows it looks up. Every other tensor is
     read where it is: the forward pass reads it whole anyway, and reading a file costs a copy."""
@@ -561,8 +563,14 @@ def nan_findings(model) -> list[Finding]:
     out = []
     buffer = bytearray(_SCAN_CHUNK)
     tables = _lookup_tables(model)
+    if prescan is not None:
+        prescan.stop()
     with torch.no_grad(), FileViews() as views:
         for name, tensor in _float_tensors(model):
+            if prescan is not None:
+                where = views.locate(tensor)
+                if where is not None and prescan.clean(where):
+                    continue
             if _all_finite(tensor, views if id(tensor) in tables else None, buffer):
                 continue
             nan = int(torch.isnan(tensor).sum())

@@ -54,6 +54,7 @@ class Context:
     disk_offload_index: Any = None
     original_classes: dict[str, str] = field(default_factory=dict)
     dequantized: bool = False  # postprocess (or a merge) turned the bnb modules back into plain ones
+    prescan: Any = None  # prescan.Prescan: the NaN scan of the files, running while torch imports
     scratch: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,14 +74,29 @@ def default_stages() -> list[Stage]:
 
 def run_pipeline(ctx: Context, stages: list[Stage] | None = None,
                  on_stage: Callable[[str], None] | None = None) -> Context:
-    stages = stages if stages is not None else default_stages()
-    names = [s.name for s in stages]
-    stop_after = ctx.config.stop_after
-    if stop_after is not None and stop_after not in names:
-        raise ConfigError(f"unknown stage {stop_after!r}", where="stop_after",
-                          hint="one of: " + ", ".join(names))
-    for stage in stages:
-        stage.check(ctx.config)
+    if ctx.prescan is None and (stages is None or any(s.name == "validate" for s in stages)):
+        from .prescan import start_for
+
+        ctx.prescan = start_for(ctx)  # first: it reads the files while the stages import torch
+    try:
+        stages = stages if stages is not None else default_stages()
+        names = [s.name for s in stages]
+        stop_after = ctx.config.stop_after
+        if stop_after is not None and stop_after not in names:
+            raise ConfigError(f"unknown stage {stop_after!r}", where="stop_after",
+                              hint="one of: " + ", ".join(names))
+        for stage in stages:
+            stage.check(ctx.config)
+        _run_stages(ctx, stages, stop_after, on_stage)
+    finally:
+        if ctx.prescan is not None:
+            ctx.prescan.close()
+            ctx.prescan = None
+    return ctx
+
+
+def _run_stages(ctx: Context, stages: list[Stage], stop_after: str | None,
+                on_stage: Callable[[str], None] | None) -> None:
     reached_end = False
     for stage in stages:
         if reached_end:
@@ -102,4 +118,3 @@ def run_pipeline(ctx: Context, stages: list[Stage] | None = None,
                                              peak_rss_bytes=peak_rss_bytes(), detail=outcome.detail))
         if stage.name == stop_after:
             reached_end = True
-    return ctx

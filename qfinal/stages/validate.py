@@ -69,7 +69,7 @@ class Validate(BaseStage):
                                         offload_index=ctx.disk_offload_index)
         findings += checks.meta_findings(model, set(info.missing_keys), ties)
         if vcfg.check_nan:
-            findings += checks.nan_findings(model)
+            findings += checks.nan_findings(model, ctx.prescan)
         else:
             skipped["nan_inf"] = "validate.check_nan is false"
         report.findings.extend(findings)

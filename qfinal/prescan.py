@@ -1,0 +1,207 @@
+"""The NaN/Inf scan of a plain load, done from the checkpoint files on the idle core during import.
+
+Importing torch and transformers takes seconds of one core, and the other is idle. For a plain
+load (no quantization, no dequantization, everything on the CPU) transformers maps each shard and
+the finalized tensors are views of the file, so the bytes the nan_inf check reads after loading
+are known before torch is imported. This thread reads them from the files (through the page cache,
+so not into the process's memory) while the main thread imports; the validate stage then asks,
+for each tensor that `residency.FileViews` proves is a never-written view of a file, whether the
+file bytes it spans were scanned clean, and reads only the rest itself.
+
+A result is trusted only for the same file, unchanged: device, inode, size, mtime and ctime equal
+before the scan and at the check, and the file last changed at least `RACY_SECONDS` before the scan
+began (a write within one timestamp tick of the first stat would leave mtime and ctime equal).
+
+The test is on the bits, two integer max reductions per run of same-dtype bytes and no temporary:
+a float is NaN or Inf exactly when its exponent bits are all ones, i.e. as a signed integer it is at
+least the +Inf pattern, or as an unsigned integer at least the -Inf pattern.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+RACY_SECONDS = 1.0
+CHUNK_BYTES = 32 << 20  # one read; bounds the thread's memory (the buffer is its only allocation)
+
+# safetensors dtype -> (numpy signed, numpy unsigned, +Inf bit pattern, -Inf bit pattern, torch name)
+_FLOATS = {
+    "F16": ("int16", "uint16", 0x7C00, 0xFC00, "torch.float16"),
+    "BF16": ("int16", "uint16", 0x7F80, 0xFF80, "torch.bfloat16"),
+    "F32": ("int32", "uint32", 0x7F800000, 0xFF800000, "torch.float32"),
+    "F64": ("int64", "uint64", 0x7FF0000000000000, 0xFFF0000000000000, "torch.float64"),
+}
+
+
+def _file_state(st: os.stat_result) -> tuple:
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+@dataclass
+class _Scanned:
+    """One file's scanned entries: sorted absolute (start, end, torch dtype name, clean)."""
+
+    fd: int
+    state: tuple
+    starts: list[int] = field(default_factory=list)
+    spans: list[tuple[int, int, str, bool]] = field(default_factory=list)
+
+
+def eligible(config) -> bool:
+    """A load whose finalized tensors can be file views, checked for NaN, on a machine with a core to spare."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    v = config.validate_
+    return (cores >= 2 and v.enabled and v.check_nan and config.quantize.method == "none"
+            and not config.dequantize and config.device_map == "cpu"
+            and config.stop_after in (None, "validate"))
+
+
+class Prescan:
+    """A background scan of a checkpoint folder's float tensors. `clean(location)` answers for one
+    tensor once `stop()` has been called; `close()` releases the files."""
+
+    def __init__(self, source, allow_pickle: bool = False) -> None:
+        self._source, self._allow_pickle = source, allow_pickle
+        self._stop = threading.Event()
+        self._files: dict[tuple[int, int, int], _Scanned] = {}
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.scanned_bytes = 0
+        self._thread = threading.Thread(target=self._run, name="qfinal-prescan", daemon=True)
+
+    def start(self) -> "Prescan":
+        self._thread.start()
+        return self
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        try:
+            self._scan_folder()
+        except BaseException as err:  # never let the helper break a load: validate scans itself
+            self.error = err
+
+    def _scan_folder(self) -> None:
+        from .safety import inspect_checkpoint
+
+        inv = inspect_checkpoint(self._source.folder, allow_pickle=self._allow_pickle,
+                                 confine_to=self._source.confine_to)
+        if not inv.ok or inv.format != "safetensors":
+            return
+        by_file: dict[str, list] = {}
+        for entry in inv.tensors.values():
+            if entry.dtype in _FLOATS and entry.end > entry.start:
+                by_file.setdefault(entry.file, []).append(entry)
+        import numpy as np
+
+        buffer = bytearray(CHUNK_BYTES)
+        for name, entries in by_file.items():
+            if self._stop.is_set():
+                return
+            self._scan_file(np, inv.root / name, sorted(entries, key=lambda e: e.start), buffer)
+
+    def _scan_file(self, np, path, entries, buffer: bytearray) -> None:
+        began = time.time_ns()
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        keep = False
+        try:
+            st = os.fstat(fd)
+            state = _file_state(st)
+            racy = began - RACY_SECONDS * 1e9
+            if st.st_mtime_ns > racy or st.st_ctime_ns > racy:
+                return
+            base = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")
+            scanned = _Scanned(fd, state)
+            for entry in entries:
+                if self._stop.is_set():
+                    break
+                start, end = base + entry.start, base + entry.end
+                clean = self._clean_range(np, fd, start, end, entry.dtype, buffer)
+                if clean is None:
+                    break
+                scanned.spans.append((start, end, _FLOATS[entry.dtype][4], clean))
+                self.scanned_bytes += end - start
+            if _file_state(os.fstat(fd)) != state:
+                return  # changed while scanning: nothing of it is trusted
+            scanned.starts = [s[0] for s in scanned.spans]
+            with self._lock:
+                self._files[state[:3]] = scanned
+            keep = True
+        finally:
+            if not keep:
+                os.close(fd)
+
+    def _clean_range(self, np, fd: int, start: int, end: int, dtype: str, buffer: bytearray) -> bool | None:
+        """True when no element of [start, end) is NaN or Inf; None when stopped or unreadable."""
+        signed, unsigned, pos_inf, neg_inf, _ = _FLOATS[dtype]
+        width = np.dtype(signed).itemsize
+        view = memoryview(buffer)
+        step = len(buffer) - len(buffer) % width
+        offset = start
+        while offset < end:
+            if self._stop.is_set():
+                return None
+            want = min(step, end - offset)
+            got = os.preadv(fd, [view[:want]], offset)
+            if got != want:
+                return None
+            count = want // width
+            if (np.frombuffer(buffer, dtype=signed, count=count).max() >= pos_inf
+                    or np.frombuffer(buffer, dtype=unsigned, count=count).max() >= neg_inf):
+                return False
+            offset += want
+        return True
+
+    # ------------------------------------------------------------------ the validate side
+
+    def stop(self) -> None:
+        """Stop scanning (what is done stays usable) and wait for the thread."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def clean(self, location) -> bool:
+        """Whether a tensor at `location` (`FileViews.locate`: identity, offset, bytes, dtype, shape)
+        lies inside one scanned-clean entry of the same dtype of a file that has not changed since."""
+        identity, offset, nbytes, dtype, _shape = location
+        with self._lock:
+            scanned = self._files.get(tuple(identity))
+        if scanned is None:
+            return False
+        i = bisect.bisect_right(scanned.starts, offset) - 1
+        if i < 0:
+            return False
+        start, end, span_dtype, clean = scanned.spans[i]
+        if not (clean and span_dtype == dtype and start <= offset and offset + nbytes <= end):
+            return False
+        try:
+            return _file_state(os.fstat(scanned.fd)) == scanned.state
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.stop()
+        with self._lock:
+            for scanned in self._files.values():
+                os.close(scanned.fd)
+            self._files = {}
+
+
+def start_for(ctx) -> Prescan | None:
+    """A running prescan for this context's load, or None when it cannot help."""
+    if not eligible(ctx.config):
+        return None
+    return Prescan(ctx.source, ctx.allow_pickle).start()

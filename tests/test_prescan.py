@@ -1,0 +1,261 @@
+"""prescan: the NaN scan of a plain load read from the files while torch imports.
+
+The danger is a wrong answer: trusting file bytes that are not the tensor's, or bytes that changed
+after the scan. Each way a result must be refused is pinned here, and every verdict is compared
+with torch's own isfinite.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import qfinal
+from qfinal import checks, prescan
+from qfinal.config import build_config
+from qfinal.residency import FileViews
+from qfinal.sources import Source
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/pagemap")
+
+
+@pytest.fixture
+def no_racy_wait(monkeypatch):
+    """Files written by the test count as settled at once (the default waits a second)."""
+    monkeypatch.setattr(prescan, "RACY_SECONDS", 0.0)
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def finished(folder: Path) -> prescan.Prescan:
+    scan = prescan.Prescan(Source(str(folder), folder, folder)).start()
+    scan._thread.join()
+    assert scan.error is None
+    return scan
+
+
+class CountingScan:
+    """Counts the tensors nan_findings still had to read itself."""
+
+    def __init__(self, monkeypatch):
+        self.read = []
+        original = checks._all_finite
+
+        def counted(tensor, *args, **kwargs):
+            self.read.append(tuple(tensor.shape))
+            return original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(checks, "_all_finite", counted)
+
+
+def as_model(tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = torch.nn.Module()
+    for name, value in tensors.items():
+        model.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+    return model
+
+
+# ----------------------------------------------------------------------------- the bit test
+
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+          torch.float64: torch.int64}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(sorted(FLOAT_DTYPES)), st.data())
+def test_the_bit_test_agrees_with_isfinite_on_any_bits(tmp_path_factory, name, data):
+    """Every bit pattern: NaN payloads of either sign, ±Inf, -0.0, subnormals, the largest finite."""
+    dtype = FLOAT_DTYPES[name]
+    bits = INT_OF[dtype]
+    width = torch.iinfo(bits).bits
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, torch.finfo(dtype).max,
+                            -torch.finfo(dtype).max, torch.finfo(dtype).tiny / 2], dtype=dtype).view(bits)
+    raw = data.draw(st.lists(st.integers(-(1 << (width - 1)), (1 << (width - 1)) - 1) | st.sampled_from(special.tolist()),
+                             min_size=1, max_size=40))
+    values = torch.tensor(raw, dtype=bits).view(dtype)
+    path = tmp_path_factory.mktemp("bits") / "t.bin"
+    path.write_bytes(values.view(bits).numpy().tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        scan = prescan.Prescan(SimpleNamespace())
+        buffer = bytearray(6 * 8)  # several reads for longer inputs
+        verdict = scan._clean_range(np, fd, 0, path.stat().st_size, name, buffer)
+    finally:
+        os.close(fd)
+    assert verdict is bool(torch.isfinite(values).all())
+
+
+# ----------------------------------------------------------------------------- what is trusted
+
+@linux
+def test_a_clean_checkpoint_is_not_read_again(tmp_path, monkeypatch, no_racy_wait):
+    tensors = {"a": torch.randn(300, 70).to(torch.bfloat16), "b": torch.randn(513), "c": torch.randn(9).half(),
+               "steps": torch.arange(5)}
+    folder = write_checkpoint(tmp_path / "clean", tensors)
+    scan = finished(folder)
+    assert scan.scanned_bytes == sum(t.numel() * t.element_size() for k, t in tensors.items() if k != "steps")
+    counting = CountingScan(monkeypatch)
+    loaded = load_file(str(folder / "model.safetensors"))
+    model = as_model({k: v for k, v in loaded.items() if v.is_floating_point()})
+    try:
+        assert checks.nan_findings(model, scan) == []
+    finally:
+        scan.close()
+    assert counting.read == []
+
+
+@linux
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_nan_in_the_file_gives_the_same_finding_as_without_prescan(tmp_path, no_racy_wait, dtype):
+    values = torch.randn(200, 64).to(dtype)
+    values[199, 63] = float("nan")
+    values[3, 0] = float("-inf")
+    folder = write_checkpoint(tmp_path / "bad", {"bad": values, "good": torch.randn(64, 64).to(dtype)})
+    scan = finished(folder)
+    model = as_model(load_file(str(folder / "model.safetensors")))
+    try:
+        with_prescan = checks.nan_findings(model, scan)
+    finally:
+        scan.close()
+    assert with_prescan == checks.nan_findings(model)
+    assert [(f.key, f.message) for f in with_prescan] == [
+        ("bad", f"1 NaN and 1 Inf value(s) in 12800 ({str(dtype).removeprefix('torch.')})")]
+
+
+@linux
+def test_a_value_written_in_memory_is_not_taken_from_the_file(tmp_path, monkeypatch, no_racy_wait):
+    folder = write_checkpoint(tmp_path / "m", {"w": torch.randn(2048, 16), "v": torch.randn(2048, 16)})
+    scan = finished(folder)
+    loaded = load_file(str(folder / "model.safetensors"))
+    loaded["w"][1000, 5] = float("inf")  # a private copy of one page (inside w): not the file's bytes
+    counting = CountingScan(monkeypatch)
+    try:
+        findings = checks.nan_findings(as_model(loaded), scan)
+    finally:
+        scan.close()
+    assert [f.key for f in findings] == ["w"] and counting.read == [(2048, 16)]
+
+
+@linux
+def test_a_file_changed_after_the_scan_is_not_trusted(tmp_path, no_racy_wait):
+    folder = write_checkpoint(tmp_path / "c", {"w": torch.randn(512, 64)})
+    path = folder / "model.safetensors"
+    scan = finished(folder)
+    stat = path.stat()
+    bad = torch.randn(512, 64)
+    bad[0, 0] = float("nan")
+    save_file({"w": bad}, str(tmp_path / "same-size.safetensors"))
+    with open(path, "r+b") as fh:  # same inode, same size, mtime put back: only ctime tells
+        fh.write((tmp_path / "same-size.safetensors").read_bytes())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
+    model = as_model(load_file(str(path)))
+    try:
+        with FileViews() as views:
+            where = views.locate(model.w)
+            assert where is not None and not scan.clean(where)
+        assert [f.key for f in checks.nan_findings(model, scan)] == ["w"]
+    finally:
+        scan.close()
+
+
+@linux
+def test_a_file_written_a_moment_ago_is_not_scanned(tmp_path):
+    """Within RACY_SECONDS of its last change a file could change again in the same timestamp tick."""
+    folder = write_checkpoint(tmp_path / "fresh", {"w": torch.randn(64, 64)})
+    scan = finished(folder)
+    try:
+        assert scan.scanned_bytes == 0 and scan._files == {}
+    finally:
+        scan.close()
+
+
+@linux
+def test_a_span_inside_one_clean_entry_is_trusted_and_one_across_two_is_not(tmp_path, no_racy_wait):
+    folder = write_checkpoint(tmp_path / "s", {"a": torch.randn(1024, 8), "b": torch.randn(1024, 8)})
+    scan = finished(folder)
+    loaded = load_file(str(folder / "model.safetensors"))
+    try:
+        with FileViews() as views:
+            a, b = views.locate(loaded["a"]), views.locate(loaded["b"])
+            first, second = (a, b) if a[1] < b[1] else (b, a)
+            inside = (first[0], first[1] + 4096, 4096, first[3], (1024,))
+            across = (first[0], first[1] + first[2] - 4096, 8192, first[3], (2048,))
+            other_dtype = (*first[:3], "torch.int32", first[4])
+            assert scan.clean(first) and scan.clean(second) and scan.clean(inside)
+            assert not scan.clean(across) and not scan.clean(other_dtype)
+    finally:
+        scan.close()
+
+
+# ----------------------------------------------------------------------------- when it runs
+
+@pytest.mark.parametrize("overrides, runs", [
+    ({}, True),
+    ({"quantize": "nf4"}, False),
+    ({"dequantize": True}, False),
+    ({"device_map": "auto"}, False),
+    ({"validate": {"check_nan": False}}, False),
+    ({"validate": {"enabled": False}}, False),
+    ({"stop_after": "checkpoint_dispatch"}, False),
+])
+def test_it_runs_only_for_a_plain_cpu_load_that_checks_nan(monkeypatch, overrides, runs):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert prescan.eligible(build_config(None, **overrides)) is (runs and sys.platform.startswith("linux"))
+
+
+def test_one_core_leaves_it_off(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert prescan.eligible(build_config(None)) is False
+
+
+@linux
+def test_a_load_uses_it_and_agrees_with_a_load_without_it(checkpoints, monkeypatch, no_racy_wait):
+    folder = checkpoints["llama_untied"]
+    started = []
+    original = prescan.start_for
+
+    def spy(ctx):
+        scan = original(ctx)
+        started.append(scan)
+        return scan
+
+    monkeypatch.setattr(prescan, "start_for", spy)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    counting = CountingScan(monkeypatch)
+    with_scan = qfinal.load(folder)
+    assert len(started) == 1 and started[0] is not None and started[0].scanned_bytes > 0
+    assert started[0]._files == {}  # closed with the load
+    read_with = len(counting.read)
+    counting.read.clear()
+    without = qfinal.load(folder, validate={"check_nan": False})
+    assert with_scan.report.ok and without.report.ok
+    float_buffers = sum(b.is_floating_point() for b in with_scan.model.buffers())
+    assert read_with <= float_buffers  # every weight came from the scan; computed buffers are read
+    assert [f.model_dump() for f in with_scan.report.findings if f.check != "nan_inf"] == \
+           [f.model_dump() for f in without.report.findings if f.check != "nan_inf"]
+
+
+def test_a_broken_folder_leaves_the_error_to_the_load(tmp_path, no_racy_wait):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    scan = finished(folder)
+    try:
+        assert scan._files == {} and scan.scanned_bytes == 0
+    finally:
+        scan.close()
