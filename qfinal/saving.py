@@ -8,6 +8,7 @@ every tensor bit for bit (bnb packed data and quant state included), ties, confi
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -196,12 +197,14 @@ def original_logits(original) -> dict | None:
     return {"probe": probe, "logits": probe_logits(original, probe)}
 
 
-def prove_round_trip(result: Finalized, folder: Path) -> list[Finding]:
+def prove_round_trip(result: Finalized, folder: Path, reference: dict | None = None) -> list[Finding]:
     """Both reloads against the original; the transformers one first, so that the qfinal reload's
-    tensors that map the very bytes it was proven on are not read again. One reload at a time."""
+    tensors that map the very bytes it was proven on are not read again. One reload at a time.
+    `reference`: `original_logits(result.model)`, computed here when not given."""
     original = result.model
     adapters = saved_adapters(original, folder)
-    reference = original_logits(original)
+    if reference is None:
+        reference = original_logits(original)
     proven: dict[str, tuple] = {}
     try:
         via_transformers = reload_with_transformers(original, folder, adapters)
@@ -236,11 +239,14 @@ def save(source: str | Path, out: str | Path, config: RunConfig | str | Path | N
                                        message="not saved: the finalized model has error findings"))
         return report
     try:
-        with atomic_dir(out, force=force) as tmp:
+        with atomic_dir(out, force=force) as tmp, ThreadPoolExecutor(1, "qfinal-probe") as pool:
+            # The original's probe forward only reads its weights: it runs while they are written
+            # (on the 1.1B bench, a 0.3 s forward hidden behind a 0.6 s write).
+            reference = pool.submit(original_logits, result.model)
             writer = write_model(result, tmp, max_bytes)
             copied = copy_side_files(result.context.source.folder, tmp)
             sync_early(tmp, tmp)  # flushed while the round trip is proven
-            findings = prove_round_trip(result, tmp)
+            findings = prove_round_trip(result, tmp, reference.result())
             report.findings.extend(findings)
             report.extra["save"] = {"out": str(out), "writer": writer, "copied": copied,
                                     "files": sorted(p.name for p in tmp.iterdir())}

@@ -242,9 +242,18 @@ def test_tensor_dropped_from_saved_files_fails_the_round_trip(checkpoints, tmp_p
 
 def test_logits_changed_with_every_tensor_exact_fails_the_round_trip(checkpoints, tmp_path, monkeypatch, capsys):
     """roundtrip_logits fails on its own when forward-relevant state is outside the state dict: the
-    rotary `inv_freq` is a non-persistent buffer, so changing it in memory after writing leaves keys,
-    tensors, ties and config equal while the logits differ."""
-    _after_writing(monkeypatch, lambda result, folder: result.model.model.rotary_emb.inv_freq.mul_(2))
+    rotary `inv_freq` is a non-persistent buffer, so changing it in the finalized model (before the
+    probe forward, which runs while the files are written) leaves keys, tensors, ties and config
+    equal while the logits differ."""
+    real_load = saving.load
+
+    def load_then_edit(source, config=None, **kwargs):
+        result = real_load(source, config, **kwargs)
+        if kwargs.get("command") == "save":
+            result.model.model.rotary_emb.inv_freq.mul_(2)
+        return result
+
+    monkeypatch.setattr(saving, "load", load_then_edit)
     out = tmp_path / "out"
     code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
     errors = assert_failed_unpublished(code, report, out, "roundtrip_logits")
