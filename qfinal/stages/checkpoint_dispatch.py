@@ -50,8 +50,9 @@ class PreadSlice:
     """One checkpoint tensor, read when transformers' loader indexes it (`slice[...]`).
 
     A single `os.preadv` into the tensor's own buffer: nothing of the file is mapped (so no shard
-    page stays in RSS), one copy from the page cache, and the GIL is released during the read, so
-    the loader's worker threads read in parallel. safetensors' own pread backend was half as fast
+    page stays in RSS) and one copy from the page cache. (transformers loads synchronously when it
+    quantizes on the fly: one tensor is read, quantized and freed at a time, in its main thread.)
+    safetensors' own pread backend was half as fast
     (bench/README.md). The bytes are the file's, so the tensor equals safetensors' bit for bit.
     """
 
