@@ -77,7 +77,10 @@ def run_pipeline(ctx: Context, stages: list[Stage] | None = None,
     if ctx.prescan is None and (stages is None or any(s.name == "validate" for s in stages)):
         from .prescan import start_for
 
-        ctx.prescan = start_for(ctx)  # first: it reads the files while the stages import torch
+        try:
+            ctx.prescan = start_for(ctx)  # first: it reads the files while the stages import torch
+        except Exception:  # a helper that cannot start leaves the scan to validate
+            ctx.prescan = None
     try:
         stages = stages if stages is not None else default_stages()
         names = [s.name for s in stages]

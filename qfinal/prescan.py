@@ -10,7 +10,12 @@ file bytes it spans were scanned clean, and reads only the rest itself.
 
 A result is trusted only for the same file, unchanged: device, inode, size, mtime and ctime equal
 before the scan and at the check, and the file last changed at least `RACY_SECONDS` before the scan
-began (a write within one timestamp tick of the first stat would leave mtime and ctime equal).
+began (a write within one timestamp tick of the first stat would leave mtime and ctime equal), and
+its header, read again after that first stat, giving each entry the offsets the scan used. Not
+covered: a process writing through a shared mapping of a page that is already dirty, which the
+kernel does not stamp; a tool that trusts file timestamps cannot see that. Where the mapping's
+device numbers differ from stat's (btrfs subvolumes, overlayfs) nothing matches and validate
+scans every tensor itself, as without the prescan.
 
 The test is on the bits, two integer max reductions per run of same-dtype bytes and no temporary:
 a float is NaN or Inf exactly when its exponent bits are all ones, i.e. as a signed integer it is at
@@ -27,15 +32,18 @@ import time
 from dataclasses import dataclass, field
 
 RACY_SECONDS = 1.0
+JOIN_SECONDS = 30.0  # how long validate waits for the thread to finish its current read
 CHUNK_BYTES = 32 << 20  # one read; bounds the thread's memory (the buffer is its only allocation)
 
-# safetensors dtype -> (numpy signed, numpy unsigned, +Inf bit pattern, -Inf bit pattern, torch name)
+# safetensors dtype -> (numpy signed, numpy unsigned, +Inf bit pattern, -Inf bit pattern, torch name);
+# little-endian, as safetensors stores them
 _FLOATS = {
-    "F16": ("int16", "uint16", 0x7C00, 0xFC00, "torch.float16"),
-    "BF16": ("int16", "uint16", 0x7F80, 0xFF80, "torch.bfloat16"),
-    "F32": ("int32", "uint32", 0x7F800000, 0xFF800000, "torch.float32"),
-    "F64": ("int64", "uint64", 0x7FF0000000000000, 0xFFF0000000000000, "torch.float64"),
+    "F16": ("<i2", "<u2", 0x7C00, 0xFC00, "torch.float16"),
+    "BF16": ("<i2", "<u2", 0x7F80, 0xFF80, "torch.bfloat16"),
+    "F32": ("<i4", "<u4", 0x7F800000, 0xFF800000, "torch.float32"),
+    "F64": ("<i8", "<u8", 0x7FF0000000000000, 0xFFF0000000000000, "torch.float64"),
 }
+_WIDTHS = {"torch.float16": 2, "torch.bfloat16": 2, "torch.float32": 4, "torch.float64": 8}
 
 
 def _file_state(st: os.stat_result) -> tuple:
@@ -75,12 +83,17 @@ class Prescan:
         self._stop = threading.Event()
         self._files: dict[tuple[int, int, int], _Scanned] = {}
         self._lock = threading.Lock()
+        self._closed = False
+        self._timed_out = False
         self.error: BaseException | None = None
         self.scanned_bytes = 0
         self._thread = threading.Thread(target=self._run, name="qfinal-prescan", daemon=True)
 
-    def start(self) -> "Prescan":
-        self._thread.start()
+    def start(self) -> "Prescan | None":
+        try:
+            self._thread.start()
+        except RuntimeError:  # no thread to be had: validate scans everything itself
+            return None
         return self
 
     # ------------------------------------------------------------------ the thread
@@ -123,7 +136,9 @@ class Prescan:
             racy = began - RACY_SECONDS * 1e9
             if st.st_mtime_ns > racy or st.st_ctime_ns > racy:
                 return
-            base = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")
+            base = self._same_layout(fd, st.st_size, entries)
+            if base is None:
+                return  # the header read earlier is not this file's now: nothing is trusted
             scanned = _Scanned(fd, state)
             for entry in entries:
                 if self._stop.is_set():
@@ -138,11 +153,35 @@ class Prescan:
                 return  # changed while scanning: nothing of it is trusted
             scanned.starts = [s[0] for s in scanned.spans]
             with self._lock:
+                if self._closed:
+                    return
+                previous = self._files.get(state[:3])
+                if previous is not None:  # the same inode under two names: keep one descriptor
+                    os.close(previous.fd)
                 self._files[state[:3]] = scanned
             keep = True
         finally:
             if not keep:
                 os.close(fd)
+
+    @staticmethod
+    def _same_layout(fd: int, size: int, entries) -> int | None:
+        """The data section's start, read from `fd` after the baseline stat, when this header gives
+        every entry the dtype and offsets the inventory read earlier; else None."""
+        import json
+
+        try:
+            n = int.from_bytes(os.pread(fd, 8, 0), "little")
+            if n <= 0 or 8 + n > size:
+                return None
+            doc = json.loads(os.pread(fd, n, 8))
+            for entry in entries:
+                info = doc[entry.name]
+                if info["dtype"] != entry.dtype or list(info["data_offsets"]) != [entry.start, entry.end]:
+                    return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return 8 + n
 
     def _clean_range(self, np, fd: int, start: int, end: int, dtype: str, buffer: bytearray) -> bool | None:
         """True when no element of [start, end) is NaN or Inf; None when stopped or unreadable."""
@@ -168,24 +207,30 @@ class Prescan:
     # ------------------------------------------------------------------ the validate side
 
     def stop(self) -> None:
-        """Stop scanning (what is done stays usable) and wait for the thread."""
+        """Stop scanning (what is done stays usable) and wait for the thread, up to JOIN_SECONDS:
+        a read that hangs (a stuck network file system) then only means no result is used."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(JOIN_SECONDS)
+            if self._thread.is_alive():
+                with self._lock:
+                    self._timed_out = True
 
     def clean(self, location) -> bool:
         """Whether a tensor at `location` (`FileViews.locate`: identity, offset, bytes, dtype, shape)
         lies inside one scanned-clean entry of the same dtype of a file that has not changed since."""
         identity, offset, nbytes, dtype, _shape = location
         with self._lock:
-            scanned = self._files.get(tuple(identity))
+            scanned = None if self._timed_out else self._files.get(tuple(identity))
         if scanned is None:
             return False
         i = bisect.bisect_right(scanned.starts, offset) - 1
         if i < 0:
             return False
         start, end, span_dtype, clean = scanned.spans[i]
-        if not (clean and span_dtype == dtype and start <= offset and offset + nbytes <= end):
+        width = _WIDTHS[span_dtype]
+        if not (clean and span_dtype == dtype and start <= offset and offset + nbytes <= end
+                and (offset - start) % width == 0):
             return False
         try:
             return _file_state(os.fstat(scanned.fd)) == scanned.state
@@ -193,11 +238,14 @@ class Prescan:
             return False
 
     def close(self) -> None:
-        self.stop()
-        with self._lock:
-            for scanned in self._files.values():
-                os.close(scanned.fd)
-            self._files = {}
+        try:
+            self.stop()
+        finally:
+            with self._lock:
+                self._closed = True
+                for scanned in self._files.values():
+                    os.close(scanned.fd)
+                self._files = {}
 
 
 def start_for(ctx) -> Prescan | None:

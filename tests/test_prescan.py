@@ -174,8 +174,9 @@ def test_a_file_changed_after_the_scan_is_not_trusted(tmp_path, no_racy_wait):
 
 
 @linux
-def test_a_file_written_a_moment_ago_is_not_scanned(tmp_path):
+def test_a_file_written_a_moment_ago_is_not_scanned(tmp_path, monkeypatch):
     """Within RACY_SECONDS of its last change a file could change again in the same timestamp tick."""
+    monkeypatch.setattr(prescan, "RACY_SECONDS", 600.0)  # "a moment" however slow the machine is
     folder = write_checkpoint(tmp_path / "fresh", {"w": torch.randn(64, 64)})
     scan = finished(folder)
     try:
@@ -259,3 +260,99 @@ def test_a_broken_folder_leaves_the_error_to_the_load(tmp_path, no_racy_wait):
         assert scan._files == {} and scan.scanned_bytes == 0
     finally:
         scan.close()
+
+
+@linux
+def test_a_header_that_changed_after_the_inventory_is_not_trusted(tmp_path, monkeypatch, no_racy_wait):
+    """The inventory is read before the file's baseline stat; a rewrite in between with another
+    layout (here a 2-byte shift, and a NaN) must not be scanned with the old offsets."""
+    from qfinal import safety
+
+    folder = write_checkpoint(tmp_path / "h", {"a": torch.randn(8).half(), "w": torch.randn(256, 64)})
+    old_inventory = safety.inspect_checkpoint(folder)
+    bad = torch.randn(256, 64)
+    bad[100, 7] = float("nan")
+    write_checkpoint(folder, {"a": torch.randn(9).half(), "w": bad})
+    monkeypatch.setattr(safety, "inspect_checkpoint", lambda *a, **k: old_inventory)
+    scan = finished(folder)
+    model = as_model(load_file(str(folder / "model.safetensors")))
+    try:
+        assert scan._files == {} and scan.scanned_bytes == 0
+        assert [f.key for f in checks.nan_findings(model, scan)] == ["w"]
+    finally:
+        scan.close()
+
+
+@linux
+def test_a_span_that_is_not_element_aligned_is_not_trusted(tmp_path, no_racy_wait):
+    folder = write_checkpoint(tmp_path / "al", {"w": torch.randn(1024)})
+    scan = finished(folder)
+    loaded = load_file(str(folder / "model.safetensors"))
+    try:
+        with FileViews() as views:
+            identity, offset, nbytes, dtype, shape = views.locate(loaded["w"])
+        assert scan.clean((identity, offset, nbytes, dtype, shape))
+        assert not scan.clean((identity, offset + 2, nbytes - 4, dtype, shape))
+    finally:
+        scan.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@linux
+def test_one_descriptor_per_file_and_none_after_close(tmp_path, no_racy_wait):
+    folder = write_checkpoint(tmp_path / "fd", {"w": torch.randn(64, 64)})
+    before = _open_fds()
+    scan = finished(folder)
+    entries = list(__import__("qfinal.safety", fromlist=["x"]).inspect_checkpoint(folder).tensors.values())
+    scan._scan_file(np, folder / "model.safetensors", entries, bytearray(1 << 16))  # same inode again
+    assert len(scan._files) == 1 and _open_fds() == before + 1
+    scan.close()
+    assert _open_fds() == before
+
+
+def test_an_error_in_the_thread_leaves_the_scan_to_validate(tmp_path, monkeypatch, no_racy_wait):
+    from qfinal import safety
+
+    def broken(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(safety, "inspect_checkpoint", broken)
+    values = torch.randn(64, 64)
+    values[1, 1] = float("inf")
+    folder = write_checkpoint(tmp_path / "err", {"w": values})
+    scan = prescan.Prescan(Source(str(folder), folder, folder)).start()
+    scan._thread.join()
+    assert isinstance(scan.error, MemoryError)
+    try:
+        assert [f.key for f in checks.nan_findings(as_model(load_file(str(folder / "model.safetensors"))), scan)] == ["w"]
+    finally:
+        scan.close()
+
+
+@linux
+def test_a_nan_in_a_shard_fails_a_real_load_with_the_prescan_on(checkpoints, tmp_path, monkeypatch, no_racy_wait):
+    """Through the whole pipeline: the poisoned tensor is reported, every other weight came from the scan."""
+    import shutil
+
+    from safetensors.torch import save_file as write
+
+    folder = tmp_path / "poisoned"
+    shutil.copytree(checkpoints["llama_untied"], folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    key = "model.layers.1.mlp.down_proj.weight"
+    weights[key][3, 5] = float("nan")
+    write(dict(weights), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    used = []
+    original = prescan.start_for
+    monkeypatch.setattr(prescan, "start_for", lambda ctx: used.append(original(ctx)) or used[-1])
+    counting = CountingScan(monkeypatch)
+    result = qfinal.load(folder)
+    assert used and used[0] is not None and used[0].scanned_bytes > 0
+    bad = [f for f in result.report.findings if f.check == "nan_inf"]
+    assert [(f.key, f.message) for f in bad] == [(key, "1 NaN and 0 Inf value(s) in 8192 (float32)")]
+    float_buffers = sum(b.is_floating_point() for b in result.model.buffers())
+    assert len(counting.read) <= float_buffers + 1  # the poisoned weight, and computed buffers

@@ -471,3 +471,23 @@ def test_saved_file_replaced_between_reloads_is_still_caught(checkpoints, tmp_pa
     assert "max abs diff 0.25" in keyed[0]["message"]
     saved = {n for n in reads}  # every saved tensor, each read by both reloads: none proven by location
     assert sorted(reads) == sorted(list(saved) * 2) and "model.norm.weight" in saved
+
+
+# ----------------------------------------------------------------------------- the probe beside the write
+
+@pytest.mark.parametrize("overrides, overlaps", [({}, True), ({"quantize": "nf4"}, False)])
+def test_the_probe_runs_beside_the_write_for_a_plain_model_only(checkpoints, overrides, overlaps):
+    result = qfinal.load(checkpoints["llama_untied"], **overrides)
+    assert saving.overlaps_write(result) is overlaps
+
+
+def test_a_probe_that_fails_beside_the_write_publishes_nothing(checkpoints, tmp_path, monkeypatch):
+    def broken(model):
+        raise RuntimeError("probe forward failed")
+
+    monkeypatch.setattr(saving, "original_logits", broken)
+    parent = tmp_path / "publish"
+    parent.mkdir()
+    with pytest.raises(RuntimeError, match="probe forward failed"):
+        saving.save(checkpoints["llama_untied"], parent / "out")
+    assert list(parent.iterdir()) == []  # neither OUT nor the temporary folder beside it
