@@ -177,6 +177,7 @@ def run_line(line: Line, repeats: int, log) -> dict:
     for side, rs in runs.items():
         good = [x for x in rs if x["exit_code"] == 0]
         summary[side] = ({"wall_s": statistics.median(x["wall_s"] for x in good),
+                          "wall_s_range": [min(x["wall_s"] for x in good), max(x["wall_s"] for x in good)],
                           "peak_rss_bytes": int(statistics.median(x["peak_rss_bytes"] for x in good)),
                           "ok_runs": len(good), "runs": len(rs)} if good else None)
     q, t = summary.get("qfinal"), summary.get("transformers")
@@ -282,6 +283,18 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def spread(results: dict) -> str:
+    """Each side's fastest and slowest run: a ratio inside the other side's spread is noise here."""
+    rows = []
+    for line in results["lines"].values():
+        sides = [(name, line.get(name)) for name in ("qfinal", "transformers")]
+        parts = [f"{name} {fmt_s(s['wall_s_range'][0])}-{fmt_s(s['wall_s_range'][1])} s"
+                 for name, s in sides if s and s["runs"] > 1]
+        if parts:
+            rows.append(f"  {line['title']:<30} " + ", ".join(parts))
+    return "\n".join(["run-to-run spread of wall time (fastest-slowest run):", *rows]) if rows else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~0.2B model and 1 repeat, for development")
@@ -329,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"qfinal vs transformers: medians of {repeats} run(s) per side; ratio = qfinal / transformers; "
           f"GB = 10^9 bytes of peak RSS")
     print(text)
+    if spread(results):
+        print("\n" + spread(results))
     print(f"\ntargets: {passed}/{len(verdicts)} PASS; total {results['total_s']:.0f} s; "
           f"load average {info.get('loadavg_start', (float('nan'),))[0]:.2f} -> {results['machine']['loadavg_end'][0]:.2f}")
     results["table"] = text
