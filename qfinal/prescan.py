@@ -89,11 +89,8 @@ class Prescan:
         self.scanned_bytes = 0
         self._thread = threading.Thread(target=self._run, name="qfinal-prescan", daemon=True)
 
-    def start(self) -> "Prescan | None":
-        try:
-            self._thread.start()
-        except RuntimeError:  # no thread to be had: validate scans everything itself
-            return None
+    def start(self) -> "Prescan":
+        self._thread.start()  # run_pipeline goes on without a prescan if this raises
         return self
 
     # ------------------------------------------------------------------ the thread

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import qfinal
-from qfinal import checks, prescan
+from qfinal import checks, prescan, safety
 from qfinal.config import build_config
 from qfinal.residency import FileViews
 from qfinal.sources import Source
@@ -266,8 +266,6 @@ def test_a_broken_folder_leaves_the_error_to_the_load(tmp_path, no_racy_wait):
 def test_a_header_that_changed_after_the_inventory_is_not_trusted(tmp_path, monkeypatch, no_racy_wait):
     """The inventory is read before the file's baseline stat; a rewrite in between with another
     layout (here a 2-byte shift, and a NaN) must not be scanned with the old offsets."""
-    from qfinal import safety
-
     folder = write_checkpoint(tmp_path / "h", {"a": torch.randn(8).half(), "w": torch.randn(256, 64)})
     old_inventory = safety.inspect_checkpoint(folder)
     bad = torch.randn(256, 64)
@@ -306,7 +304,7 @@ def test_one_descriptor_per_file_and_none_after_close(tmp_path, no_racy_wait):
     folder = write_checkpoint(tmp_path / "fd", {"w": torch.randn(64, 64)})
     before = _open_fds()
     scan = finished(folder)
-    entries = list(__import__("qfinal.safety", fromlist=["x"]).inspect_checkpoint(folder).tensors.values())
+    entries = list(safety.inspect_checkpoint(folder).tensors.values())
     scan._scan_file(np, folder / "model.safetensors", entries, bytearray(1 << 16))  # same inode again
     assert len(scan._files) == 1 and _open_fds() == before + 1
     scan.close()
@@ -314,8 +312,6 @@ def test_one_descriptor_per_file_and_none_after_close(tmp_path, no_racy_wait):
 
 
 def test_an_error_in_the_thread_leaves_the_scan_to_validate(tmp_path, monkeypatch, no_racy_wait):
-    from qfinal import safety
-
     def broken(*args, **kwargs):
         raise MemoryError("simulated")
 
