@@ -589,24 +589,24 @@ PROBE_LEN = 16
 PROBE_MAX_ID = 32000
 
 
-def probe_batch(model) -> dict:
-    """The fixed probe batch: a CPU `torch.Generator` seeded 0 draws `input_ids` of shape 2 x 16
-    (fewer positions if the model's max positions is smaller) uniformly in [0, min(vocab, 32000));
-    encoder-decoders also get `decoder_input_ids`, the next 2 x 16 draw from the same generator.
-    No attention mask (all positions attend). Same model config -> same tensors, on any machine."""
+def probe_batch(model, batch: int = PROBE_BATCH, length: int = PROBE_LEN) -> dict:
+    """The fixed probe batch: a CPU `torch.Generator` seeded 0 draws `input_ids` of shape
+    `batch` x `length` (default 2 x 16; fewer positions if the model's max positions is smaller)
+    uniformly in [0, min(vocab, 32000)); encoder-decoders also get `decoder_input_ids`, the next
+    draw of the same shape from the same generator. No attention mask (all positions attend).
+    Same model config and size -> same tensors, on any machine."""
     vocab = _vocab(model) or PROBE_MAX_ID
     high = max(1, min(vocab, PROBE_MAX_ID))
     cfg = _text_config(model)
-    length = PROBE_LEN
     for attr in ("max_position_embeddings", "n_positions"):
         m = getattr(cfg, attr, None) if cfg is not None else None
         if isinstance(m, int) and m > 0:
             length = min(length, m)
     g = torch.Generator().manual_seed(PROBE_SEED)
-    batch = {"input_ids": torch.randint(0, high, (PROBE_BATCH, length), generator=g)}
+    out = {"input_ids": torch.randint(0, high, (batch, length), generator=g)}
     if _is_encoder_decoder(model):
-        batch["decoder_input_ids"] = torch.randint(0, high, (PROBE_BATCH, length), generator=g)
-    return batch
+        out["decoder_input_ids"] = torch.randint(0, high, (batch, length), generator=g)
+    return out
 
 
 def _accepts(model, probe: Mapping) -> bool:

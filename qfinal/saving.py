@@ -26,6 +26,12 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "generation_config.json")
 CONFIG_IGNORED = {"_name_or_path", "name_or_path", "transformers_version"}
 ADAPTERS_DIR = "adapters"
+# The round trip's logits check: one sequence of 4 positions (`compare.probe_batch` of that size).
+# It is there for state the tensor comparison cannot see (a recomputed buffer such as RoPE's
+# inv_freq, a config field read at init), which shows at every position past the first. A CPU
+# forward costs in proportion to its tokens: on a 2-core CPU without native bf16 (AVX2 only), one
+# 1.1B forward of diff's 2 x 16 probe takes 4-6 s, of these 4 tokens 0.6 s (bench/README.md).
+ROUND_TRIP_PROBE = {"batch": 1, "length": 4}
 
 
 class RoundTripFailed(Exception):
@@ -122,12 +128,14 @@ def round_trip_findings(original, reloaded, who: str, reference: dict | None = N
     """(findings, comparison) of `reloaded` against `original`. `reference`: the original's probe
     batch and logits (`original_logits`), shared by both reloads; `proven`: file locations already
     proven equal to the original (`proven_locations`)."""
-    from .compare import _vocab, compare_models
+    from .compare import _vocab, compare_models, probe_batch
     from .stages.tie_weights import audit_ties
 
     findings = []
     if reference is None or _vocab(reloaded) != _vocab(original):
-        reference = {}  # a different vocabulary needs compare_models' own probe choice
+        # no shared logits (or a vocabulary that changed): a probe that both models can embed
+        smaller = min((original, reloaded), key=lambda m: _vocab(m) or float("inf"))
+        reference = {"probe": probe_batch(smaller, **ROUND_TRIP_PROBE)}
     comparison = compare_models(reloaded, original, dequantize=False, probe=reference.get("probe"),
                                 reference_logits=reference.get("logits"), same_file_bytes=proven)
     for f in comparison.findings("roundtrip"):
@@ -195,11 +203,11 @@ def reload_with_transformers(original, folder: Path, adapters: list[tuple[str, P
 
 
 def original_logits(original) -> dict | None:
-    """The original's probe logits, computed once for both reloads (one forward of a 1.1B model
-    is about 0.3 s on two cores); None when its forward does not take the probe."""
+    """The original's logits on the round-trip probe, computed once for both reloads; None when its
+    forward does not take the probe."""
     from .compare import _accepts, probe_batch, probe_logits
 
-    probe = probe_batch(original)
+    probe = probe_batch(original, **ROUND_TRIP_PROBE)
     if not _accepts(original, probe):
         return None
     return {"probe": probe, "logits": probe_logits(original, probe)}

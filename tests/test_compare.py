@@ -304,6 +304,15 @@ def test_probe_batch_is_fixed_and_documented():
     assert p["decoder_input_ids"].shape == (2, 16) and int(p["input_ids"].max()) < 256
 
 
+def test_probe_batch_of_another_size_is_drawn_the_same_way():
+    llama = tf.LlamaForCausalLM(tf.LlamaConfig(**builders.LLAMA))
+    small = probe_batch(llama, batch=1, length=4)["input_ids"]
+    g = torch.Generator().manual_seed(0)
+    assert small.shape == (1, 4) and torch.equal(small, torch.randint(0, 256, (1, 4), generator=g))
+    short = tf.LlamaForCausalLM(tf.LlamaConfig(**{**builders.LLAMA, "max_position_embeddings": 3}))
+    assert probe_batch(short, batch=1, length=4)["input_ids"].shape == (1, 3)  # capped by max positions
+
+
 # ------------------------------------------------------------------------------------- layouts
 
 

@@ -481,6 +481,18 @@ def test_the_probe_runs_beside_the_write_for_a_plain_model_only(checkpoints, ove
     assert saving.overlaps_write(result) is overlaps
 
 
+def test_the_round_trip_probe_is_one_short_sequence(checkpoints):
+    """The logits check runs three forwards; it uses `ROUND_TRIP_PROBE` (1 x 4 tokens), not diff's
+    2 x 16, and the reference logits are those of that probe."""
+    from qfinal.compare import probe_batch, probe_logits
+
+    model = qfinal.load(checkpoints["llama_untied"]).model
+    reference = saving.original_logits(model)
+    assert reference["probe"]["input_ids"].shape == (1, 4) == tuple(reference["logits"].shape[:2])
+    expected = probe_logits(model, probe_batch(model, batch=1, length=4))
+    assert torch.equal(reference["logits"], expected)
+
+
 def test_a_probe_that_fails_beside_the_write_publishes_nothing(checkpoints, tmp_path, monkeypatch):
     def broken(model):
         raise RuntimeError("probe forward failed")
