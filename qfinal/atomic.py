@@ -96,6 +96,14 @@ def sync_early(tmp: Path, path: Path) -> None:
     _EARLY_SYNCS.setdefault(Path(tmp), []).append(_SYNC_POOL.submit(job, path))
 
 
+def stop_sync_helper() -> None:
+    """Join the flush helper thread (idle once every atomic_dir has waited for its flushes)."""
+    global _SYNC_POOL
+    if _SYNC_POOL is not None:
+        pool, _SYNC_POOL = _SYNC_POOL, None
+        pool.shutdown(wait=True)
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())

@@ -127,3 +127,62 @@ def test_quiet_libraries_does_not_import_transformers(user_verbosity):
 
     want = logging.INFO if user_verbosity == "info" else logging.ERROR
     assert (verbosity, int(level), bars) == (user_verbosity or "error", want, "False")
+
+
+# ------------------------------------------------------------------------------ leaving fast
+
+LEAVE_CHILD = """
+import atexit, sys, threading
+mode, marker = sys.argv[1], sys.argv[2]
+if mode != "no-torch":
+    import torch  # noqa: F401  (what makes leave() skip the interpreter's teardown)
+atexit.register(lambda: open(marker, "w").write("atexit ran"))
+sys.stdout.write("buffered, no newline")  # still in the buffer when leave() is called
+release = threading.Event()
+if mode == "busy-thread":
+    threading.Thread(target=release.wait, args=(30,), daemon=False).start()
+from qfinal.cli import leave
+try:
+    leave(3)
+except SystemExit as exc:
+    release.set()
+    sys.stdout.write(f" | sys.exit({exc.code})")
+    raise
+"""
+
+
+@pytest.mark.parametrize("mode, how", [("torch", "fast"), ("no-torch", "sys.exit"), ("busy-thread", "sys.exit")])
+def test_leave_keeps_the_code_the_output_and_the_exit_handlers(tmp_path, mode, how):
+    """With torch loaded and nothing else running, `leave` skips the interpreter's teardown
+    (os._exit) but keeps what an ordinary exit gives: the code, buffered stdout, atexit handlers.
+    Without torch, or beside a running non-daemon thread, it is an ordinary sys.exit."""
+    marker = tmp_path / "atexit.txt"
+    proc = subprocess.run([sys.executable, "-c", LEAVE_CHILD, mode, str(marker)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert marker.read_text() == "atexit ran"
+    assert proc.stdout == "buffered, no newline" + ("" if how == "fast" else " | sys.exit(3)")
+
+
+def test_the_console_script_exits_with_the_check_code_and_complete_json(checkpoints, tmp_path):
+    """`python -m qfinal` (the console entry): a failing check still exits 1 after a fast exit,
+    with the whole JSON report on stdout and the --junit file written."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    bad.mkdir()
+    for f in checkpoints["llama_tied"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "qfinal", "validate", str(bad), "--json", "-",
+                           "--junit", str(tmp_path / "junit.xml")], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False
+    assert any(f["check"] == "nan_inf" and f["severity"] == "error" for f in report["findings"])
+    assert (tmp_path / "junit.xml").read_text().rstrip().endswith("</testsuites>")
