@@ -20,11 +20,18 @@ scans every tensor itself, as without the prescan.
 The test is on the bits, two integer max reductions per run of same-dtype bytes and no temporary:
 a float is NaN or Inf exactly when its exponent bits are all ones, i.e. as a signed integer it is at
 least the +Inf pattern, or as an unsigned integer at least the -Inf pattern.
+
+The bytes are read through a read-only mapping of one window of the file at a time, unmapped before
+the next: no copy (a `pread` into a buffer streamed every byte through memory twice more and cost
+the importing main thread ~0.2 s of a 3.1 s import on the 1.1B bench; the mapping, ~0.08 s), and
+the window bounds what the scan adds to the process's RSS. Like the loader's own mapping, a file
+truncated underneath it ends the process with SIGBUS.
 """
 
 from __future__ import annotations
 
 import bisect
+import mmap
 import os
 import sys
 import threading
@@ -33,7 +40,7 @@ from dataclasses import dataclass, field
 
 RACY_SECONDS = 1.0
 JOIN_SECONDS = 30.0  # how long validate waits for the thread to finish its current read
-CHUNK_BYTES = 32 << 20  # one read; bounds the thread's memory (the buffer is its only allocation)
+WINDOW_BYTES = 64 << 20  # one mapping at a time: what the scan adds to RSS, at most
 
 # safetensors dtype -> (numpy signed, numpy unsigned, +Inf bit pattern, -Inf bit pattern, torch name);
 # little-endian, as safetensors stores them
@@ -114,13 +121,12 @@ class Prescan:
                 by_file.setdefault(entry.file, []).append(entry)
         import numpy as np
 
-        buffer = bytearray(CHUNK_BYTES)
         for name, entries in by_file.items():
             if self._stop.is_set():
                 return
-            self._scan_file(np, inv.root / name, sorted(entries, key=lambda e: e.start), buffer)
+            self._scan_file(np, inv.root / name, sorted(entries, key=lambda e: e.start))
 
-    def _scan_file(self, np, path, entries, buffer: bytearray) -> None:
+    def _scan_file(self, np, path, entries) -> None:
         began = time.time_ns()
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -141,7 +147,7 @@ class Prescan:
                 if self._stop.is_set():
                     break
                 start, end = base + entry.start, base + entry.end
-                clean = self._clean_range(np, fd, start, end, entry.dtype, buffer)
+                clean = self._clean_range(np, fd, start, end, entry.dtype)
                 if clean is None:
                     break
                 scanned.spans.append((start, end, _FLOATS[entry.dtype][4], clean))
@@ -180,25 +186,33 @@ class Prescan:
             return None
         return 8 + n
 
-    def _clean_range(self, np, fd: int, start: int, end: int, dtype: str, buffer: bytearray) -> bool | None:
-        """True when no element of [start, end) is NaN or Inf; None when stopped or unreadable."""
+    def _clean_range(self, np, fd: int, start: int, end: int, dtype: str,
+                     window: int = WINDOW_BYTES) -> bool | None:
+        """True when no element of [start, end) is NaN or Inf; None when stopped or unreadable.
+        `window` (a multiple of the mapping granularity) is how much of the file is mapped at once;
+        an element cut by a window's end is read whole from the next one."""
         signed, unsigned, pos_inf, neg_inf, _ = _FLOATS[dtype]
         width = np.dtype(signed).itemsize
-        view = memoryview(buffer)
-        step = len(buffer) - len(buffer) % width
         offset = start
         while offset < end:
             if self._stop.is_set():
                 return None
-            want = min(step, end - offset)
-            got = os.preadv(fd, [view[:want]], offset)
-            if got != want:
+            base = offset - offset % mmap.ALLOCATIONGRANULARITY
+            length = min(end, max(base + window, offset + width)) - base  # at least one element
+            count = (length - (offset - base)) // width
+            try:
+                mapped = mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=base)
+            except (OSError, ValueError):
                 return None
-            count = want // width
-            if (np.frombuffer(buffer, dtype=signed, count=count).max() >= pos_inf
-                    or np.frombuffer(buffer, dtype=unsigned, count=count).max() >= neg_inf):
+            try:
+                values = np.frombuffer(mapped, dtype=signed, count=count, offset=offset - base)
+                bad = bool(values.max() >= pos_inf or values.view(unsigned).max() >= neg_inf)
+                del values  # the mapping cannot close while an array still exports it
+            finally:
+                mapped.close()
+            if bad:
                 return False
-            offset += want
+            offset += count * width
         return True
 
     # ------------------------------------------------------------------ the validate side

@@ -7,6 +7,7 @@ with torch's own isfinite.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -91,12 +92,38 @@ def test_the_bit_test_agrees_with_isfinite_on_any_bits(tmp_path_factory, name, d
     path.write_bytes(values.view(bits).numpy().tobytes())
     fd = os.open(path, os.O_RDONLY)
     try:
-        scan = prescan.Prescan(SimpleNamespace())
-        buffer = bytearray(6 * 8)  # several reads for longer inputs
-        verdict = scan._clean_range(np, fd, 0, path.stat().st_size, name, buffer)
+        verdict = prescan.Prescan(SimpleNamespace())._clean_range(np, fd, 0, path.stat().st_size, name)
     finally:
         os.close(fd)
     assert verdict is bool(torch.isfinite(values).all())
+
+
+@pytest.mark.parametrize("name", ["BF16", "F32", "F64"])
+@pytest.mark.parametrize("where", ["first", "last", "straddles", "after"])
+def test_windows_cover_every_element_once(tmp_path, name, where):
+    """Data at an odd file offset, mapped one page-sized window at a time: an element cut by a
+    window's end is read whole from the next window, and nothing outside [start, end) counts."""
+    dtype = FLOAT_DTYPES[name]
+    width = torch.finfo(dtype).bits // 8
+    page = mmap.ALLOCATIONGRANULARITY
+    start = 8 + 3  # odd, as a header of any length can leave it
+    values = torch.zeros(3 * page // width + 5, dtype=dtype)
+    cut = (page - start) // width  # the element that straddles the first window's end
+    index = {"first": 0, "last": values.numel() - 1, "straddles": cut}.get(where)
+    if index is not None:
+        values[index] = float("nan")
+    tail = torch.tensor([float("inf")], dtype=dtype) if where == "after" else torch.zeros(0, dtype=dtype)
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"x" * start + values.view(torch.uint8).numpy().tobytes()
+                     + tail.view(torch.uint8).numpy().tobytes())
+    assert (start + cut * width) < page < (start + (cut + 1) * width)  # really straddles
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        verdict = prescan.Prescan(SimpleNamespace())._clean_range(
+            np, fd, start, start + values.numel() * width, name, window=page)
+    finally:
+        os.close(fd)
+    assert verdict is (index is None)
 
 
 # ----------------------------------------------------------------------------- what is trusted
@@ -305,7 +332,7 @@ def test_one_descriptor_per_file_and_none_after_close(tmp_path, no_racy_wait):
     before = _open_fds()
     scan = finished(folder)
     entries = list(safety.inspect_checkpoint(folder).tensors.values())
-    scan._scan_file(np, folder / "model.safetensors", entries, bytearray(1 << 16))  # same inode again
+    scan._scan_file(np, folder / "model.safetensors", entries)  # same inode again
     assert len(scan._files) == 1 and _open_fds() == before + 1
     scan.close()
     assert _open_fds() == before
