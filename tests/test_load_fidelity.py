@@ -186,3 +186,44 @@ def test_pread_slices_are_the_files_bytes(tmp_path, monkeypatch):
         last = max((k for k in state if tensors[k].numel()), key=lambda k: state[k].offset)
         with pytest.raises(CheckpointError, match="ended before"):
             state[last][...]
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+@pytest.mark.parametrize("fixture", ["llama_untied", "gpt2"])
+def test_heap_release_between_reads_changes_nothing(checkpoints, monkeypatch, fixture, quant):
+    """Quantize-on-load gives freed heap pages back while it reads (HeapReleaser); forced before
+    every read here, the model still equals from_pretrained bit for bit."""
+    from qfinal.stages import checkpoint_dispatch
+
+    released, reads = [], []
+    release, before_read = checkpoint_dispatch.HeapReleaser.release, checkpoint_dispatch.HeapReleaser.before_read
+    monkeypatch.setattr(checkpoint_dispatch, "TRIM_EVERY_BYTES", 1)
+    monkeypatch.setattr(checkpoint_dispatch.HeapReleaser, "release",
+                        lambda self: (released.append(self.pending), release(self)))
+    monkeypatch.setattr(checkpoint_dispatch.HeapReleaser, "before_read",
+                        lambda self, nbytes: (reads.append(nbytes), before_read(self, nbytes)))
+    path = checkpoints[fixture]
+    overrides, bnb = QUANT[quant]
+    result = qfinal.load(path, **overrides)
+    reference = builders.model_class_for(path).from_pretrained(
+        path, quantization_config=tf.BitsAndBytesConfig(**bnb))
+    assert_state_dicts_identical(result.model, reference)
+    assert_logits_identical(result.model, reference)
+    assert len(reads) > 10 and all(reads)  # every checkpoint tensor went through PreadSlice
+    if checkpoint_dispatch.HeapReleaser()._trim is not None:  # glibc
+        assert len(released) == len(reads) - 1  # before every read but the first
+
+
+def test_heap_release_counts_bytes_read():
+    from qfinal.stages.checkpoint_dispatch import HeapReleaser
+
+    heap = HeapReleaser(every=100)
+    calls = []
+    heap._trim = calls.append
+    for nbytes in (60, 30, 20, 100, 5):
+        heap.before_read(nbytes)
+    # 60+30 < 100: no release; 110 >= 100 before the 4th read; then 100 >= 100 before the 5th
+    assert calls == [0, 0] and heap.pending == 5
+    heap._trim = None
+    heap.before_read(10 ** 9)
+    assert heap.pending == 5  # without malloc_trim nothing is counted or called
