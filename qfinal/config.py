@@ -11,7 +11,6 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
@@ -180,6 +179,8 @@ def config_from_dict(data: dict, where: str = "options", **overrides: Any) -> Ru
 
 
 def read_yaml(file: str | Path) -> dict:
+    import yaml  # here, not at the top: a load without a config file never needs it (~12 ms)
+
     path = Path(file)
     try:
         text = path.read_text(encoding="utf-8")
