@@ -95,3 +95,16 @@ def bnb_checkpoint(source: Path, out: Path, method: str) -> Path:
     cls = model_class_for(source)
     model = cls.from_pretrained(source, quantization_config=tf.BitsAndBytesConfig(**QUANT_OPTIONS[method]))
     return _save(model, out)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, flat. Comparing these is bit-for-bit equality, NaN payloads and signed
+    zeros included (4-bit data packed into a float quant_storage is full of NaN patterns, which
+    torch.equal calls unequal). Written here, not taken from qfinal.compare: the code under test
+    must not judge itself."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, same shape and the same bytes."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))

@@ -44,15 +44,6 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    a, b = a.contiguous(), b.contiguous()
-    if a.is_floating_point():
-        a, b = a.view(torch.uint8), b.view(torch.uint8)
-    return torch.equal(a, b)
-
-
 def load_bnb(path: Path):
     """The bnb checkpoint as transformers loads it (still quantized). Fresh each call: a forward pass
     on CPU repacks 4-bit weights in place, after which transformers' dequantize() is wrong."""
@@ -133,7 +124,7 @@ def check_against_transformers(src: Path, out: Path, result, dtype: torch.dtype)
         if isinstance(plain.get_submodule(owner), Conv1D):
             want = want.t()
         assert want.dtype == dtype, (name, want.dtype)
-        assert bits_equal(got[name], want.contiguous()), name
+        assert builders.bits_equal(got[name], want.contiguous()), name
 
     # 3. Every other tensor == the source tensor cast to dtype (non-floating ones unchanged).
     source = read_tensors(src)
@@ -142,7 +133,7 @@ def check_against_transformers(src: Path, out: Path, result, dtype: torch.dtype)
         want = source[name]
         if want.is_floating_point():
             want = want.to(dtype)
-        assert bits_equal(got[name], want), name
+        assert builders.bits_equal(got[name], want), name
 
     # 4. Every floating tensor in OUT (and in the loaded model) has the requested dtype.
     assert all(t.dtype == dtype for t in got.values() if t.is_floating_point())
@@ -695,7 +686,7 @@ def test_pipeline_dequantize_equals_streamed(cases, arch, method, dtype):
     differ = {}
     for name, want in streamed.items():
         have = sd[name]
-        if not bits_equal(have.detach(), want):
+        if not builders.bits_equal(have.detach(), want):
             differ[name] = (have.dtype, list(have.shape), want.dtype, list(want.shape),
                             (have.float() - want.float()).abs().max().item()
                             if have.shape == want.shape else None)

@@ -19,19 +19,13 @@ QUANT = {
 }
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes: bit-for-bit equality, NaN payloads and signed zeros included (4-bit data
-    packed into a float quant_storage is full of NaN patterns, which torch.equal calls unequal)."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
 def assert_state_dicts_identical(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sorted(sa) == sorted(sb)
     for key in sa:
         assert sa[key].dtype == sb[key].dtype, key
         assert sa[key].shape == sb[key].shape, key
-        assert torch.equal(bits(sa[key]), bits(sb[key])), key
+        assert builders.bits_equal(sa[key], sb[key]), key
 
 
 def assert_logits_identical(a, b):
@@ -177,7 +171,7 @@ def test_pread_slices_are_the_files_bytes(tmp_path, monkeypatch):
         for key, want in tensors.items():
             got = state[key][...]
             assert got.dtype == want.dtype and got.shape == want.shape, key
-            assert torch.equal(bits(got), bits(want)), key
+            assert builders.bits_equal(got, want), key
             assert state[key].get_shape() == list(want.shape)
         assert torch.equal(state["f32"][1], tensors["f32"][1])
     with read_without_mmap([str(path)]) as state:  # the file shrinks after its header was checked

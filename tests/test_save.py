@@ -14,7 +14,6 @@ import builders
 import qfinal
 import qfinal.saving as saving
 from qfinal.cli import main
-from qfinal.compare import bit_equal
 
 
 def checks_by_name(report):
@@ -312,7 +311,7 @@ def test_max_shard_size_shards_the_saved_folder(checkpoints, tmp_path, capsys, k
     assert_round_trip_proven(qfinal.save(source, single), single)
     assert_single_file(single)
     a, b = _all_tensors(sharded), _all_tensors(single)
-    assert a.keys() == b.keys() and all(bit_equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(builders.bits_equal(a[k], b[k]) for k in a)
 
 
 def _sharded_bnb_checkpoint(source, out, method):
@@ -341,7 +340,7 @@ def test_save_sharded_prequantized_checkpoint(checkpoints, tmp_path, method, out
     original, saved = _all_tensors(source), _all_tensors(out)
     assert original.keys() == saved.keys()
     assert sum(k.endswith(f".weight.quant_state.bitsandbytes__{method}") for k in saved) == 14
-    assert [k for k in original if not bit_equal(original[k], saved[k])] == []
+    assert [k for k in original if not builders.bits_equal(original[k], saved[k])] == []
 
 
 def test_existing_output_needs_force(checkpoints, tmp_path, capsys):
