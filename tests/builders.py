@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import transformers as tf
+from safetensors import safe_open
 
 SEED = 1234
 
@@ -108,3 +109,21 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, same shape and the same bytes."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def tensors_by_file(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """file name -> {tensor name -> tensor}, for every *.safetensors file in `folder`."""
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            out[path.name] = {k: fh.get_tensor(k) for k in fh.keys()}
+    return out
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in `folder`'s *.safetensors files, by name; no name may be in two files."""
+    merged: dict[str, torch.Tensor] = {}
+    for name, tensors in tensors_by_file(folder).items():
+        assert not merged.keys() & tensors.keys(), (name, sorted(merged.keys() & tensors.keys()))
+        merged.update(tensors)
+    return merged

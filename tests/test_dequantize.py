@@ -35,15 +35,6 @@ tf.logging.set_verbosity_error()
 
 # ----------------------------------------------------------------------------------------- helpers
 
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, "pt") as fh:
-            for key in fh.keys():
-                out[key] = fh.get_tensor(key)
-    return out
-
-
 def load_bnb(path: Path):
     """The bnb checkpoint as transformers loads it (still quantized). Fresh each call: a forward pass
     on CPU repacks 4-bit weights in place, after which transformers' dequantize() is wrong."""
@@ -115,7 +106,7 @@ def check_against_transformers(src: Path, out: Path, result, dtype: torch.dtype)
     # 2. Dequantized weights == transformers' dequantize(dtype), in the checkpoint's layout.
     ref = load_bnb(src)
     ref.dequantize(dtype)  # before any forward pass (see load_bnb)
-    got = read_tensors(out)
+    got = builders.read_tensors(out)
     assert result.dequantized, "no weight was dequantized"
     for name in result.dequantized:
         owner = name.rsplit(".", 1)[0]
@@ -127,7 +118,7 @@ def check_against_transformers(src: Path, out: Path, result, dtype: torch.dtype)
         assert builders.bits_equal(got[name], want.contiguous()), name
 
     # 3. Every other tensor == the source tensor cast to dtype (non-floating ones unchanged).
-    source = read_tensors(src)
+    source = builders.read_tensors(src)
     assert sorted(result.cast) == sorted(set(got) - set(result.dequantized))
     for name in result.cast:
         want = source[name]
@@ -254,7 +245,7 @@ def test_parts_of_one_weight_in_different_files(checkpoints, tmp_path):
     config["torch_dtype"] = config.pop("dtype")  # the pre-5.x spelling must go too
     (src / "config.json").write_text(json.dumps(config))
     (src / "tokenizer_config.json").write_text('{"model_max_length": 64}')
-    tensors = read_tensors(bnb)
+    tensors = builders.read_tensors(bnb)
     weight_map = {}
     for i, key in enumerate(sorted(tensors, reverse=True)):
         weight_map[key] = f"part-{i:03d}.safetensors"
@@ -531,7 +522,7 @@ def test_streaming_writer_holds_one_tensor_at_a_time(tmp_path):
 
     path = tmp_path / "x.safetensors"
     write_safetensors_streaming(path, [(n, torch.float32, s) for n, s in shapes.items()], produce())
-    got = read_tensors(tmp_path)
+    got = builders.read_tensors(tmp_path)
     assert all(torch.equal(got[f"t{i}"], torch.full([64, 64], float(i))) for i in range(6))
 
 
@@ -670,7 +661,7 @@ def test_pipeline_dequantize_equals_streamed(cases, arch, method, dtype):
     from qfinal.quantization import QUANTIZED_CLASSES
 
     src, out, result = cases(arch, method, dtype)
-    streamed = read_tensors(out)
+    streamed = builders.read_tensors(out)
     loaded = qfinal.load(src, dequantize=True, dtype=dq.dtype_name(dtype))
     model = loaded.model
     assert loaded.report.ok, loaded.report.findings

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import transformers as tf
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import builders
@@ -261,26 +260,10 @@ def test_logits_changed_with_every_tensor_exact_fails_the_round_trip(checkpoints
     assert {"roundtrip_keys", "roundtrip_tensors", "roundtrip_ties", "roundtrip_config"} <= passed
 
 
-def _tensors_by_file(folder):
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as fh:
-            out[path.name] = {k: fh.get_tensor(k) for k in fh.keys()}
-    return out
-
-
-def _all_tensors(folder):
-    merged: dict = {}
-    for tensors in _tensors_by_file(folder).values():
-        assert not merged.keys() & tensors.keys()  # no tensor in two files
-        merged.update(tensors)
-    return merged
-
-
 def assert_sharded_as_indexed(folder):
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     weight_map = index["weight_map"]
-    files = _tensors_by_file(folder)
+    files = builders.tensors_by_file(folder)
     assert "model.safetensors" not in files
     assert len(files) >= 2 and set(files) == set(weight_map.values())
     for name, tensors in files.items():
@@ -310,7 +293,7 @@ def test_max_shard_size_shards_the_saved_folder(checkpoints, tmp_path, capsys, k
     single = tmp_path / "single"  # the default max shard size (2GB)
     assert_round_trip_proven(qfinal.save(source, single), single)
     assert_single_file(single)
-    a, b = _all_tensors(sharded), _all_tensors(single)
+    a, b = builders.read_tensors(sharded), builders.read_tensors(single)
     assert a.keys() == b.keys() and all(builders.bits_equal(a[k], b[k]) for k in a)
 
 
@@ -337,7 +320,7 @@ def test_save_sharded_prequantized_checkpoint(checkpoints, tmp_path, method, out
         assert_single_file(out)
     else:
         assert_sharded_as_indexed(out)
-    original, saved = _all_tensors(source), _all_tensors(out)
+    original, saved = builders.read_tensors(source), builders.read_tensors(out)
     assert original.keys() == saved.keys()
     assert sum(k.endswith(f".weight.quant_state.bitsandbytes__{method}") for k in saved) == 14
     assert [k for k in original if not builders.bits_equal(original[k], saved[k])] == []
