@@ -91,11 +91,12 @@ def model_class_for(path: Path):
     return getattr(tf, config.architectures[0])
 
 
-def bnb_checkpoint(source: Path, out: Path, method: str) -> Path:
-    """A pre-quantized bnb checkpoint, as transformers writes it after quantizing on the fly."""
+def bnb_checkpoint(source: Path, out: Path, method: str, max_shard_size: str | None = None) -> Path:
+    """A pre-quantized bnb checkpoint, as transformers writes it after quantizing on the fly
+    (sharded by save_pretrained when `max_shard_size` is given)."""
     cls = model_class_for(source)
     model = cls.from_pretrained(source, quantization_config=tf.BitsAndBytesConfig(**QUANT_OPTIONS[method]))
-    return _save(model, out)
+    return _save(model, out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -297,17 +297,10 @@ def test_max_shard_size_shards_the_saved_folder(checkpoints, tmp_path, capsys, k
     assert a.keys() == b.keys() and all(builders.bits_equal(a[k], b[k]) for k in a)
 
 
-def _sharded_bnb_checkpoint(source, out, method):
-    model = builders.model_class_for(source).from_pretrained(
-        source, quantization_config=tf.BitsAndBytesConfig(**builders.QUANT_OPTIONS[method]))
-    out.mkdir(parents=True)
-    model.save_pretrained(out, max_shard_size="40KB")
-    return out
-
-
 @pytest.mark.parametrize("method,out_shard", [("nf4", "40KB"), ("fp4", "2GB")])
 def test_save_sharded_prequantized_checkpoint(checkpoints, tmp_path, method, out_shard):
-    source = _sharded_bnb_checkpoint(checkpoints["llama_sharded"], tmp_path / "src", method)
+    source = builders.bnb_checkpoint(checkpoints["llama_sharded"], tmp_path / "src", method,
+                                    max_shard_size="40KB")
     assert_sharded_as_indexed(source)
     quant = json.loads((source / "config.json").read_text())["quantization_config"]
     assert quant["bnb_4bit_quant_type"] == method and not quant["bnb_4bit_use_double_quant"]
