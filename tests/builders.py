@@ -128,3 +128,16 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         assert not merged.keys() & tensors.keys(), (name, sorted(merged.keys() & tensors.keys()))
         merged.update(tensors)
     return merged
+
+
+SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
+
+
+def failing_checks(report: dict, level: str = "error") -> dict[str, list[dict]]:
+    """A JSON report's findings at `level` or above, by check name, in report order. A severity
+    other than info/warning/error is a KeyError: the report's schema changed."""
+    out: dict[str, list[dict]] = {}
+    for f in report["findings"]:
+        if SEVERITY_RANK[f["severity"]] >= SEVERITY_RANK[level]:
+            out.setdefault(f["check"], []).append(f)
+    return out

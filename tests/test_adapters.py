@@ -422,16 +422,12 @@ def _yaml(tmp_path, *adapters: Path, merge: bool = False) -> Path:
     return config
 
 
-def _failing_checks(report: dict) -> set[str]:
-    return {f["check"] for f in report["findings"] if f["severity"] == "error"}
-
-
 @pytest.mark.parametrize("adapter", ["gpt2_lora", "llama_renamed"])
 def test_validate_fails_on_foreign_adapter(w, tmp_path, capsys, adapter):
     code, report = _cli(capsys, "validate", w["llama"], "--config", _yaml(tmp_path, w[adapter]))
     assert code == 1
     assert report["ok"] is False
-    assert "adapter_coverage" in _failing_checks(report)
+    assert "adapter_coverage" in builders.failing_checks(report)
     (record,) = report["adapters"]
     assert record["name"] == adapter and record["path"] == str(w[adapter])
     if adapter == "gpt2_lora":  # another architecture: nothing lands
@@ -490,7 +486,7 @@ def test_adapter_for_another_task(w, seq_cls, tmp_path, capsys):
                for m in base_warnings), base_warnings
     # under validate: exit 1 on adapter_coverage, the task mismatch in the report
     code, report = _cli(capsys, "validate", w["llama"], "--config", _yaml(tmp_path, adapter))
-    assert code == 1 and "adapter_coverage" in _failing_checks(report)
+    assert code == 1 and "adapter_coverage" in builders.failing_checks(report)
     (record,) = report["adapters"]
     assert record["unused"] == head and record["task_type"] == "SEQ_CLS"
     assert record["modules_to_save"] == ["classifier", "score"]
@@ -582,5 +578,5 @@ def test_example_config_lora_merge(w, tmp_path, monkeypatch, capsys):
     shutil.rmtree(tmp_path / "my-lora")
     shutil.copytree(w["gpt2_lora"], tmp_path / "my-lora")
     code, report = _cli(capsys, "validate", w["llama"], "--config", example)
-    assert code == 1 and "adapter_coverage" in _failing_checks(report)
+    assert code == 1 and "adapter_coverage" in builders.failing_checks(report)
     assert report["adapters"][0]["unused"] == _keys(w["gpt2_lora"])

@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import builders
 from qfinal.cli import main
 
 COMMANDS = ["load", "save", "dequantize"]
@@ -89,20 +90,10 @@ def assert_refused(res: Result, *names: str, out: Path | None = None, root: Path
     return lines[0]
 
 
-def failed_checks(res: Result) -> dict[str, list[dict]]:
-    """`qfinal validate --json -` output: error findings by check name."""
-    doc = json.loads(res.out)
-    out: dict[str, list[dict]] = {}
-    for f in doc["findings"]:
-        if f["severity"] == "error":
-            out.setdefault(f["check"], []).append(f)
-    return out
-
-
 def assert_check_failed(res: Result, check: str, *names: str) -> None:
     assert res.code == 1, f"exit {res.code}, stderr:\n{res.err}"
     assert "Traceback" not in res.err, res.err
-    failed = failed_checks(res)
+    failed = builders.failing_checks(json.loads(res.out))  # `qfinal validate --json -`
     assert check in failed, f"{check} not among failed checks {sorted(failed)}"
     text = json.dumps(failed[check])
     for name in names:

@@ -104,17 +104,9 @@ def _run_json(argv, capsys):
     return code, json.loads(captured.out)
 
 
-def errors_by_check(report: dict) -> dict:
-    out: dict = {}
-    for f in report["findings"]:
-        if f["severity"] == "error":
-            out.setdefault(f["check"], []).append(f)
-    return out
-
-
 def assert_failed_unpublished(code, report, out, check):
     """Exit 1, `check` among the errors for both reloads, and OUT neither published nor left half-made."""
-    errors = errors_by_check(report)
+    errors = builders.failing_checks(report)
     assert code == 1
     assert report["ok"] is False
     assert check in errors, sorted(errors)
@@ -208,7 +200,7 @@ def test_quantization_config_not_persisted_fails_keys_and_config(checkpoints, tm
     _after_writing(monkeypatch, _edit_config(lambda c: c.pop("quantization_config")))
     out = tmp_path / "out"
     code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out), "--quantize", "nf4"], capsys)
-    errors = errors_by_check(report)
+    errors = builders.failing_checks(report)
     assert code == 1 and not out.exists() and not list(tmp_path.glob(".out.qfinal-tmp-*"))
     assert {f["key"] for f in errors["roundtrip_config"]} == {"quantization_config"}
     missing = {f["key"] for f in errors["roundtrip_keys"]} - {None}
@@ -282,7 +274,7 @@ def test_max_shard_size_shards_the_saved_folder(checkpoints, tmp_path, capsys, k
     source = checkpoints["llama_untied"] if kind == "plain" else checkpoints.quantized("llama_tied", "nf4")
     sharded = tmp_path / "sharded"
     code, report = _run_json(["save", str(source), str(sharded), "--max-shard-size", "40KB"], capsys)
-    assert code == 0, errors_by_check(report)
+    assert code == 0, builders.failing_checks(report)
     writer = report["extra"]["save"]["writer"]
     if kind == "plain":
         assert writer == "save_pretrained"
@@ -416,7 +408,7 @@ def test_qfinal_reload_tensor_changed_in_memory_is_still_caught(checkpoints, tmp
     out = tmp_path / "out"
     code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
     assert code == 1 and not out.exists()
-    errors = errors_by_check(report)
+    errors = builders.failing_checks(report)
     keyed = [f for f in errors["roundtrip_tensors"] if f["key"] == "model.norm.weight"]
     assert [f["message"].split(":")[0] for f in keyed] == ["qfinal reload"]
     assert "max abs diff 0.5" in keyed[0]["message"]
@@ -441,7 +433,7 @@ def test_saved_file_replaced_between_reloads_is_still_caught(checkpoints, tmp_pa
     out = tmp_path / "out"
     code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
     assert code == 1 and not out.exists()
-    keyed = [f for f in errors_by_check(report)["roundtrip_tensors"] if f["key"] == "model.norm.weight"]
+    keyed = [f for f in builders.failing_checks(report)["roundtrip_tensors"] if f["key"] == "model.norm.weight"]
     assert [f["message"].split(":")[0] for f in keyed] == ["qfinal reload"]
     assert "max abs diff 0.25" in keyed[0]["message"]
     saved = {n for n in reads}  # every saved tensor, each read by both reloads: none proven by location

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import builders
 from qfinal.cli import main
 
 MODES = ["full", "fast"]
@@ -38,16 +39,6 @@ def validate_json(capsys, path, mode: str = "full", *extra) -> tuple[int, dict]:
     code, out, err = run_cli(capsys, *args)
     assert code in (0, 1), err
     return code, json.loads(out)
-
-
-def failing(report: dict, level: str = "error") -> dict[str, list[dict]]:
-    """check name -> its findings at or above `level`."""
-    rank = {"info": 0, "warning": 1, "error": 2}
-    out: dict[str, list[dict]] = {}
-    for f in report["findings"]:
-        if rank[f["severity"]] >= rank[level]:
-            out.setdefault(f["check"], []).append(f)
-    return out
 
 
 def assert_one_line_error(code: int, err: str) -> None:
@@ -160,8 +151,8 @@ def variants(checkpoints, tmp_path_factory):
 @pytest.mark.parametrize("name", ["clean", "clean_sharded", "no_prefix"])
 def test_clean_checkpoint_passes(capsys, variants, name, mode):
     code, report = validate_json(capsys, variants[name], mode)
-    assert code == 0, failing(report)
-    assert report["ok"] and not failing(report, "warning")
+    assert code == 0, builders.failing_checks(report)
+    assert report["ok"] and not builders.failing_checks(report, "warning")
     assert "tie_audit" in report["checks"] and "missing_keys" in report["checks"]
     if mode == "fast":
         assert set(report["extra"]["skipped_checks"]) == {"nan_inf", "meta_tensors"}
@@ -190,7 +181,7 @@ def test_human_output_on_clean_checkpoint(capsys, variants):
 def test_defect_is_caught_by_its_check(capsys, variants, variant, check, key, mode):
     code, report = validate_json(capsys, variants[variant], mode)
     assert code == 1
-    bad = failing(report)
+    bad = builders.failing_checks(report)
     assert list(bad) == [check], bad
     assert [f["key"] for f in bad[check]] == [key]
     if check == "shape_mismatch":
@@ -202,7 +193,7 @@ def test_defect_is_caught_by_its_check(capsys, variants, variant, check, key, mo
 def test_nan_is_caught_in_full_mode_only(capsys, variants):
     code, report = validate_json(capsys, variants["nan"], "full")
     assert code == 1
-    bad = failing(report)
+    bad = builders.failing_checks(report)
     assert list(bad) == ["nan_inf"]
     assert bad["nan_inf"][0]["key"] == POISONED
     assert "1 NaN and 1 Inf" in bad["nan_inf"][0]["message"]
@@ -217,7 +208,7 @@ def test_nan_is_caught_in_full_mode_only(capsys, variants):
 def test_missing_shard(capsys, variants, mode):
     code, report = validate_json(capsys, variants["shard_gone"], mode)
     assert code == 1
-    bad = failing(report)
+    bad = builders.failing_checks(report)
     assert list(bad) == ["index_consistency"], bad
     assert "missing from the folder" in bad["index_consistency"][0]["message"]
     # The shard's keys are not reported a second time as missing errors: they are listed as info.
@@ -231,7 +222,7 @@ def test_missing_shard(capsys, variants, mode):
 def test_index_points_at_wrong_shard(capsys, variants, mode):
     code, report = validate_json(capsys, variants["wrong_shard"], mode)
     assert code == 1
-    bad = failing(report)
+    bad = builders.failing_checks(report)
     assert list(bad) == ["index_consistency"], bad
     assert [f["key"] for f in bad["index_consistency"]] == [variants["wrong_shard_key"]]
     assert "does not hold it" in bad["index_consistency"][0]["message"]
@@ -243,7 +234,7 @@ def test_index_points_at_wrong_shard(capsys, variants, mode):
 def test_shard_key_missing_from_index(capsys, variants, mode):
     code, report = validate_json(capsys, variants["unlisted"], mode)
     assert code == 1
-    bad = failing(report)
+    bad = builders.failing_checks(report)
     assert "index_consistency" in bad
     assert [f["key"] for f in bad["index_consistency"]] == ["model.stray.weight"]
     assert "not listed" in bad["index_consistency"][0]["message"]
@@ -252,7 +243,7 @@ def test_shard_key_missing_from_index(capsys, variants, mode):
 def test_broken_tie_full_mode(capsys, variants):
     code, report = validate_json(capsys, variants["broken_tie"], "full")
     assert code == 1
-    bad = failing(report)
+    bad = builders.failing_checks(report)
     assert list(bad) == ["tie_audit"], bad
     (finding,) = bad["tie_audit"]
     assert finding["key"] == "lm_head.weight"
@@ -264,7 +255,7 @@ def test_broken_tie_fast_mode_warns(capsys, variants):
     """Fast mode cannot compare data: both halves present is a warning (exit 0), --fail-on warning fails."""
     code, report = validate_json(capsys, variants["broken_tie"], "fast")
     assert code == 0
-    warnings = failing(report, "warning")
+    warnings = builders.failing_checks(report, "warning")
     assert list(warnings) == ["tie_audit"]
     assert "cannot compare" in warnings["tie_audit"][0]["message"]
     code, report = validate_json(capsys, variants["broken_tie"], "fast", "--fail-on", "warning")
@@ -273,7 +264,7 @@ def test_broken_tie_fast_mode_warns(capsys, variants):
 
 def test_equal_tie_halves_pass_full_mode(capsys, variants):
     code, report = validate_json(capsys, variants["equal_tie"], "full")
-    assert code == 0, failing(report)
+    assert code == 0, builders.failing_checks(report)
     (tie,) = [f for f in report["findings"] if f["check"] == "tie_audit"]
     assert "both keys, equal" in tie["message"] and "share storage" in tie["message"]
 
@@ -289,7 +280,7 @@ def test_untied_loading_leaves_meta_tensor_with_reason(capsys, variants, tmp_pat
     config = write_yaml(tmp_path / "q.yaml", "tie_weights: false\n")
     code, report = validate_json(capsys, variants["clean"], "full", "--config", config)
     assert code == 1
-    bad = failing(report)
+    bad = builders.failing_checks(report)
     assert set(bad) == {"missing_keys", "tie_audit", "meta_tensors"}
     (meta,) = bad["meta_tensors"]
     assert meta["key"] == "lm_head.weight"
@@ -327,7 +318,7 @@ def nf4_variants(checkpoints, tmp_path_factory):
 @pytest.mark.parametrize("mode", MODES)
 def test_quantized_checkpoint_passes(capsys, nf4_variants, mode):
     code, report = validate_json(capsys, nf4_variants["clean"], mode)
-    assert code == 0, failing(report)
+    assert code == 0, builders.failing_checks(report)
     (q,) = [f for f in report["findings"] if f["check"] == "quantization_config"]
     assert "14 quantized module(s) complete" in q["message"]
 
@@ -341,7 +332,7 @@ def test_quantized_checkpoint_passes(capsys, nf4_variants, mode):
 def test_quant_state_disagreeing_with_config(capsys, nf4_variants, variant, key, text, mode):
     code, report = validate_json(capsys, nf4_variants[variant], mode)
     assert code == 1
-    bad = failing(report)
+    bad = builders.failing_checks(report)
     assert list(bad) == ["quantization_config"], bad
     assert [f["key"] for f in bad["quantization_config"]] == [key]
     assert text in bad["quantization_config"][0]["message"]
@@ -372,13 +363,13 @@ def test_load_refuses_quant_state_disagreeing_with_config(capsys, nf4_variants, 
 def test_nan_in_quant_state_is_caught(capsys, nf4_variants):
     code, report = validate_json(capsys, nf4_variants["nan_absmax"], "full")
     assert code == 1
-    assert [f["key"] for f in failing(report)["nan_inf"]] == [NAN_ABSMAX]
+    assert [f["key"] for f in builders.failing_checks(report)["nan_inf"]] == [NAN_ABSMAX]
 
 
 def test_quant_state_without_quantization_config(capsys, nf4_variants):
     code, report = validate_json(capsys, nf4_variants["no_qc"], "fast")
     assert code == 1
-    bad = failing(report)
+    bad = builders.failing_checks(report)
     assert "no quantization_config" in bad["quantization_config"][0]["message"]
 
 
@@ -392,7 +383,7 @@ def test_allow_lists_turn_errors_into_info(capsys, variants, tmp_path, mode):
                         "  allow_missing: ['model.layers.*.mlp.up_proj.weight']\n"
                         "  allow_unexpected: ['re:\\.extra_proj\\.']\n")
     code, report = validate_json(capsys, variants["multi"], mode, "--config", config)
-    assert code == 0, failing(report)
+    assert code == 0, builders.failing_checks(report)
     by_key = {f["key"]: f for f in report["findings"] if f["check"] in ("missing_keys", "unexpected_keys")}
     assert by_key[REMOVED]["severity"] == "info" and "allow_missing" in by_key[REMOVED]["message"]
     assert by_key[EXTRA]["severity"] == "info" and "allow_unexpected" in by_key[EXTRA]["message"]
@@ -402,7 +393,7 @@ def test_allow_list_does_not_cover_other_keys(capsys, variants, tmp_path):
     config = write_yaml(tmp_path / "allow.yaml", "validate:\n  allow_missing: ['lm_head.*']\n")
     code, report = validate_json(capsys, variants["removed"], "fast", "--config", config)
     assert code == 1
-    assert [f["key"] for f in failing(report)["missing_keys"]] == [REMOVED]
+    assert [f["key"] for f in builders.failing_checks(report)["missing_keys"]] == [REMOVED]
 
 
 def test_fail_on_from_config_file(capsys, variants, tmp_path):
@@ -416,7 +407,7 @@ def test_fail_on_from_config_file(capsys, variants, tmp_path):
 def test_validate_ignores_switches_that_would_skip_the_gate(capsys, variants, tmp_path):
     config = write_yaml(tmp_path / "off.yaml", "stop_after: meta_init\nvalidate:\n  enabled: false\n")
     code, report = validate_json(capsys, variants["removed"], "full", "--config", config)
-    assert code == 1 and list(failing(report)) == ["missing_keys"]
+    assert code == 1 and list(builders.failing_checks(report)) == ["missing_keys"]
     assert report["extra"]["ignored_by_validate"] == ["stop_after: meta_init", "validate.enabled: false"]
 
 
@@ -444,7 +435,7 @@ def test_junit_one_testcase_per_check_and_one_failure_per_failed_check(capsys, v
     ran = [c.get("name") for c in cases if c.find("skipped") is None]
     assert ran == report["checks"]
     failed = {c.get("name"): c.find("failure") for c in cases if c.find("failure") is not None}
-    assert set(failed) == {"missing_keys", "unexpected_keys"} == set(failing(report))
+    assert set(failed) == {"missing_keys", "unexpected_keys"} == set(builders.failing_checks(report))
     assert suite.get("failures") == root.get("failures") == "2"
     assert int(suite.get("tests")) == len(cases)
     assert REMOVED in failed["missing_keys"].text and REMOVED in failed["missing_keys"].get("message")
@@ -492,7 +483,7 @@ def test_checkpoint_level_defects_are_exit_1(capsys, variants, tmp_path):
     for mode in MODES:
         code, report = validate_json(capsys, broken, mode)
         assert code == 1
-        assert list(failing(report)) == ["safetensors_header"]
+        assert list(builders.failing_checks(report)) == ["safetensors_header"]
         assert "missing_keys" not in report["checks"]  # nothing to compare with: skipped, not passed
         assert "missing_keys" in report["extra"]["skipped_checks"]
 
@@ -578,13 +569,13 @@ def test_pickle_weights(capsys, pickles):
     # Refused without --allow-pickle: a failed named check, exit 1 (issue 7), in both modes.
     for mode in MODES:
         code, report = validate_json(capsys, pickles["good"], mode)
-        assert code == 1 and list(failing(report)) == ["pickle_refused"]
+        assert code == 1 and list(builders.failing_checks(report)) == ["pickle_refused"]
     code, report = validate_json(capsys, pickles["good"], "full", "--allow-pickle")
-    assert code == 0, failing(report)
+    assert code == 0, builders.failing_checks(report)
     assert "dtype_consistency" in report["extra"]["skipped_checks"]
     # Fast mode cannot read pickle keys without unpickling: it says so instead of passing them.
     code, report = validate_json(capsys, pickles["good"], "fast", "--allow-pickle")
-    assert code == 0 and list(failing(report, "warning")) == ["checkpoint_files"]
+    assert code == 0 and list(builders.failing_checks(report, "warning")) == ["checkpoint_files"]
     assert "missing_keys" not in report["checks"]
 
 
@@ -593,8 +584,8 @@ def test_pickle_that_weights_only_refuses_is_a_failed_check(capsys, pickles):
     assert code == 1, err
     assert "pickle code ran" not in out + err
     report = json.loads(out)
-    assert list(failing(report)) == ["pickle_refused"]
-    (refusal,) = failing(report)["pickle_refused"]
+    assert list(builders.failing_checks(report)) == ["pickle_refused"]
+    (refusal,) = builders.failing_checks(report)["pickle_refused"]
     assert "pytorch_model.bin" in refusal["message"] and "print" in refusal["message"]
 
 
@@ -612,7 +603,7 @@ def test_adapter_on_top_keeps_the_audit_right(capsys, variants, tmp_path, merge)
                         ).save_pretrained(tmp_path / "lora")
     config = write_yaml(tmp_path / "a.yaml", f"adapters:\n  - path: {tmp_path / 'lora'}\n    merge: {str(merge).lower()}\n")
     code, report = validate_json(capsys, variants["clean"], "full", "--config", config)
-    assert code == 0, failing(report)
+    assert code == 0, builders.failing_checks(report)
     assert "adapter_coverage" in report["checks"]
     (tie,) = [f for f in report["findings"] if f["check"] == "tie_audit"]
     assert "share storage" in tie["message"]
