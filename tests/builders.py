@@ -6,8 +6,10 @@ its path. Sizes keep bnb's 4-bit blocksize (64) happy.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 import transformers as tf
 from safetensors import safe_open
@@ -141,3 +143,24 @@ def failing_checks(report: dict, level: str = "error") -> dict[str, list[dict]]:
         if SEVERITY_RANK[f["severity"]] >= SEVERITY_RANK[level]:
             out.setdefault(f["check"], []).append(f)
     return out
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run `qfinal ARGV` in-process, through the CLI's error boundary (`qfinal.cli.main`); return
+    its exit code, stdout and stderr. Whatever was printed before (fixture building) is dropped."""
+    from qfinal.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def run_json(capsys, *argv) -> tuple[int, dict]:
+    """`qfinal ARGV --json -`: exit 0 or 1, no traceback, and the report parsed from stdout."""
+    code, out, err = run_cli(capsys, *argv, "--json", "-")
+    assert "Traceback" not in err, err
+    assert code in (0, 1), (code, err[-2000:])
+    assert out.strip(), (code, err[-2000:])
+    return code, json.loads(out)

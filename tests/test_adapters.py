@@ -404,17 +404,6 @@ def test_int8_merge(w, qlora, requantize):
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cli(capsys, *argv) -> tuple[int, dict]:
-    """Run `qfinal ARGV --json -`; return (exit code, the JSON report)."""
-    from qfinal.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv] + ["--json", "-"])
-    captured = capsys.readouterr()
-    assert exc.value.code in (0, 1), captured.err
-    return exc.value.code, json.loads(captured.out)
-
-
 def _yaml(tmp_path, *adapters: Path, merge: bool = False) -> Path:
     config = tmp_path / "adapters.yaml"
     config.write_text("adapters:\n" + "".join(f"  - path: {json.dumps(str(a))}\n    merge: {str(merge).lower()}\n"
@@ -424,7 +413,7 @@ def _yaml(tmp_path, *adapters: Path, merge: bool = False) -> Path:
 
 @pytest.mark.parametrize("adapter", ["gpt2_lora", "llama_renamed"])
 def test_validate_fails_on_foreign_adapter(w, tmp_path, capsys, adapter):
-    code, report = _cli(capsys, "validate", w["llama"], "--config", _yaml(tmp_path, w[adapter]))
+    code, report = builders.run_json(capsys, "validate", w["llama"], "--config", _yaml(tmp_path, w[adapter]))
     assert code == 1
     assert report["ok"] is False
     assert "adapter_coverage" in builders.failing_checks(report)
@@ -441,7 +430,7 @@ def test_validate_fails_on_foreign_adapter(w, tmp_path, capsys, adapter):
     # the same command with the adapter made for this base passes
     (tmp_path / "good").mkdir()
     good = _yaml(tmp_path / "good", w["llama_lora"])
-    code, report = _cli(capsys, "validate", w["llama"], "--config", good)
+    code, report = builders.run_json(capsys, "validate", w["llama"], "--config", good)
     assert code == 0 and report["adapters"][0]["unused"] == [] and report["adapters"][0]["matched"] == 12
 
 
@@ -485,7 +474,7 @@ def test_adapter_for_another_task(w, seq_cls, tmp_path, capsys):
     assert any("architectures ['LlamaForSequenceClassification'] vs ['LlamaForCausalLM']" in m
                for m in base_warnings), base_warnings
     # under validate: exit 1 on adapter_coverage, the task mismatch in the report
-    code, report = _cli(capsys, "validate", w["llama"], "--config", _yaml(tmp_path, adapter))
+    code, report = builders.run_json(capsys, "validate", w["llama"], "--config", _yaml(tmp_path, adapter))
     assert code == 1 and "adapter_coverage" in builders.failing_checks(report)
     (record,) = report["adapters"]
     assert record["unused"] == head and record["task_type"] == "SEQ_CLS"
@@ -506,7 +495,7 @@ def test_cli_load_two_adapters_merged(w, capsys, monkeypatch):
 
     monkeypatch.setattr(qfinal.api, "load", spy)
     a, b = w["llama_lora"], w["llama_lora2"]
-    code, report = _cli(capsys, "load", w["llama"], "--adapter", a, "--adapter", b, "--merge")
+    code, report = builders.run_json(capsys, "load", w["llama"], "--adapter", a, "--adapter", b, "--merge")
     assert code == 0, report["findings"]
     assert [(r["name"], r["path"]) for r in report["adapters"]] == [("llama_lora", str(a)), ("llama_lora2", str(b))]
     for record, adapter in zip(report["adapters"], (a, b)):
@@ -577,6 +566,6 @@ def test_example_config_lora_merge(w, tmp_path, monkeypatch, capsys):
     # what its comment promises: an adapter that does not fit fails the adapter_coverage check (exit 1)
     shutil.rmtree(tmp_path / "my-lora")
     shutil.copytree(w["gpt2_lora"], tmp_path / "my-lora")
-    code, report = _cli(capsys, "validate", w["llama"], "--config", example)
+    code, report = builders.run_json(capsys, "validate", w["llama"], "--config", example)
     assert code == 1 and "adapter_coverage" in builders.failing_checks(report)
     assert report["adapters"][0]["unused"] == _keys(w["gpt2_lora"])

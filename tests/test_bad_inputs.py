@@ -27,7 +27,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import builders
-from qfinal.cli import main
 
 COMMANDS = ["load", "save", "dequantize"]
 ALL_COMMANDS = COMMANDS + ["validate", "validate-fast"]
@@ -50,11 +49,7 @@ def run(capsys):
     """Run `qfinal ARGV` in-process; return its exit code, stdout and stderr."""
 
     def _run(*argv) -> Result:
-        capsys.readouterr()  # drop whatever fixture building printed
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        return Result(exit_info.value.code, captured.out, captured.err)
+        return Result(*builders.run_cli(capsys, *argv))
 
     return _run
 

@@ -575,16 +575,6 @@ def test_source_reads_with_pread(checkpoints, monkeypatch):
 
 # ----------------------------------------------------------------------------------------- the CLI
 
-def _cli(capsys, *argv) -> tuple[int, str, str]:
-    from qfinal.cli import main
-
-    capsys.readouterr()  # drop whatever fixture building printed
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
 
@@ -594,7 +584,7 @@ def test_cli_dequantize_verify_and_existing_out(cases, tmp_path, capsys):
 
     # --quiet: exit 0, nothing printed, OUT is what the library writes, loads with plain transformers
     out = tmp_path / "out"
-    code, stdout, stderr = _cli(capsys, "dequantize", src, out, "--dtype", "float16", "--quiet")
+    code, stdout, stderr = builders.run_cli(capsys, "dequantize", src, out, "--dtype", "float16", "--quiet")
     assert (code, stdout, stderr) == (0, "", "")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == (ref_out / "model.safetensors").read_bytes()
@@ -605,7 +595,7 @@ def test_cli_dequantize_verify_and_existing_out(cases, tmp_path, capsys):
 
     # --verify --json -: exit 0, the four named checks, none with an error finding
     verified = tmp_path / "verified"
-    code, stdout, stderr = _cli(capsys, "dequantize", src, verified, "--dtype", "float16", "--verify",
+    code, stdout, stderr = builders.run_cli(capsys, "dequantize", src, verified, "--dtype", "float16", "--verify",
                                 "--json", "-")
     assert "Traceback" not in stderr, stderr
     assert code == 0, stderr
@@ -621,7 +611,7 @@ def test_cli_dequantize_verify_and_existing_out(cases, tmp_path, capsys):
 
     # an existing OUT without --force: exit 2, one line on stderr, OUT untouched
     before = _snapshot(out)
-    code, stdout, stderr = _cli(capsys, "dequantize", src, out, "--dtype", "bfloat16")
+    code, stdout, stderr = builders.run_cli(capsys, "dequantize", src, out, "--dtype", "bfloat16")
     assert code == 2
     assert stdout == "" and len(stderr.splitlines()) == 1 and stderr.endswith("\n"), stderr
     assert "already exists" in stderr and str(out) in stderr and "--force" in stderr
@@ -635,7 +625,7 @@ def test_cli_not_bnb_source(checkpoints, tmp_path, capsys):
     work = tmp_path / "work"
     work.mkdir()
     out = work / "nested" / "out"  # not even OUT's parent may be left behind
-    code, stdout, stderr = _cli(capsys, "dequantize", src, out)
+    code, stdout, stderr = builders.run_cli(capsys, "dequantize", src, out)
     assert code == 2, stderr
     assert stdout == "" and len(stderr.splitlines()) == 1, stderr
     assert stderr.startswith("qfinal: error: ") and "Traceback" not in stderr
@@ -704,7 +694,7 @@ def test_pipeline_dequantize_equals_streamed(cases, arch, method, dtype):
 
 def test_cli_load_dequantize_report(checkpoints, capsys):
     src = checkpoints.quantized("gpt2", "nf4_dq")
-    code, stdout, stderr = _cli(capsys, "load", src, "--dequantize", "--dtype", "float16", "--json", "-")
+    code, stdout, stderr = builders.run_cli(capsys, "load", src, "--dequantize", "--dtype", "float16", "--json", "-")
     assert "Traceback" not in stderr, stderr
     assert code == 0, stderr
     report = json.loads(stdout)

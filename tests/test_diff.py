@@ -8,7 +8,6 @@ on the probe batch as documented (CPU generator seeded 0, 2 x 16 ids in [0, voca
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
@@ -18,7 +17,7 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 
-from qfinal.cli import main
+import builders
 
 PERTURBED = "model.layers.1.mlp.down_proj.weight"
 DELTA = 0.5
@@ -26,19 +25,6 @@ QS = ".quant_state.bitsandbytes__nf4"
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
-def run_json(capsys, *argv) -> tuple[int, dict]:
-    code, out, err = run(capsys, *argv, "--json", "-")
-    assert "Traceback" not in err, err
-    return code, json.loads(out)
 
 
 def tensors_by_name(report: dict) -> dict[str, dict]:
@@ -89,7 +75,7 @@ def files(checkpoints, tmp_path_factory):
 
 
 def test_identical_checkpoints(files, capsys):
-    code, report = run_json(capsys, "diff", files["copy"], files["llama"])
+    code, report = builders.run_json(capsys, "diff", files["copy"], files["llama"])
     assert code == 0
     assert report["command"] == "diff" and report["ok"] is True
     data = report["extra"]["diff"]
@@ -100,14 +86,14 @@ def test_identical_checkpoints(files, capsys):
     assert {f["check"] for f in report["findings"]} == {"diff_keys", "diff_tensors", "diff_logits"}
     assert all(f["severity"] == "info" for f in report["findings"])
 
-    code, out, err = run(capsys, "diff", files["copy"], files["llama"], "--raw")  # stored bits, human view
+    code, out, err = builders.run_cli(capsys, "diff", files["copy"], files["llama"], "--raw")  # stored bits, human view
     assert code == 0, err
     assert "IDENTICAL" in out and "bit-identical" in out and "raw values" in out
 
 
 def test_one_perturbed_tensor_is_named(files, capsys, tmp_path, monkeypatch):
     html = tmp_path / "diff.html"
-    code, report = run_json(capsys, "diff", files["perturbed"], files["llama"], "--html", html)
+    code, report = builders.run_json(capsys, "diff", files["perturbed"], files["llama"], "--html", html)
     assert code == 1 and report["ok"] is False
     tensors = tensors_by_name(report)
     assert [n for n, t in tensors.items() if t["status"] != "identical"] == [PERTURBED]
@@ -145,14 +131,14 @@ def test_one_perturbed_tensor_is_named(files, capsys, tmp_path, monkeypatch):
 
     # Within tolerances: exit 0, the difference still reported (a wide terminal keeps names whole).
     monkeypatch.setenv("COLUMNS", "200")
-    code, out_text, err = run(capsys, "diff", files["perturbed"], files["llama"], "--max-abs", "0.6",
+    code, out_text, err = builders.run_cli(capsys, "diff", files["perturbed"], files["llama"], "--max-abs", "0.6",
                               "--rel-error", "1", "--logits-max-abs", "10", "--min-top1", "0")
     assert code == 0, err
     assert PERTURBED in out_text and "WITHIN TOLERANCES" in out_text
 
 
 def test_nf4_candidate_matches_bitsandbytes(files, checkpoints, capsys, monkeypatch):
-    code, report = run_json(capsys, "diff", files["llama"], files["llama"], "--config-a", files["nf4"])
+    code, report = builders.run_json(capsys, "diff", files["llama"], files["llama"], "--config-a", files["nf4"])
     assert code == 1  # exact equality is the default tolerance
     assert report["quantization"] == "nf4 vs none"
     tensors = tensors_by_name(report)
@@ -171,7 +157,7 @@ def test_nf4_candidate_matches_bitsandbytes(files, checkpoints, capsys, monkeypa
     # the terminal view charts the same errors by layer, one bar per differing tensor, longest for the worst
     comparison_rows = {t["name"]: t["rel_error"] for t in tensors.values() if t["status"] != "identical"}
     monkeypatch.setenv("COLUMNS", "160")  # names unfolded, one row per line
-    code, out, _err = run(capsys, "diff", files["llama"], files["llama"], "--config-a", files["nf4"])
+    code, out, _err = builders.run_cli(capsys, "diff", files["llama"], files["llama"], "--config-a", files["nf4"])
     assert code == 1 and "Relative error by layer (14 differing tensor(s))" in out
     lines = {name: line for line in out.splitlines() for name in comparison_rows if name in line and "█" in line}
     assert set(lines) == set(comparison_rows)
@@ -188,7 +174,7 @@ def test_nf4_candidate_matches_bitsandbytes(files, checkpoints, capsys, monkeypa
 def test_gpt2_conv1d_aligns_with_quantized_linear(files, checkpoints, capsys):
     """B = GPT-2 quantized to nf4 (Linear4bit, (out, in)), A = float GPT-2 (Conv1D, (in, out))."""
     gpt2 = checkpoints["gpt2"]
-    code, report = run_json(capsys, "diff", gpt2, gpt2, "--config-b", files["nf4"], "--rel-error", "0.15",
+    code, report = builders.run_json(capsys, "diff", gpt2, gpt2, "--config-b", files["nf4"], "--rel-error", "0.15",
                             "--max-abs", "0.05", "--logits-max-abs", "0.5", "--min-top1", "0.9")
     assert code == 0, report["findings"]
     data = report["extra"]["diff"]
@@ -213,7 +199,7 @@ def test_yaml_sides(files, capsys, tmp_path):
     other side's model under that config."""
     side = files["root"] / "float-side.yaml"
     side.write_text("source: llama_copy\nvalidate:\n  check_nan: true\n")
-    code, report = run_json(capsys, "diff", files["nf4"], side)
+    code, report = builders.run_json(capsys, "diff", files["nf4"], side)
     assert code == 1
     data = report["extra"]["diff"]
     assert data["a"]["source"] == data["b"]["source"] == str(files["copy"])
@@ -230,7 +216,7 @@ def test_load_quality_matches_bitsandbytes(checkpoints, capsys, tmp_path):
     cfg = tmp_path / "q.yaml"
     cfg.write_text("quantize:\n  method: nf4\nreport:\n  quality: true\n")
     html = tmp_path / "quality.html"
-    code, report = run_json(capsys, "load", gpt2, "-c", cfg, "--html", html)
+    code, report = builders.run_json(capsys, "load", gpt2, "-c", cfg, "--html", html)
     assert code == 0
     rows = {r["name"]: r for r in report["extra"]["quality"]}
     deq = bnb_dequantized(checkpoints.quantized("gpt2", "nf4"))
@@ -248,13 +234,13 @@ def test_load_quality_matches_bitsandbytes(checkpoints, capsys, tmp_path):
     page = html.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and "transformer.h.1.mlp.c_proj" in page and "<svg" in page
 
-    code, out, err = run(capsys, "load", gpt2, "--quantize", "int8", "--quality")  # human: the bar chart
+    code, out, err = builders.run_cli(capsys, "load", gpt2, "--quantize", "int8", "--quality")  # human: the bar chart
     assert code == 0, err
     assert "Quantization error by layer" in out and "█" in out and "int8 module(s)" in out
 
 
 def test_load_quality_on_a_quantized_checkpoint_warns(checkpoints, capsys):
-    code, report = run_json(capsys, "load", checkpoints.quantized("gpt2", "nf4"), "--quality")
+    code, report = builders.run_json(capsys, "load", checkpoints.quantized("gpt2", "nf4"), "--quality")
     assert code == 0
     assert report["extra"]["quality"] == []
     (finding,) = [f for f in report["findings"] if f["check"] == "quality"]
@@ -288,7 +274,7 @@ def _bad_inputs(files, tmp_path):
 
 def test_bad_input_exits_2_with_one_line(files, capsys, tmp_path):
     for argv, expected in _bad_inputs(files, tmp_path):
-        code, out, err = run(capsys, *argv)
+        code, out, err = builders.run_cli(capsys, *argv)
         assert code == 2, (argv, out, err)
         assert "Traceback" not in err and out == "", (argv, err)
         lines = err.strip().splitlines()

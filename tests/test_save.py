@@ -97,13 +97,6 @@ def _run(argv, capsys):
     return exit_info.value.code, capsys.readouterr()
 
 
-def _run_json(argv, capsys):
-    """`qfinal save ... --json -`: the exit code and the report as parsed from stdout."""
-    code, captured = _run([*argv, "--json", "-"], capsys)
-    assert captured.out.strip(), (code, captured.err[-2000:])  # exit 70 prints a traceback, no report
-    return code, json.loads(captured.out)
-
-
 def assert_failed_unpublished(code, report, out, check):
     """Exit 1, `check` among the errors for both reloads, and OUT neither published nor left half-made."""
     errors = builders.failing_checks(report)
@@ -152,7 +145,7 @@ def test_tensor_changed_after_saving_fails_the_round_trip(checkpoints, tmp_path,
 
     _after_writing(monkeypatch, corrupt)
     out = tmp_path / "out"
-    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
+    code, report = builders.run_json(capsys, "save", str(checkpoints["llama_untied"]), str(out))
     errors = assert_failed_unpublished(code, report, out, "roundtrip_tensors")
     keyed = [f for f in errors["roundtrip_tensors"] if f["key"] == "model.norm.weight"]
     assert len(keyed) == 2  # one per reload, and no other tensor blamed
@@ -172,7 +165,7 @@ def test_tie_broken_before_saving_fails_the_round_trip(checkpoints, tmp_path, mo
 
     monkeypatch.setattr(saving, "write_model", untie_then_write)
     out = tmp_path / "out"
-    code, report = _run_json(["save", str(checkpoints["llama_tied"]), str(out)], capsys)
+    code, report = builders.run_json(capsys, "save", str(checkpoints["llama_tied"]), str(out))
     errors = assert_failed_unpublished(code, report, out, "roundtrip_ties")
     assert all("lm_head.weight" in f["message"] for f in errors["roundtrip_ties"])
 
@@ -186,7 +179,7 @@ def test_config_changed_after_saving_fails_the_round_trip(checkpoints, tmp_path,
                                                          options, change, field):
     _after_writing(monkeypatch, _edit_config(change))
     out = tmp_path / "out"
-    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out), *options], capsys)
+    code, report = builders.run_json(capsys, "save", str(checkpoints["llama_untied"]), str(out), *options)
     errors = assert_failed_unpublished(code, report, out, "roundtrip_config")
     assert {f["key"] for f in errors["roundtrip_config"]} == {field}
     assert all(f"config fields differ: {field}" in f["message"] for f in errors["roundtrip_config"])
@@ -199,7 +192,7 @@ def test_quantization_config_not_persisted_fails_keys_and_config(checkpoints, tm
     not fit (qfinal reports it; plain from_pretrained refuses to load) and the quant state keys are gone."""
     _after_writing(monkeypatch, _edit_config(lambda c: c.pop("quantization_config")))
     out = tmp_path / "out"
-    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out), "--quantize", "nf4"], capsys)
+    code, report = builders.run_json(capsys, "save", str(checkpoints["llama_untied"]), str(out), "--quantize", "nf4")
     errors = builders.failing_checks(report)
     assert code == 1 and not out.exists() and not list(tmp_path.glob(".out.qfinal-tmp-*"))
     assert {f["key"] for f in errors["roundtrip_config"]} == {"quantization_config"}
@@ -223,7 +216,7 @@ def test_tensor_dropped_from_saved_files_fails_the_round_trip(checkpoints, tmp_p
 
     _after_writing(monkeypatch, drop)
     out = tmp_path / "out"
-    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
+    code, report = builders.run_json(capsys, "save", str(checkpoints["llama_untied"]), str(out))
     errors = assert_failed_unpublished(code, report, out, "roundtrip_tensors")
     assert [f["key"] for f in errors["missing_keys"]] == [dropped]
     assert {f["key"] for f in errors["roundtrip_tensors"]} == {None, dropped}
@@ -245,7 +238,7 @@ def test_logits_changed_with_every_tensor_exact_fails_the_round_trip(checkpoints
 
     monkeypatch.setattr(saving, "load", load_then_edit)
     out = tmp_path / "out"
-    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
+    code, report = builders.run_json(capsys, "save", str(checkpoints["llama_untied"]), str(out))
     errors = assert_failed_unpublished(code, report, out, "roundtrip_logits")
     assert set(errors) == {"roundtrip_logits", "roundtrip_saved"}
     passed = {f["check"] for f in report["findings"] if f["severity"] == "info"}
@@ -273,7 +266,7 @@ def assert_single_file(folder):
 def test_max_shard_size_shards_the_saved_folder(checkpoints, tmp_path, capsys, kind):
     source = checkpoints["llama_untied"] if kind == "plain" else checkpoints.quantized("llama_tied", "nf4")
     sharded = tmp_path / "sharded"
-    code, report = _run_json(["save", str(source), str(sharded), "--max-shard-size", "40KB"], capsys)
+    code, report = builders.run_json(capsys, "save", str(source), str(sharded), "--max-shard-size", "40KB")
     assert code == 0, builders.failing_checks(report)
     writer = report["extra"]["save"]["writer"]
     if kind == "plain":
@@ -406,7 +399,7 @@ def test_qfinal_reload_tensor_changed_in_memory_is_still_caught(checkpoints, tmp
 
     monkeypatch.setattr(saving, "load", load_then_edit)
     out = tmp_path / "out"
-    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
+    code, report = builders.run_json(capsys, "save", str(checkpoints["llama_untied"]), str(out))
     assert code == 1 and not out.exists()
     errors = builders.failing_checks(report)
     keyed = [f for f in errors["roundtrip_tensors"] if f["key"] == "model.norm.weight"]
@@ -431,7 +424,7 @@ def test_saved_file_replaced_between_reloads_is_still_caught(checkpoints, tmp_pa
     monkeypatch.setattr(saving, "load", rewrite_then_load)
     reads = _count_tensor_reads(monkeypatch)
     out = tmp_path / "out"
-    code, report = _run_json(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
+    code, report = builders.run_json(capsys, "save", str(checkpoints["llama_untied"]), str(out))
     assert code == 1 and not out.exists()
     keyed = [f for f in builders.failing_checks(report)["roundtrip_tensors"] if f["key"] == "model.norm.weight"]
     assert [f["message"].split(":")[0] for f in keyed] == ["qfinal reload"]

@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import builders
-from qfinal.cli import main
 
 MODES = ["full", "fast"]
 
@@ -26,19 +25,9 @@ MODES = ["full", "fast"]
 # ----------------------------------------------------------------------------- helpers
 
 
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
-
-
 def validate_json(capsys, path, mode: str = "full", *extra) -> tuple[int, dict]:
     """Run `qfinal validate [--fast] PATH --json -`; return (exit code, report)."""
-    args = ["validate", path, "--json", "-", *extra] + (["--fast"] if mode == "fast" else [])
-    code, out, err = run_cli(capsys, *args)
-    assert code in (0, 1), err
-    return code, json.loads(out)
+    return builders.run_json(capsys, "validate", path, *extra, *(["--fast"] if mode == "fast" else []))
 
 
 def assert_one_line_error(code: int, err: str) -> None:
@@ -162,7 +151,7 @@ def test_clean_checkpoint_passes(capsys, variants, name, mode):
 
 
 def test_human_output_on_clean_checkpoint(capsys, variants):
-    code, out, err = run_cli(capsys, "validate", variants["clean"])
+    code, out, err = builders.run_cli(capsys, "validate", variants["clean"])
     assert code == 0
     assert "OK" in out and "0 error(s)" in out
 
@@ -355,7 +344,7 @@ def test_load_refuses_quant_state_disagreeing_with_config(capsys, nf4_variants, 
         raise AssertionError("tensor data was read")
 
     monkeypatch.setattr(hf, "load_checkpoint_into", no_read)
-    code, _out, err = run_cli(capsys, "load", nf4_variants[variant])
+    code, _out, err = builders.run_cli(capsys, "load", nf4_variants[variant])
     assert_one_line_error(code, err)
     assert "config.json" in err and "cannot be loaded" in err and text in err
 
@@ -425,7 +414,7 @@ def _junit(path: Path):
 def test_junit_one_testcase_per_check_and_one_failure_per_failed_check(capsys, variants, tmp_path, mode):
     junit, report_path = tmp_path / "out.xml", tmp_path / "out.json"
     args = ["validate", variants["multi"], "--junit", junit, "--json", report_path, "--quiet"]
-    code, out, err = run_cli(capsys, *args, *(["--fast"] if mode == "fast" else []))
+    code, out, err = builders.run_cli(capsys, *args, *(["--fast"] if mode == "fast" else []))
     assert code == 1 and out == ""
     report = json.loads(report_path.read_text())
     root, suite = _junit(junit)
@@ -448,12 +437,12 @@ def test_junit_one_testcase_per_check_and_one_failure_per_failed_check(capsys, v
 
 def test_junit_clean_has_no_failures_and_warning_level_counts_warnings(capsys, variants, tmp_path):
     junit = tmp_path / "clean.xml"
-    code, _, _ = run_cli(capsys, "validate", variants["clean"], "--junit", junit, "-q")
+    code, _, _ = builders.run_cli(capsys, "validate", variants["clean"], "--junit", junit, "-q")
     assert code == 0
     _, suite = _junit(junit)
     assert suite.get("failures") == "0" and suite.findall("testcase/failure") == []
     assert suite.find("testcase[@name='tie_audit']/system-out") is not None  # info lands in system-out
-    code, _, _ = run_cli(capsys, "validate", variants["broken_tie"], "--fast", "--junit", junit, "-q",
+    code, _, _ = builders.run_cli(capsys, "validate", variants["broken_tie"], "--fast", "--junit", junit, "-q",
                          "--fail-on", "warning")
     assert code == 1
     _, suite = _junit(junit)
@@ -504,14 +493,14 @@ def test_usage_errors_are_exit_2_on_one_line(capsys, variants, tmp_path):
         ["validate", no_config, "--fast"],
     ]
     for args in cases:
-        code, out, err = run_cli(capsys, *args)
+        code, out, err = builders.run_cli(capsys, *args)
         assert_one_line_error(code, err)
         assert out == "", args
 
 
 @pytest.mark.parametrize("args", [["--no-such-flag"], []], ids=["unknown-option", "no-source"])
 def test_argument_errors_are_exit_2_on_one_line(capsys, variants, args):
-    code, out, err = run_cli(capsys, "validate", *([variants["clean"]] if args else []), *args)
+    code, out, err = builders.run_cli(capsys, "validate", *([variants["clean"]] if args else []), *args)
     assert_one_line_error(code, err)
 
 
@@ -580,7 +569,7 @@ def test_pickle_weights(capsys, pickles):
 
 
 def test_pickle_that_weights_only_refuses_is_a_failed_check(capsys, pickles):
-    code, out, err = run_cli(capsys, "validate", pickles["evil"], "--allow-pickle", "--json", "-")
+    code, out, err = builders.run_cli(capsys, "validate", pickles["evil"], "--allow-pickle", "--json", "-")
     assert code == 1, err
     assert "pickle code ran" not in out + err
     report = json.loads(out)
