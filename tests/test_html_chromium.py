@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from qfinal.cli import main
+import builders
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed "
@@ -42,10 +42,8 @@ def screenshot(page: Path, png: Path) -> bytes:
 
 
 def _html(capsys, argv) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_info.value.code in (0, 1) and "Traceback" not in err, err
+    code, _out, err = builders.run_cli(capsys, *argv)
+    assert code in (0, 1) and "Traceback" not in err, err
 
 
 def test_reports_render_in_headless_chromium(checkpoints, tmp_path, capsys):

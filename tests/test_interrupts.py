@@ -24,7 +24,7 @@ import pytest
 import safetensors.torch
 from safetensors import SafetensorError
 
-from qfinal.cli import main
+import builders
 
 WRAPPER = textwrap.dedent('''
     """qfinal with a slow writer: after the first weight file, say so and sleep."""
@@ -189,13 +189,6 @@ def fail_after_first_file(monkeypatch):
     return install
 
 
-def run_cli(argv, capsys) -> tuple[int, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    return exit_info.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("force", [False, True], ids=["new_out", "force_over_old_out"])
 @pytest.mark.parametrize("command", ["save", "dequantize"])
 def test_exception_mid_write_leaves_nothing(checkpoints, tmp_path, capsys, fail_after_first_file,
@@ -207,7 +200,7 @@ def test_exception_mid_write_leaves_nothing(checkpoints, tmp_path, capsys, fail_
         argv.append("--force")
     written = fail_after_first_file(RuntimeError("simulated crash mid-write"))
     sigterm_before = signal.getsignal(signal.SIGTERM)
-    code, err = run_cli(argv, capsys)
+    code, _out, err = builders.run_cli(capsys, *argv)
     assert len(written) == 1 and written[0].parent.name.startswith(".out.qfinal-tmp-")
     assert code == 70 and "simulated crash mid-write" in err  # not a user error: a bug, with traceback
     if force:
@@ -223,7 +216,7 @@ def test_keyboard_interrupt_mid_write_leaves_nothing(checkpoints, tmp_path, caps
                                                      command):
     out = tmp_path / "out"
     written = fail_after_first_file(KeyboardInterrupt())
-    code, err = run_cli(argv_for(command, checkpoints, out), capsys)
+    code, _out, err = builders.run_cli(capsys, *argv_for(command, checkpoints, out))
     assert len(written) == 1
     assert code == 130 and "Traceback" not in err
     assert not out.exists() and temp_dirs(out) == []
@@ -244,7 +237,7 @@ def test_disk_full_mid_write_is_a_clean_error(checkpoints, tmp_path, capsys, fai
                                               command, error):
     out = tmp_path / "out"
     fail_after_first_file(DISK_FULL[error]())
-    code, err = run_cli(argv_for(command, checkpoints, out), capsys)
+    code, _out, err = builders.run_cli(capsys, *argv_for(command, checkpoints, out))
     assert not out.exists() and temp_dirs(out) == []
     assert code == 2 and "Traceback" not in err, err
     (line,) = err.strip().splitlines()
@@ -255,7 +248,7 @@ def test_disk_full_cleans_up(checkpoints, tmp_path, capsys, fail_after_first_fil
     """Whatever the exit code, a full disk leaves no partial OUT and no temp folder."""
     out = tmp_path / "out"
     fail_after_first_file(DISK_FULL["safetensors"]())
-    code, _err = run_cli(argv_for("dequantize", checkpoints, out), capsys)
+    code, _out, _err = builders.run_cli(capsys, *argv_for("dequantize", checkpoints, out))
     assert code != 0
     assert not out.exists() and temp_dirs(out) == []
 
@@ -271,8 +264,8 @@ def test_report_json_is_written_atomically(checkpoints, tmp_path, capsys, monkey
         raise OSError(errno.EIO, "simulated I/O error")
 
     monkeypatch.setattr(qfinal.atomic.os, "fsync", fsync)
-    code, _err = run_cli(["validate", str(checkpoints["llama_untied"]), "--fast", "--json", str(report_path)],
-                         capsys)
+    code, _out, _err = builders.run_cli(capsys, "validate", str(checkpoints["llama_untied"]), "--fast", "--json",
+                                        str(report_path))
     assert code != 0
     assert json.loads(report_path.read_text()) == {"previous": True}
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]

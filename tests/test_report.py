@@ -10,17 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import builders
 import qfinal
-from qfinal.cli import main
 from qfinal.config import build_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-
-
-def _run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    return exit_info.value.code, capsys.readouterr()
 
 
 @pytest.mark.parametrize("fixture", ["llama_tied", "t5", "gpt2", "bert"])
@@ -61,9 +55,9 @@ def test_missing_unexpected_mismatched_are_exactly_reported(checkpoints, tmp_pat
 
 def test_cli_exit_1_and_json_for_a_broken_checkpoint(checkpoints, tmp_path, capsys):
     path = broken_copy(checkpoints["llama_untied"], tmp_path / "broken")
-    code, captured = _run(["load", str(path), "--json", "-"], capsys)
+    code, out, _err = builders.run_cli(capsys, "load", str(path), "--json", "-")
     assert code == 1
-    data = json.loads(captured.out)
+    data = json.loads(out)
     assert data["ok"] is False
     assert data["keys"]["missing"] == ["model.layers.1.mlp.up_proj.weight"]
     assert data["keys"]["mismatched"] == [{"key": "model.norm.weight", "checkpoint_shape": [32],
@@ -89,8 +83,8 @@ def test_nf4_converts_every_quantizable_module_and_skips_the_head(checkpoints, f
 
 def test_json_schema_fields(checkpoints, tmp_path, capsys):
     out = tmp_path / "report.json"
-    code, _ = _run(["load", str(checkpoints["llama_tied"]), "--quantize", "nf4", "--json", str(out), "--quiet"],
-                   capsys)
+    code, _out, _err = builders.run_cli(capsys, "load", str(checkpoints["llama_tied"]), "--quantize", "nf4",
+                                        "--json", str(out), "--quiet")
     assert code == 0
     data = json.loads(out.read_text())
     for field in ("source", "model_class", "ok", "stages", "keys", "findings"):
@@ -106,11 +100,11 @@ def test_json_schema_fields(checkpoints, tmp_path, capsys):
 
 
 def test_human_report_renders_every_section(checkpoints, capsys):
-    code, captured = _run(["load", str(checkpoints["llama_tied"]), "--quantize", "nf4"], capsys)
+    code, out, _err = builders.run_cli(capsys, "load", str(checkpoints["llama_tied"]), "--quantize", "nf4")
     assert code == 0
     for text in ("Stages", "meta_init", "checkpoint_dispatch", "Tied keys", "lm_head.weight",
                  "Converted modules", "Linear → Linear4bit", "Skipped modules", "output head", "OK"):
-        assert text in captured.out
+        assert text in out
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -138,9 +132,9 @@ def test_offload_config_spreads_over_cpu_and_disk_and_keeps_ties(checkpoints, tm
 def test_yaml_errors_name_file_and_field(tmp_path, checkpoints, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("quantize:\n  method: nf4\n  double_qaunt: true\ndtype: 16\n")
-    code, captured = _run(["load", str(checkpoints["llama_tied"]), "--config", str(bad)], capsys)
+    code, _out, err = builders.run_cli(capsys, "load", str(checkpoints["llama_tied"]), "--config", str(bad))
     assert code == 2
-    line = captured.err.strip()
+    line = err.strip()
     assert len(line.splitlines()) == 1 and "Traceback" not in line
     assert str(bad) in line and "quantize.double_qaunt: unknown key" in line and "dtype:" in line
 
@@ -202,16 +196,16 @@ def test_hub_id_resolved_from_local_cache(checkpoints, tmp_path, monkeypatch, ca
     result = qfinal.load("acme/tiny-llama")
     assert result.report.ok and result.report.source == "acme/tiny-llama"
 
-    code, captured = _run(["load", "acme/not-cached"], capsys)
-    assert code == 2 and "not in the local Hugging Face cache" in captured.err
+    code, _out, err = builders.run_cli(capsys, "load", "acme/not-cached")
+    assert code == 2 and "not in the local Hugging Face cache" in err
 
 
 def test_demo_runs_end_to_end(capsys):
-    code, captured = _run(["load", "demo"], capsys)
+    code, out, _err = builders.run_cli(capsys, "load", "demo")
     assert code == 0
-    assert "lm_head.weight" in captured.out and "OK" in captured.out
-    code, captured = _run(["load", "demo", "--json", "-"], capsys)
-    data = json.loads(captured.out)
+    assert "lm_head.weight" in out and "OK" in out
+    code, out, _err = builders.run_cli(capsys, "load", "demo", "--json", "-")
+    data = json.loads(out)
     assert data["source"] == "demo" and data["keys"]["tied"][0]["shared"] is True
     from qfinal.demo import ensure_demo_checkpoint
 

@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 import builders
 import qfinal
 import qfinal.saving as saving
-from qfinal.cli import main
 
 
 def checks_by_name(report):
@@ -89,12 +88,6 @@ def test_tokenizer_and_generation_files_are_copied(checkpoints, tmp_path):
     assert report.ok
     assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'
     assert (out / "generation_config.json").is_file()
-
-
-def _run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    return exit_info.value.code, capsys.readouterr()
 
 
 def assert_failed_unpublished(code, report, out, check):
@@ -308,13 +301,14 @@ def test_existing_output_needs_force(checkpoints, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    code, captured = _run(["save", str(checkpoints["llama_untied"]), str(out)], capsys)
+    code, _out, err = builders.run_cli(capsys, "save", str(checkpoints["llama_untied"]), str(out))
     assert code == 2
-    assert "already exists" in captured.err and "Traceback" not in captured.err
-    assert len(captured.err.strip().splitlines()) == 1
+    assert "already exists" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert (out / "keep.txt").exists()
 
-    code, _ = _run(["save", str(checkpoints["llama_untied"]), str(out), "--force", "--quiet"], capsys)
+    code, _out, _err = builders.run_cli(capsys, "save", str(checkpoints["llama_untied"]), str(out), "--force",
+                                        "--quiet")
     assert code == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert torch.equal(tf.LlamaForCausalLM.from_pretrained(out).lm_head.weight,
