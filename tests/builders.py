@@ -7,6 +7,7 @@ its path. Sizes keep bnb's 4-bit blocksize (64) happy.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,18 @@ def run_json(capsys, *argv) -> tuple[int, dict]:
     assert code in (0, 1), (code, err[-2000:])
     assert out.strip(), (code, err[-2000:])
     return code, json.loads(out)
+
+
+def sparse_header_over_cap(path: Path) -> int:
+    """Give the safetensors file at `path` (created if missing) a header length field of qfinal's
+    100 MB cap + 1, and make the file long enough, sparsely, to hold that header: the file is only
+    refused for the length itself. Returns the length written."""
+    from qfinal.safety import MAX_HEADER_SIZE
+
+    n = MAX_HEADER_SIZE + 1
+    path.touch()
+    with open(path, "r+b") as fh:
+        fh.write(struct.pack("<Q", n))
+        fh.truncate(8 + n + 64)
+    assert path.stat().st_size > 8 + n
+    return n

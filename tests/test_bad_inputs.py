@@ -710,23 +710,11 @@ def test_loose_malicious_pickle_refused_with_allow_pickle(run, plain, tmp_path, 
 # ----------------------------------------------------------------------------- the 100 MB header cap
 
 
-def sparse_header_over_cap(path: Path) -> int:
-    """Header length field 100 MB + 1, in a file made long enough (sparse) to hold it."""
-    from qfinal.safety import MAX_HEADER_SIZE
-
-    n = MAX_HEADER_SIZE + 1
-    with open(path, "r+b") as fh:
-        fh.write(struct.pack("<Q", n))
-        fh.truncate(8 + n + 64)
-    assert path.stat().st_size > 8 + n
-    return n
-
-
 def test_header_over_cap_refused_by_load(run, plain, tmp_path):
     import tracemalloc
 
     src = copy_of(plain, tmp_path)
-    n = sparse_header_over_cap(src / SINGLE)
+    n = builders.sparse_header_over_cap(src / SINGLE)
     tracemalloc.start()
     try:
         res = run("load", src, "--quiet")
@@ -740,7 +728,7 @@ def test_header_over_cap_refused_by_load(run, plain, tmp_path):
 @pytest.mark.parametrize("command", ["validate", "validate-fast"])
 def test_header_over_cap_is_a_failed_check(run, plain, tmp_path, command):
     src = copy_of(plain, tmp_path)
-    sparse_header_over_cap(src / SINGLE)
+    builders.sparse_header_over_cap(src / SINGLE)
     res = run(*argv_for(command, src, tmp_path / "out"))
     assert_check_failed(res, "safetensors_header", SINGLE, "100000000-byte limit")
 
