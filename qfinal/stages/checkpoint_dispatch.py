@@ -53,13 +53,13 @@ class HeapReleaser:
     """Gives glibc's free heap pages back to the kernel after every `every` bytes read.
 
     Quantizing on load allocates each tensor's bf16 copy and the kernel's fp32 temporaries
-    through malloc and keeps the small packed results: these end up between the freed blocks,
-    so the heap cannot shrink from its top and, depending on how torch's worker threads happen to
-    interleave, grows by hundreds of MB that the process never uses again (main arena 0.8 GB in
-    one run, 1.7 GB in the next, same nf4 load of the 1.1B bench checkpoint). `malloc_trim(0)`
-    returns the free pages in the middle of the heap as well; once per ~64 MB read it held the nf4
-    load's peak at 1.37-1.41 GB in every run, with no measurable cost (per tensor, +1 s). It changes
-    no allocator setting. Outside glibc it does nothing.
+    through malloc and keeps the small packed results: these end up between the freed blocks, so
+    the heap cannot shrink from its top, and from run to run it kept hundreds of MB the process
+    never used again (main arena 0.8 GB in one run, 1.7 GB in the next: same nf4 load of the 1.1B
+    bench checkpoint, peak RSS 1400-2270 MiB). `malloc_trim(0)` returns the free pages in the middle
+    of the heap as well; once per ~64 MB read it held that peak at 1365-1411 MiB in every run with
+    no measurable cost (before every read: +1 s). It changes no allocator setting. Outside glibc it
+    does nothing.
     """
 
     def __init__(self, every: int | None = None):
