@@ -298,13 +298,13 @@ def spread(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~0.2B model and 1 repeat, for development")
-    parser.add_argument("--repeats", type=int, help="runs per side (default 3, or 1 with --quick)")
+    parser.add_argument("--repeats", type=int, help="runs per side (default 5, or 1 with --quick)")
     parser.add_argument("--only", help="comma-separated line keys: " + "load_bf16,load_nf4,load_int8,"
                                        "dequantize_nf4,save_round_trip,validate_fast_70b,help")
     parser.add_argument("--out", default=str(HERE / "out"), help="checkpoints, scratch and results (default bench/out)")
     parser.add_argument("--json", help="results file (default OUT/results.json, OUT/results-quick.json with --quick)")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 5)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     json_path = Path(args.json) if args.json else out / ("results-quick.json" if args.quick else "results.json")
