@@ -107,6 +107,24 @@ def remove_tied_weights(state_dict: dict, model) -> dict:
     return remove_tied_weights_from_state_dict(state_dict, model)
 
 
+def save_pretrained(model, folder, max_shard_size, write_file) -> None:
+    """`model.save_pretrained(folder, max_shard_size=...)` with every weight file written by
+    `write_file`, a drop-in for safetensors' `save_file` (same arguments, same bytes): everything
+    else (which tensors, their names, the shards, the index, the config) stays transformers' own.
+    The swap is process-wide while it lasts; another thread saving meanwhile gets the same bytes."""
+    import transformers.modeling_utils as modeling_utils
+
+    original = getattr(modeling_utils, "safe_save_file", None)
+    if original is None:  # not the transformers this module was written for: its own writer
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        return
+    modeling_utils.safe_save_file = write_file
+    try:
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+    finally:
+        modeling_utils.safe_save_file = original
+
+
 def quantizer_preprocess(hf_quantizer, model, model_class, dtype, device_map, checkpoint_files) -> None:
     """The quantizer's module swap, inside the same init contexts as the skeleton (as from_pretrained)."""
     from transformers.utils.generic import ContextManagers

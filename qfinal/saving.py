@@ -17,7 +17,7 @@ from .api import Finalized, load, resolve_config
 from .atomic import atomic_dir, check_output_dir, sync_early
 from .config import RunConfig
 from .report import Finding, Report
-from .shards import write_state_dict
+from .shards import save_file_mapped, write_state_dict
 from .sizes import parse_size
 
 # Files beside the weights that a checkpoint folder carries along (tokenizer, chat template, ...).
@@ -85,7 +85,7 @@ def overlaps_write(result: Finalized) -> bool:
 def write_model(result: Finalized, folder: Path, max_bytes: int) -> str:
     model = result.model
     if not needs_own_writer(result):
-        model.save_pretrained(folder, max_shard_size=max_bytes)
+        _hf.save_pretrained(model, folder, max_bytes, save_file_mapped)
         return "save_pretrained"
     import torch
 

@@ -180,3 +180,42 @@ def sparse_header_over_cap(path: Path) -> int:
         fh.truncate(8 + n + 64)
     assert path.stat().st_size > 8 + n
     return n
+
+
+def writer_tensors() -> dict[str, torch.Tensor]:
+    """Every dtype the streaming writer takes, odd names (JSON escapes, non-ASCII), a scalar, an
+    empty tensor, a non-contiguous one; several tensors per dtype so the name order matters."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.layers.1.mlp.up_proj.weight": torch.randn(5, 3, generator=g).half(),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(3, 5, generator=g).half(),
+        "model.embed.weight": torch.randn(7, 4, generator=g).bfloat16(),
+        "lm_head.weight": torch.randn(4, 6, generator=g),
+        "scale": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+        "transposed": torch.randn(3, 4, generator=g).t(),
+        "f64": torch.randn(2, generator=g, dtype=torch.float64),
+        "position_ids": torch.arange(9).reshape(1, 9),
+        "i32": torch.arange(-3, 3, dtype=torch.int32),
+        "i16": torch.arange(-3, 3, dtype=torch.int16),
+        "weight.int8": torch.randint(-128, 127, (4, 4), generator=g, dtype=torch.int8),
+        "packed": torch.randint(0, 255, (10, 1), generator=g, dtype=torch.uint8),
+        "mask": torch.tensor([True, False, True]),
+        "fp8": torch.randn(3, 2, generator=g).to(torch.float8_e4m3fn),
+        "fp8b": torch.randn(3, generator=g).to(torch.float8_e5m2),
+        "c64": torch.randn(2, generator=g, dtype=torch.complex64),
+        "u16": torch.arange(-2, 2, dtype=torch.int16).view(torch.uint16),  # no arange for uint16
+        "u32": torch.arange(-2, 2, dtype=torch.int32).view(torch.uint32),
+        "u64": torch.arange(-2, 2, dtype=torch.int64).view(torch.uint64),
+        "e8m0": torch.arange(120, 126, dtype=torch.uint8).view(torch.float8_e8m0fnu),
+        "fnuz_a": torch.arange(3, dtype=torch.uint8).view(torch.float8_e4m3fnuz),
+        "fnuz_b": torch.arange(3, dtype=torch.uint8).view(torch.float8_e5m2fnuz),
+        'odd "name"\\with\nescapes\u0001\u007f/é中': torch.randn(2, 2, generator=g).half(),
+        "Zeta": torch.randn(2, generator=g).half(),  # uppercase sorts before lowercase
+    }
+    return tensors
+
+
+def writer_entries(tensors) -> list[tuple]:
+    """(name, dtype, shape) of each tensor: what the safetensors writers plan a header from."""
+    return [(k, v.dtype, list(v.shape)) for k, v in tensors.items()]

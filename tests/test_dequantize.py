@@ -430,56 +430,19 @@ def test_dequantize_without_conv1d_never_imports_transformers(checkpoints, tmp_p
 
 # ----------------------------------------------------------------------------------------- the writer
 
-def _writer_tensors() -> dict[str, torch.Tensor]:
-    """Every dtype the streaming writer takes, odd names (JSON escapes, non-ASCII), a scalar, an
-    empty tensor, a non-contiguous one; several tensors per dtype so the name order matters."""
-    g = torch.Generator().manual_seed(0)
-    tensors = {
-        "model.layers.1.mlp.up_proj.weight": torch.randn(5, 3, generator=g).half(),
-        "model.layers.0.mlp.up_proj.weight": torch.randn(3, 5, generator=g).half(),
-        "model.embed.weight": torch.randn(7, 4, generator=g).bfloat16(),
-        "lm_head.weight": torch.randn(4, 6, generator=g),
-        "scale": torch.tensor(2.5),
-        "empty": torch.zeros(0, 3),
-        "transposed": torch.randn(3, 4, generator=g).t(),
-        "f64": torch.randn(2, generator=g, dtype=torch.float64),
-        "position_ids": torch.arange(9).reshape(1, 9),
-        "i32": torch.arange(-3, 3, dtype=torch.int32),
-        "i16": torch.arange(-3, 3, dtype=torch.int16),
-        "weight.int8": torch.randint(-128, 127, (4, 4), generator=g, dtype=torch.int8),
-        "packed": torch.randint(0, 255, (10, 1), generator=g, dtype=torch.uint8),
-        "mask": torch.tensor([True, False, True]),
-        "fp8": torch.randn(3, 2, generator=g).to(torch.float8_e4m3fn),
-        "fp8b": torch.randn(3, generator=g).to(torch.float8_e5m2),
-        "c64": torch.randn(2, generator=g, dtype=torch.complex64),
-        "u16": torch.arange(-2, 2, dtype=torch.int16).view(torch.uint16),  # no arange for uint16
-        "u32": torch.arange(-2, 2, dtype=torch.int32).view(torch.uint32),
-        "u64": torch.arange(-2, 2, dtype=torch.int64).view(torch.uint64),
-        "e8m0": torch.arange(120, 126, dtype=torch.uint8).view(torch.float8_e8m0fnu),
-        "fnuz_a": torch.arange(3, dtype=torch.uint8).view(torch.float8_e4m3fnuz),
-        "fnuz_b": torch.arange(3, dtype=torch.uint8).view(torch.float8_e5m2fnuz),
-        'odd "name"\\with\nescapes\u0001\u007f/é中': torch.randn(2, 2, generator=g).half(),
-        "Zeta": torch.randn(2, generator=g).half(),  # uppercase sorts before lowercase
-    }
-    return tensors
-
-
-def _entries(tensors):
-    return [(k, v.dtype, list(v.shape)) for k, v in tensors.items()]
-
-
 @pytest.mark.parametrize("metadata", [{"format": "pt"}, None, {}], ids=["pt", "none", "empty"])
 def test_streaming_writer_matches_save_file(tmp_path, metadata):
     from safetensors.torch import save_file
 
     from qfinal.shards import write_safetensors_streaming
 
-    tensors = _writer_tensors()
+    tensors = builders.writer_tensors()
     want = tmp_path / "want.safetensors"
     save_file({k: v.contiguous() for k, v in tensors.items()}, want, metadata=metadata)
     got = tmp_path / "got.safetensors"
     # tensors arrive in any order (here: reversed insertion order), not the file's layout order
-    write_safetensors_streaming(got, _entries(tensors), reversed(list(tensors.items())), metadata=metadata)
+    write_safetensors_streaming(got, builders.writer_entries(tensors), reversed(list(tensors.items())),
+                                metadata=metadata)
     assert got.read_bytes() == want.read_bytes()
 
 
@@ -493,9 +456,10 @@ def test_streaming_writer_header_padding_matches_save_file(tmp_path):
     for n in range(1, 17):
         tensors = {"w" * n: torch.ones(2, dtype=torch.float16), "b": torch.zeros(1)}
         save_file(tensors, tmp_path / "want", metadata={"format": "pt"})
-        write_safetensors_streaming(tmp_path / "got", _entries(tensors), tensors.items(), metadata={"format": "pt"})
+        write_safetensors_streaming(tmp_path / "got", builders.writer_entries(tensors), tensors.items(),
+                                    metadata={"format": "pt"})
         assert (tmp_path / "got").read_bytes() == (tmp_path / "want").read_bytes(), n
-        header, _layout = safetensors_layout(_entries(tensors), {"format": "pt"})
+        header, _layout = safetensors_layout(builders.writer_entries(tensors), {"format": "pt"})
         residues.add(len(header.rstrip(b" ")) % 8)
     assert residues == set(range(8))
     # no tensors at all
@@ -816,7 +780,7 @@ def test_streaming_writer_large_tensors_match_save_file(tmp_path, monkeypatch, d
     tensors = {f"w{i}": torch.randn(257 + i, 129, generator=g).to(torch.float16) for i in range(5)}
     tensors["tail"] = torch.randn(3, generator=g)
     save_file(tensors, tmp_path / "want", metadata={"format": "pt"})
-    write_safetensors_streaming(tmp_path / "got", _entries(tensors), reversed(list(tensors.items())),
+    write_safetensors_streaming(tmp_path / "got", builders.writer_entries(tensors), reversed(list(tensors.items())),
                                 metadata={"format": "pt"})
     assert (tmp_path / "got").read_bytes() == (tmp_path / "want").read_bytes()
     probe = PositionalFile(tmp_path / "probe")

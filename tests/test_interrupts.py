@@ -43,10 +43,15 @@ WRAPPER = textwrap.dedent('''
         time.sleep(120)
 
     _real_save_file = safetensors.torch.save_file
+    _real_mapped = qfinal.shards.save_file_mapped
     _real_streaming = qfinal.shards.write_safetensors_streaming
 
     def _slow_save_file(tensors, filename, *args, **kwargs):
         _real_save_file(tensors, filename, *args, **kwargs)
+        _ready_then_sleep(filename)
+
+    def _slow_mapped(tensors, filename, *args, **kwargs):
+        _real_mapped(tensors, filename, *args, **kwargs)
         _ready_then_sleep(filename)
 
     def _slow_streaming(path, *args, **kwargs):
@@ -56,6 +61,7 @@ WRAPPER = textwrap.dedent('''
     # Before transformers is imported: modeling_utils binds `save_file` at import time.
     safetensors.torch.save_file = _slow_save_file
     qfinal.shards.write_safetensors_streaming = _slow_streaming
+    qfinal.shards.save_file_mapped = _slow_mapped  # before qfinal.saving binds it
     # Ctrl-C semantics even when the test runner started us with SIGINT ignored (a background job).
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -162,10 +168,12 @@ def fail_after_first_file(monkeypatch):
     """Make every safetensors writer qfinal reaches write one file, then raise `exc`."""
     import transformers.modeling_utils as modeling_utils
 
+    import qfinal.saving
     import qfinal.shards
 
     def install(exc: BaseException) -> list[Path]:
         real_save_file = safetensors.torch.save_file
+        real_mapped = qfinal.shards.save_file_mapped
         real_streaming = qfinal.shards.write_safetensors_streaming
         written: list[Path] = []
 
@@ -173,6 +181,12 @@ def fail_after_first_file(monkeypatch):
             if written:
                 raise exc
             real_save_file(tensors, filename, *args, **kwargs)
+            written.append(Path(filename))
+
+        def save_file_mapped(tensors, filename, *args, **kwargs):
+            if written:
+                raise exc
+            real_mapped(tensors, filename, *args, **kwargs)
             written.append(Path(filename))
 
         def write_safetensors_streaming(path, *args, **kwargs):
@@ -183,6 +197,8 @@ def fail_after_first_file(monkeypatch):
 
         monkeypatch.setattr(safetensors.torch, "save_file", save_file)
         monkeypatch.setattr(modeling_utils, "safe_save_file", save_file)
+        monkeypatch.setattr(qfinal.shards, "save_file_mapped", save_file_mapped)  # write_state_dict's
+        monkeypatch.setattr(qfinal.saving, "save_file_mapped", save_file_mapped)  # save_pretrained's
         monkeypatch.setattr(qfinal.shards, "write_safetensors_streaming", write_safetensors_streaming)
         return written
 
