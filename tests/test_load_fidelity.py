@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import transformers as tf
@@ -50,6 +52,27 @@ def test_load_equals_from_pretrained(checkpoints, fixture, quant):
     if bnb:
         packed = [k for k in result.model.state_dict() if k.endswith((".absmax", ".SCB"))]
         assert packed, "quant state must be part of the compared state dict"
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4_dq", "int8"])
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_quantize_on_load_from_mapped_tensors_equals_from_pretrained(checkpoints, monkeypatch, fixture, quant):
+    """The fixtures' tensors are all under MAP_AT_LEAST (read with pread); here every one is mapped,
+    as a real checkpoint's large weights are: still from_pretrained's model bit for bit."""
+    from qfinal.stages import checkpoint_dispatch
+
+    mapped = []
+    real = checkpoint_dispatch.TensorSlice._mapped
+    monkeypatch.setattr(checkpoint_dispatch, "MAP_AT_LEAST", 0)
+    monkeypatch.setattr(checkpoint_dispatch.TensorSlice, "_mapped", lambda self: mapped.append(self) or real(self))
+    path = checkpoints[fixture]
+    overrides, bnb = QUANT[quant]
+    result = qfinal.load(path, **overrides)
+    reference = builders.model_class_for(path).from_pretrained(path, quantization_config=tf.BitsAndBytesConfig(**bnb))
+    assert len(mapped) > 10
+    assert_state_dicts_identical(result.model, reference)
+    assert_logits_identical(result.model, reference)
+    assert result.report.ok, result.report.findings
 
 
 # The other BitsAndBytesConfig options qfinal exposes, each against the same from_pretrained call.
@@ -147,39 +170,77 @@ def test_switching_stages_off_is_reported(checkpoints, tmp_path):
     assert result.report.keys.tied and not any(t.shared for t in result.report.keys.tied)
 
 
-def test_pread_slices_are_the_files_bytes(tmp_path, monkeypatch):
-    """Quantize-on-load reads through PreadSlice: every dtype, a scalar, an empty tensor and an
-    index equal safetensors' own reads bit for bit; nothing is mapped; a truncated file is a
-    CheckpointError, not garbage."""
+@pytest.mark.parametrize("map_at_least", [0, None], ids=["mapped", "pread"])
+def test_tensor_slices_are_the_files_bytes(tmp_path, monkeypatch, map_at_least):
+    """Quantize-on-load reads through TensorSlice, mapped or with pread: every dtype, a scalar, an
+    empty tensor, odd offsets and an index equal safetensors' own reads bit for bit; safetensors
+    maps nothing; a file truncated after its header was read is a CheckpointError, not garbage
+    (nor, mapped, a SIGBUS)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from qfinal.errors import CheckpointError
-    from qfinal.stages.checkpoint_dispatch import read_without_mmap
+    from qfinal.stages import checkpoint_dispatch
+    from qfinal.stages.checkpoint_dispatch import read_tensor_by_tensor
 
+    if map_at_least is not None:
+        monkeypatch.setattr(checkpoint_dispatch, "MAP_AT_LEAST", map_at_least)
     g = torch.Generator().manual_seed(0)
     tensors = {"bf16": torch.randn(33, 7, generator=g).bfloat16(), "f16": torch.randn(5, generator=g).half(),
                "f32": torch.randn(2, 3, 4, generator=g), "i64": torch.arange(-5, 5), "u8": torch.arange(200,
                dtype=torch.uint8), "bool": torch.tensor([True, False]), "scalar": torch.tensor(1.5),
-               "empty": torch.zeros(0, 4), "nan": torch.tensor([float("nan"), -0.0, float("inf")])}
+               "empty": torch.zeros(0, 4), "nan": torch.tensor([float("nan"), -0.0, float("inf")]),
+               "big": torch.randn(1100, 257, generator=g)}  # > 1 MiB: mapped by default, across pages
     path = tmp_path / "x.safetensors"
     save_file(tensors, path)
     mapped = []
     monkeypatch.setattr("safetensors.safe_open", lambda *a, **k: mapped.append(a) or safe_open(*a, **k))
-    with read_without_mmap([str(path)]) as state:
+    with read_tensor_by_tensor([str(path)]) as state:
         assert sorted(state) == sorted(tensors) and not mapped
+        assert any(state[k].offset % 4096 for k in state if tensors[k].numel())  # not page-aligned
         for key, want in tensors.items():
             got = state[key][...]
             assert got.dtype == want.dtype and got.shape == want.shape, key
             assert builders.bits_equal(got, want), key
             assert state[key].get_shape() == list(want.shape)
         assert torch.equal(state["f32"][1], tensors["f32"][1])
-    with read_without_mmap([str(path)]) as state:  # the file shrinks after its header was checked
+    with read_tensor_by_tensor([str(path)]) as state:  # the file shrinks after its header was checked
         with open(path, "r+b") as fh:
             fh.truncate(path.stat().st_size - 16)
         last = max((k for k in state if tensors[k].numel()), key=lambda k: state[k].offset)
         with pytest.raises(CheckpointError, match="ended before"):
             state[last][...]
+
+
+def _maps_of(path) -> int:
+    return sum(str(path) in line for line in open("/proc/self/maps"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_a_mapped_tensor_takes_its_mapping_with_it(tmp_path):
+    """Only large tensors are mapped, each on its own; freeing the tensor (after its views) unmaps
+    its pages, so a quantized weight leaves nothing of the shard in RSS."""
+    import gc
+
+    from safetensors.torch import save_file
+
+    from qfinal.stages.checkpoint_dispatch import MAP_AT_LEAST, read_tensor_by_tensor
+
+    path = tmp_path / "x.safetensors"
+    big = torch.arange(MAP_AT_LEAST // 2 + 7, dtype=torch.int16)
+    save_file({"big": big, "small": torch.ones(3)}, path)
+    with read_tensor_by_tensor([str(path)]) as state:
+        small = state["small"][...]
+        assert _maps_of(path) == 0
+        tensor = state["big"][...]
+        view = tensor[5:]
+        assert _maps_of(path) == 1 and torch.equal(tensor, big)
+    del tensor
+    gc.collect()
+    assert _maps_of(path) == 1 and torch.equal(view, big[5:])  # a view keeps it, past the file's close
+    del view
+    gc.collect()
+    assert _maps_of(path) == 0 and torch.equal(small, torch.ones(3))
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
@@ -203,7 +264,7 @@ def test_heap_release_between_reads_changes_nothing(checkpoints, monkeypatch, fi
         path, quantization_config=tf.BitsAndBytesConfig(**bnb))
     assert_state_dicts_identical(result.model, reference)
     assert_logits_identical(result.model, reference)
-    assert len(reads) > 10 and all(reads)  # every checkpoint tensor went through PreadSlice
+    assert len(reads) > 10 and all(reads)  # every checkpoint tensor went through TensorSlice
     if checkpoint_dispatch.HeapReleaser()._trim is not None:  # glibc
         assert len(released) == len(reads) - 1  # before every read but the first
 

@@ -211,7 +211,7 @@ def test_load_dry_run_cli_reads_no_tensor_data(checkpoints, monkeypatch, capsys,
 
     import qfinal._hf as hf
     from qfinal.cli import main
-    from qfinal.stages.checkpoint_dispatch import PreadSlice
+    from qfinal.stages.checkpoint_dispatch import TensorSlice
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run must not read tensor data")
@@ -242,7 +242,7 @@ def test_load_dry_run_cli_reads_no_tensor_data(checkpoints, monkeypatch, capsys,
     monkeypatch.setattr(modeling_utils, "load_state_dict", refuse)
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    monkeypatch.setattr(PreadSlice, "__getitem__", refuse)
+    monkeypatch.setattr(TensorSlice, "__getitem__", refuse)
     source = str(checkpoints["llama_untied"])
     offload = ["--device-map", "auto", "--max-memory", "cpu=400KB,disk=10GB", "--offload-folder", str(tmp_path / "off")]
     for extra in (offload, ["--quantize", "nf4"]):

@@ -52,7 +52,7 @@ TRIM_EVERY_BYTES = 64 << 20  # about one decoder layer of a 1B model in bf16
 class HeapReleaser:
     """Gives glibc's free heap pages back to the kernel after every `every` bytes read.
 
-    Quantizing on load allocates each tensor's bf16 copy and the kernel's fp32 temporaries
+    Quantizing on load allocates the kernel's fp32 temporaries (and the small tensors' copies)
     through malloc and keeps the small packed results: these end up between the freed blocks, so
     the heap cannot shrink from its top, and from run to run it kept hundreds of MB the process
     never used again (main arena 0.8 GB in one run, 1.7 GB in the next: same nf4 load of the 1.1B
@@ -85,14 +85,24 @@ class HeapReleaser:
         self._trim(0)
 
 
-class PreadSlice:
+# Tensors of at least this many bytes are mapped (their own mapping), smaller ones copied with pread:
+# a mapping costs a few system calls and an entry in the process's map table (vm.max_map_count),
+# and the unquantized small tensors (norms, biases) stay alive with the model.
+MAP_AT_LEAST = 1 << 20
+
+
+class TensorSlice:
     """One checkpoint tensor, read when transformers' loader indexes it (`slice[...]`).
 
-    A single `os.preadv` into the tensor's own buffer: nothing of the file is mapped (so no shard
-    page stays in RSS) and one copy from the page cache. (transformers loads synchronously when it
-    quantizes on the fly: one tensor is read, quantized and freed at a time, in its main thread.)
-    safetensors' own pread backend was half as fast
-    (bench/README.md). The bytes are the file's, so the tensor equals safetensors' bit for bit.
+    A tensor of MAP_AT_LEAST bytes or more gets a private mapping of just its own pages, which
+    goes when the tensor does: quantized, it is freed and unmapped, and no shard page stays in RSS
+    (one whole-shard mapping, as safetensors makes, stays alive while any unquantized leaf of that
+    shard does). Mapping reads the page cache in place; a `preadv` into a new buffer copied every
+    byte and faulted in fresh memory: nf4 load of the 1.1B bench checkpoint 22.8-25.7 s / 1.36 GB
+    with the copy, 21.6-22.3 s / 1.11 GB mapped (bench/README "sixth performance pass"). Smaller
+    tensors are read with one `preadv`. transformers loads synchronously when it quantizes on the
+    fly: one tensor is read, quantized and freed at a time, in its main thread. The bytes are the
+    file's, so the tensor equals safetensors' bit for bit.
     """
 
     __slots__ = ("fd", "offset", "shape", "dtype", "st_dtype", "file", "nbytes", "heap")
@@ -108,13 +118,30 @@ class PreadSlice:
     def get_dtype(self) -> str:
         return self.st_dtype
 
-    def __getitem__(self, index):
+    def _truncated(self):
+        from ..errors import CheckpointError
+
+        return CheckpointError("file ended before the tensor's data (truncated while loading?)", where=self.file)
+
+    def _mapped(self):
+        import mmap
         import os
 
         import torch
 
-        if self.heap is not None:
-            self.heap.before_read(self.nbytes)
+        if os.fstat(self.fd).st_size < self.offset + self.nbytes:  # a page past the end would be a SIGBUS
+            raise self._truncated()
+        start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(self.fd, self.offset + self.nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+        count = self.nbytes // torch.empty((), dtype=self.dtype).element_size()
+        # the tensor holds the mapping: unmapped when the tensor (and every view of it) is freed
+        return torch.frombuffer(mapping, dtype=self.dtype, count=count, offset=self.offset - start).reshape(self.shape)
+
+    def _read(self):
+        import os
+
+        import torch
+
         tensor = torch.empty(self.shape, dtype=self.dtype)
         if tensor.numel():
             view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -122,22 +149,26 @@ class PreadSlice:
             while done < len(view):
                 n = os.preadv(self.fd, [view[done:]], self.offset + done)
                 if n <= 0:
-                    from ..errors import CheckpointError
-
-                    raise CheckpointError("file ended before the tensor's data (truncated while loading?)",
-                                          where=self.file)
+                    raise self._truncated()
                 done += n
+        return tensor
+
+    def __getitem__(self, index):
+        if self.heap is not None:
+            self.heap.before_read(self.nbytes)
+        tensor = self._mapped() if self.nbytes >= max(MAP_AT_LEAST, 1) else self._read()
         return tensor if index is Ellipsis else tensor[index]
 
 
 @contextmanager
-def read_without_mmap(files: list[str]):
-    """Lazy `PreadSlice`s for every tensor: each is read, quantized and freed.
+def read_tensor_by_tensor(files: list[str]):
+    """Lazy `TensorSlice`s for every tensor: each is read, quantized and freed.
 
-    Quantizing on load touches every page of the bf16 shards once; mmapped, those pages stay in
-    the process's RSS until the file is closed, and the unquantized leaves (embeddings, norms,
-    the head) keep every shard's mapping alive. Measured on a 1.1B Llama (bench/README.md): peak
-    RSS 3.8 -> 1.7 GB for nf4 and 3.8 -> 2.1 GB for int8, the packed output bit-identical.
+    Quantizing on load touches every page of the bf16 shards once; with safetensors' whole-file
+    mappings those pages stay in the process's RSS until the file is closed, and the unquantized
+    leaves (embeddings, norms, the head) keep every shard's mapping alive. On a 1.1B Llama
+    (bench/README.md) this took the peak RSS from 3.8 GB to 1.1 GB for nf4, the packed output
+    bit-identical.
     """
     import os
     import struct
@@ -153,11 +184,11 @@ def read_without_mmap(files: list[str]):
             (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
             entries, _meta = read_safetensors_header(Path(file))
             for key, entry in entries.items():
-                state[key] = PreadSlice(fd, 8 + header_len + entry.start, entry.shape,
-                                        torch_dtype_of(entry.dtype), entry.dtype, file, entry.nbytes, heap)
+                state[key] = TensorSlice(fd, 8 + header_len + entry.start, entry.shape,
+                                         torch_dtype_of(entry.dtype), entry.dtype, file, entry.nbytes, heap)
         yield state
     finally:
-        for fd in fds:
+        for fd in fds:  # the mappings outlive their descriptor
             os.close(fd)
 
 
@@ -224,7 +255,7 @@ class CheckpointDispatch(BaseStage):
             for path in ctx.inventory.files:
                 safe_torch_load(path)
         if _quantizes_on_load(ctx) and not (device_map and "disk" in device_map.values()):
-            with read_without_mmap(files) as state:
+            with read_tensor_by_tensor(files) as state:
                 ctx.loading_info, ctx.disk_offload_index = _hf.load_checkpoint_into(model, files, ctx.load_config,
                                                                                     state)
         else:
