@@ -1,13 +1,14 @@
 """qfinal vs plain transformers: wall time and peak RSS, command by command (`make bench`).
 
-    python bench/run.py [--quick] [--repeats N] [--only load_bf16,help,...] [--out bench/out]
+    python bench/run.py [--quick] [--repeats N] [--short-repeats N] [--only load_bf16,help,...] [--out bench/out]
 
 1. Builds (or reuses) the checkpoints under bench/out/ (git-ignored), each in its own process:
    a TinyLlama-shaped 1.1B bf16 checkpoint in 500 MB shards (random weights, fixed seed), its nf4
    version (transformers quantize-on-load + save_pretrained), and a 70B-shaped sparse checkpoint
    (bench/validate_fast_70b.py's writer). `--quick` uses a ~0.2B shape and one repeat.
 2. Runs each qfinal command and its plain transformers equivalent as separate child processes,
-   `--repeats` times, alternating which side goes first. Wall time is measured around the child;
+   `--repeats` times (`--short-repeats` for the lines of a few seconds), alternating which side
+   goes first. Wall time is measured around the child;
    peak RSS is the child's own `ru_maxrss` from `os.wait4` (that child alone; the orchestrator
    never imports torch, so nothing of it leaks into a child's figure).
 3. Prints a table of medians and qfinal/transformers ratios, checks the targets (PASS/MISS), and
@@ -69,6 +70,7 @@ class Line:
     targets: list[Target] = field(default_factory=list)
     scratch: list[Path] = field(default_factory=list)   # removed before every run (not timed) and at the end
     inputs: list[Path] = field(default_factory=list)    # read into the page cache before every run (not timed)
+    short: bool = False  # a few seconds a run: runs --short-repeats times, its median is that noisy
 
 
 def qfinal_cli() -> list[str]:
@@ -86,7 +88,7 @@ def build_lines(ck: dict[str, Path], work: Path) -> list[Line]:
         Line("load_bf16", "load bf16 + forward",
              [py, tasks, "qfinal-load-forward", bf16],
              [py, tasks, "transformers-load-forward", bf16],
-             [Target("time", 1.05), Target("rss", 1.0)], inputs=[ck["bf16"]]),
+             [Target("time", 1.05), Target("rss", 1.0)], inputs=[ck["bf16"]], short=True),
         Line("load_nf4", "load nf4 (quantize on load)",
              cli + ["load", bf16, "--quantize", "nf4", "--quiet"],
              [py, tasks, "transformers-load-quantized", bf16, "nf4"],
@@ -101,7 +103,7 @@ def build_lines(ck: dict[str, Path], work: Path) -> list[Line]:
         Line("save_round_trip", "save round trip (bf16)",
              cli + ["save", bf16, str(save_q), "--quiet"],
              [py, tasks, "transformers-save-round-trip", bf16, str(save_t), "2GB"],
-             [Target("time", 1.3)], scratch=[save_q, save_t], inputs=[ck["bf16"]]),
+             [Target("time", 1.3)], scratch=[save_q, save_t], inputs=[ck["bf16"]], short=True),
         Line("validate_fast_70b", "validate --fast (70B sparse)",
              cli + ["validate", sparse, "--fast", "--quiet"],
              targets=[Target("abs_time", 10.0), Target("abs_rss", 1.0 * GB)]),  # headers only: no warm-up
@@ -311,12 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~0.2B model and 1 repeat, for development")
     parser.add_argument("--repeats", type=int, help="runs per side (default 5, or 1 with --quick)")
+    parser.add_argument("--short-repeats", type=int,
+                        help="runs per side of the lines of a few seconds, load bf16 and save (default 9, "
+                             "or --repeats when that is given or with --quick)")
     parser.add_argument("--only", help="comma-separated line keys: " + "load_bf16,load_nf4,load_int8,"
                                        "dequantize_nf4,save_round_trip,validate_fast_70b,help")
     parser.add_argument("--out", default=str(HERE / "out"), help="checkpoints, scratch and results (default bench/out)")
     parser.add_argument("--json", help="results file (default OUT/results.json, OUT/results-quick.json with --quick)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 5)
+    short_repeats = args.short_repeats or (repeats if args.repeats or args.quick else 9)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     json_path = Path(args.json) if args.json else out / ("results-quick.json" if args.quick else "results.json")
@@ -338,12 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown line(s): {', '.join(sorted(unknown))}")
         lines = [l for l in lines if l.key in wanted]
-    results: dict = {"machine": info, "quick": args.quick, "repeats": repeats,
+    results: dict = {"machine": info, "quick": args.quick, "repeats": repeats, "short_repeats": short_repeats,
                      "model": checkpoints.spec_for("bf16", "quick-0.2b" if args.quick else "tinyllama-1.1b"),
                      "checkpoints": {k: str(v) for k, v in ck.items()}, "lines": {}}
-    log(f"running {len(lines)} line(s), {repeats} run(s) per side, alternating:")
+    log(f"running {len(lines)} line(s), {repeats} run(s) per side ({short_repeats} for the short ones), "
+        "alternating:")
     for line in lines:
-        results["lines"][line.key] = run_line(line, repeats, log)
+        results["lines"][line.key] = run_line(line, short_repeats if line.short else repeats, log)
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["total_s"] = round(time.perf_counter() - start, 1)
 
@@ -351,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = [t for l in results["lines"].values() for t in l["targets"]]
     passed = sum(t["verdict"] == "PASS" for t in verdicts)
     print()
-    print(f"qfinal vs transformers: medians of {repeats} run(s) per side; ratio = qfinal / transformers; "
+    print(f"qfinal vs transformers: medians of {repeats} run(s) per side ({short_repeats} for load bf16 and save); "
+          "ratio = qfinal / transformers; "
           f"GB = 10^9 bytes of peak RSS")
     print(text)
     if spread(results):
