@@ -167,7 +167,7 @@ def read_tensor_by_tensor(files: list[str]):
     Quantizing on load touches every page of the bf16 shards once; with safetensors' whole-file
     mappings those pages stay in the process's RSS until the file is closed, and the unquantized
     leaves (embeddings, norms, the head) keep every shard's mapping alive. On a 1.1B Llama
-    (bench/README.md) this took the peak RSS from 3.8 GB to 1.1 GB for nf4, the packed output
+    (bench/README.md) this took the peak RSS from 3.8 GB to about 1.1 GB for nf4, the packed output
     bit-identical.
     """
     import os
