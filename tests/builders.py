@@ -219,3 +219,21 @@ def writer_tensors() -> dict[str, torch.Tensor]:
 def writer_entries(tensors) -> list[tuple]:
     """(name, dtype, shape) of each tensor: what the safetensors writers plan a header from."""
     return [(k, v.dtype, list(v.shape)) for k, v in tensors.items()]
+
+
+PERTURBED = "model.layers.1.mlp.down_proj.weight"  # a weight of the Llama fixtures
+DELTA = 0.5
+
+
+def perturbed_copy(source: Path, dest: Path, key: str = PERTURBED, delta: float = DELTA) -> Path:
+    """A copy of a single-file checkpoint folder with one element of `key` ([3, 5]) moved by `delta`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, dest)
+    state = load_file(dest / "model.safetensors")
+    state[key] = state[key].clone()
+    state[key][3, 5] += delta
+    save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 from rich.console import Console  # noqa: E402
-from safetensors.torch import load_file, safe_open, save_file  # noqa: E402
+from safetensors.torch import safe_open  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import builders  # noqa: E402
@@ -38,8 +37,7 @@ from qfinal.compare import (  # noqa: E402
 )
 from qfinal.render.html import render_html  # noqa: E402
 
-PERTURBED = "model.layers.1.mlp.down_proj.weight"
-DELTA = 0.5
+PERTURBED, DELTA = builders.PERTURBED, builders.DELTA
 
 
 def _load(path, cls=tf.LlamaForCausalLM, method=None):
@@ -54,12 +52,7 @@ def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     llama = builders.llama(root / "llama", tied=True)
     gpt2 = builders.gpt2(root / "gpt2")
-    perturbed = root / "llama_perturbed"
-    shutil.copytree(llama, perturbed)
-    sd = load_file(perturbed / "model.safetensors")
-    sd[PERTURBED] = sd[PERTURBED].clone()
-    sd[PERTURBED][3, 5] += DELTA
-    save_file(sd, perturbed / "model.safetensors", metadata={"format": "pt"})
+    perturbed = builders.perturbed_copy(llama, root / "llama_perturbed", PERTURBED, DELTA)
     return {
         "llama": llama,
         "gpt2": gpt2,

@@ -15,12 +15,11 @@ import bitsandbytes.functional as F
 import pytest
 import torch
 import transformers as tf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import builders
 
-PERTURBED = "model.layers.1.mlp.down_proj.weight"
-DELTA = 0.5
+PERTURBED, DELTA = builders.PERTURBED, builders.DELTA
 QS = ".quant_state.bitsandbytes__nf4"
 
 
@@ -60,12 +59,7 @@ def files(checkpoints, tmp_path_factory):
     llama = checkpoints["llama_tied"]
     copy = root / "llama_copy"
     shutil.copytree(llama, copy)
-    perturbed = root / "llama_perturbed"
-    shutil.copytree(llama, perturbed)
-    sd = load_file(perturbed / "model.safetensors")
-    sd[PERTURBED] = sd[PERTURBED].clone()
-    sd[PERTURBED][3, 5] += DELTA
-    save_file(sd, perturbed / "model.safetensors", metadata={"format": "pt"})
+    perturbed = builders.perturbed_copy(llama, root / "llama_perturbed", PERTURBED, DELTA)
     nf4 = root / "nf4.yaml"
     nf4.write_text("quantize:\n  method: nf4\n")
     return {"root": root, "llama": llama, "copy": copy, "perturbed": perturbed, "nf4": nf4}
