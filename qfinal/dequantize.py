@@ -48,12 +48,6 @@ _4BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
                    "tf_model.h5.index.json", "flax_model.msgpack.index.json")
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-    "F8_E5M2": getattr(torch, "float8_e5m2", None),
-}
 
 
 @dataclass
@@ -366,9 +360,10 @@ def _plan(src: _Source, dtype: torch.dtype, method: str, conv1d, shapes, prefix:
     # Everything else passes through (floating tensors cast to dtype).
     for key in sorted(keys - consumed):
         st_dtype, shape = src.headers[key]
-        torch_dtype = _SAFETENSORS_DTYPES.get(st_dtype)
-        if torch_dtype is None:
-            raise CheckpointError(f"unsupported tensor dtype {st_dtype}", where=f"{where}: {key}")
+        try:
+            torch_dtype = _shards.torch_dtype_of(st_dtype)
+        except ValueError:
+            raise CheckpointError(f"unsupported tensor dtype {st_dtype}", where=f"{where}: {key}") from None
         out_dtype = dtype if torch_dtype.is_floating_point else torch_dtype
         items[key] = _Item(key, "copy", {"tensor": key}, list(shape), out_dtype)
 

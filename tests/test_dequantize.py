@@ -260,6 +260,39 @@ def test_parts_of_one_weight_in_different_files(checkpoints, tmp_path):
     check_against_transformers(src, out, result, torch.float16)
 
 
+@pytest.mark.parametrize("extra", ["uint16", "F6_E2M3"])
+def test_tensors_of_other_dtypes_are_copied_or_refused(checkpoints, tmp_path, extra):
+    """A non-float tensor beside the quantized weights is copied as it is, in any dtype the
+    safetensors writer knows (one table, shards.py's); a dtype torch has no name for is refused,
+    naming the tensor."""
+    import shutil
+    import struct
+
+    from safetensors.torch import save_file
+
+    bnb = checkpoints.quantized("llama_untied", "nf4")
+    src = tmp_path / "src"
+    shutil.copytree(bnb, src)
+    tensors = builders.read_tensors(bnb)
+    tensors["extra.counts"] = torch.arange(-3, 3, dtype=torch.int16).view(torch.uint16)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    if extra != "uint16":  # the same 12 bytes, named as 16 six-bit floats in a rewritten header
+        raw = (src / "model.safetensors").read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        header["extra.counts"].update(dtype=extra, shape=[16])
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        (src / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+        with pytest.raises(CheckpointError, match=f"extra.counts: unsupported tensor dtype {extra}"):
+            dq.dequantize_checkpoint(src, tmp_path / "out", dtype=torch.float16)
+        return
+    result = dq.dequantize_checkpoint(src, tmp_path / "out", dtype=torch.float16)
+    assert "model.safetensors" in result.files
+    copied = builders.read_tensors(tmp_path / "out")["extra.counts"]
+    assert copied.dtype == torch.uint16 and builders.bits_equal(copied, tensors["extra.counts"])
+
+
 def test_bad_options(checkpoints, tmp_path):
     from qfinal.errors import ConfigError
 
