@@ -114,10 +114,7 @@ def save_pretrained(model, folder, max_shard_size, write_file) -> None:
     The swap is process-wide while it lasts; another thread saving meanwhile gets the same bytes."""
     import transformers.modeling_utils as modeling_utils
 
-    original = getattr(modeling_utils, "safe_save_file", None)
-    if original is None:  # not the transformers this module was written for: its own writer
-        model.save_pretrained(folder, max_shard_size=max_shard_size)
-        return
+    original = modeling_utils.safe_save_file
     modeling_utils.safe_save_file = write_file
     try:
         model.save_pretrained(folder, max_shard_size=max_shard_size)

@@ -124,6 +124,7 @@ class TensorSlice:
         return CheckpointError("file ended before the tensor's data (truncated while loading?)", where=self.file)
 
     def _mapped(self):
+        import math
         import mmap
         import os
 
@@ -133,9 +134,9 @@ class TensorSlice:
             raise self._truncated()
         start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
         mapping = mmap.mmap(self.fd, self.offset + self.nbytes - start, access=mmap.ACCESS_COPY, offset=start)
-        count = self.nbytes // torch.empty((), dtype=self.dtype).element_size()
         # the tensor holds the mapping: unmapped when the tensor (and every view of it) is freed
-        return torch.frombuffer(mapping, dtype=self.dtype, count=count, offset=self.offset - start).reshape(self.shape)
+        return torch.frombuffer(mapping, dtype=self.dtype, count=math.prod(self.shape),
+                                offset=self.offset - start).reshape(self.shape)
 
     def _read(self):
         import os
@@ -156,7 +157,7 @@ class TensorSlice:
     def __getitem__(self, index):
         if self.heap is not None:
             self.heap.before_read(self.nbytes)
-        tensor = self._mapped() if self.nbytes >= max(MAP_AT_LEAST, 1) else self._read()
+        tensor = self._mapped() if self.nbytes and self.nbytes >= MAP_AT_LEAST else self._read()
         return tensor if index is Ellipsis else tensor[index]
 
 
