@@ -112,6 +112,7 @@ def test_a_full_disk_is_an_error_before_any_byte_is_copied(tmp_path, monkeypatch
     with pytest.raises(OSError) as err:
         save_file_mapped({"w": torch.ones(4)}, tmp_path / "x.safetensors")
     assert err.value.errno == errno.ENOSPC
+    assert (tmp_path / "x.safetensors").stat().st_size == 0  # nothing was mapped or copied
 
 
 @pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.EINVAL])
