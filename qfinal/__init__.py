@@ -11,19 +11,19 @@ __all__ = ["load", "validate", "save", "dequantize_checkpoint", "__version__"]
 
 def __getattr__(name: str):
     if name == "load":
-        from .api import load
+        from qfinal.ops.load import load
 
         return load
     if name == "validate":
-        from .validation import validate
+        from qfinal.ops.validate import validate
 
         return validate
     if name == "save":
-        from .saving import save
+        from qfinal.ops.save import save
 
         return save
     if name == "dequantize_checkpoint":
-        from .dequantize import dequantize_checkpoint
+        from qfinal.ops.dequantize import dequantize_checkpoint
 
         return dequantize_checkpoint
     raise AttributeError(name)

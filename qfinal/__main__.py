@@ -1,3 +1,3 @@
-from .cli import console
+from qfinal.cli.app import console
 
 console()

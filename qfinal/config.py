@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from qfinal.errors import ConfigError
 
 QuantMethod = Literal["none", "nf4", "fp4", "int8"]
 DType = Literal["auto", "float16", "bfloat16", "float32"]

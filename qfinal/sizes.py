@@ -5,7 +5,7 @@ Kept free of heavy imports so a bad `--max-shard-size` is refused before torch i
 
 from __future__ import annotations
 
-from .errors import ConfigError
+from qfinal.errors import ConfigError
 
 _UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
 

@@ -105,7 +105,7 @@ def bnb_checkpoint(source: Path, out: Path, method: str, max_shard_size: str | N
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes, flat. Comparing these is bit-for-bit equality, NaN payloads and signed
     zeros included (4-bit data packed into a float quant_storage is full of NaN patterns, which
-    torch.equal calls unequal). Written here, not taken from qfinal.compare: the code under test
+    torch.equal calls unequal). Written here, not taken from qfinal.compare.engine: the code under test
     must not judge itself."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
@@ -147,9 +147,9 @@ def failing_checks(report: dict, level: str = "error") -> dict[str, list[dict]]:
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    """Run `qfinal ARGV` in-process, through the CLI's error boundary (`qfinal.cli.main`); return
+    """Run `qfinal ARGV` in-process, through the CLI's error boundary (`qfinal.cli.app.main`); return
     its exit code, stdout and stderr. Whatever was printed before (fixture building) is dropped."""
-    from qfinal.cli import main
+    from qfinal.cli.app import main
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -171,7 +171,7 @@ def sparse_header_over_cap(path: Path) -> int:
     """Give the safetensors file at `path` (created if missing) a header length field of qfinal's
     100 MB cap + 1, and make the file long enough, sparsely, to hold that header: the file is only
     refused for the length itself. Returns the length written."""
-    from qfinal.safety import MAX_HEADER_SIZE
+    from qfinal.checkpoint.inventory import MAX_HEADER_SIZE
 
     n = MAX_HEADER_SIZE + 1
     path.touch()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parent))
 import builders  # noqa: E402
 
-from qfinal.adapters import AdapterSpec, apply_adapters  # noqa: E402
+from qfinal.adapters.apply import AdapterSpec, apply_adapters  # noqa: E402
 from qfinal.errors import CheckpointError, ConfigError, SourceError  # noqa: E402
 
 peft = pytest.importorskip("peft")
@@ -484,16 +484,16 @@ def test_adapter_for_another_task(w, seq_cls, tmp_path, capsys):
 
 
 def test_cli_load_two_adapters_merged(w, capsys, monkeypatch):
-    import qfinal.api
+    import qfinal.ops.load
 
     captured = {}
-    real_load = qfinal.api.load
+    real_load = qfinal.ops.load.load
 
     def spy(*args, **kwargs):
         captured["result"] = real_load(*args, **kwargs)
         return captured["result"]
 
-    monkeypatch.setattr(qfinal.api, "load", spy)
+    monkeypatch.setattr(qfinal.ops.load, "load", spy)
     a, b = w["llama_lora"], w["llama_lora2"]
     code, report = builders.run_json(capsys, "load", w["llama"], "--adapter", a, "--adapter", b, "--merge")
     assert code == 0, report["findings"]

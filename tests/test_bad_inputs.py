@@ -1,7 +1,7 @@
 """Issue 7: bad and unsafe inputs, through the CLI.
 
 Every case runs `qfinal load`, `qfinal save` and `qfinal dequantize` in-process through
-`qfinal.cli.main` (the real error boundary) and asserts: exit code 2, exactly one stderr line
+`qfinal.cli.app.main` (the real error boundary) and asserts: exit code 2, exactly one stderr line
 naming the offending file or field, no traceback, and no output folder or `.OUT.qfinal-tmp-*`
 left behind. `qfinal validate` is the exception: a defect of the checkpoint itself is a failed
 named check (exit 1, the check's name in `--json -`), while a missing path, a bad config or bad
@@ -780,12 +780,12 @@ def test_trust_remote_code_only_from_the_config(run, plain, tmp_path):
 
 
 def _fail_fsync(monkeypatch, errno_: int) -> None:
-    import qfinal.atomic
+    import qfinal.checkpoint.atomic
 
     def fsync(fd):
         raise OSError(errno_, os.strerror(errno_))
 
-    monkeypatch.setattr(qfinal.atomic.os, "fsync", fsync)
+    monkeypatch.setattr(qfinal.checkpoint.atomic.os, "fsync", fsync)
 
 
 REPORT_FILES = {

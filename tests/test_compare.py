@@ -1,4 +1,4 @@
-"""qfinal.compare: the one comparison engine, on tiny real checkpoints (CPU bitsandbytes)."""
+"""qfinal.compare.engine: the one comparison engine, on tiny real checkpoints (CPU bitsandbytes)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from safetensors.torch import safe_open  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import builders  # noqa: E402
 
-from qfinal.compare import (  # noqa: E402
+from qfinal.compare.engine import (  # noqa: E402
     Comparison,
     LayerQuality,
     Tolerances,
@@ -176,7 +176,7 @@ def test_bitwise_semantics_nan_zero_and_dtype():
 def test_bit_equal_sees_every_flipped_bit(dtype, numel):
     """bit_equal compares in int64 words where the size and alignment allow: one flipped bit
     anywhere (first, middle, last element, any bit of it) must still be seen, on any slice."""
-    from qfinal.compare import _as_words, bit_equal
+    from qfinal.compare.engine import _as_words, bit_equal
 
     g = torch.Generator().manual_seed(numel)
     base = torch.randint(0, 256, (numel * torch.empty((), dtype=dtype).element_size(),), dtype=torch.uint8,
@@ -201,7 +201,7 @@ def test_compare_of_a_plain_model_does_not_import_bitsandbytes(tmp_path):
     not pay its import (about 1.5 s)."""
     import subprocess
 
-    code = ("import sys, torch; from qfinal.compare import compare_models; "
+    code = ("import sys, torch; from qfinal.compare.engine import compare_models; "
             "m = torch.nn.Sequential(torch.nn.Linear(4, 4)); "
             "c = compare_models(m, m, dequantize=False, outputs=False); "
             "print(all(t.bit_identical for t in c.tensors), 'bitsandbytes' in sys.modules)")
@@ -213,7 +213,7 @@ def test_compare_of_a_plain_model_does_not_import_bitsandbytes(tmp_path):
 def test_reference_logits_are_used_as_given(tmp_path):
     """compare_models(reference_logits=...) compares the candidate with those logits and does
     not run the reference (save computes the original's logits once for both reloads)."""
-    from qfinal.compare import probe_batch, probe_logits
+    from qfinal.compare.engine import probe_batch, probe_logits
 
     path = builders.llama(tmp_path / "llama", tied=False)
     model = builders.model_class_for(path).from_pretrained(path).eval()

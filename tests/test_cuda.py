@@ -51,7 +51,7 @@ def test_gpu_dequantize_matches_transformers(checkpoints, tmp_path):
                                                quantization_config=tf.BitsAndBytesConfig(**BNB["nf4"]))
     model.save_pretrained(source)
     out = tmp_path / "fp16"
-    from qfinal.dequantize import dequantize_checkpoint, verify_dequantized
+    from qfinal.ops.dequantize import dequantize_checkpoint, verify_dequantized
 
     dequantize_checkpoint(source, out, dtype="float16")
     findings = verify_dequantized(source, out, "float16")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import builders  # noqa: E402
-import qfinal.dequantize as dq  # noqa: E402
+import qfinal.ops.dequantize as dq  # noqa: E402
 from qfinal.errors import CheckpointError, OutputError  # noqa: E402
 
 ARCHS = ["llama_tied", "llama_untied", "gpt2"]
@@ -453,7 +453,7 @@ def test_dequantize_without_conv1d_never_imports_transformers(checkpoints, tmp_p
     import subprocess
 
     src = checkpoints.quantized("llama_untied", "nf4")
-    code = ("import sys, qfinal.dequantize as dq; dq.dequantize_checkpoint(sys.argv[1], sys.argv[2]); "
+    code = ("import sys, qfinal.ops.dequantize as dq; dq.dequantize_checkpoint(sys.argv[1], sys.argv[2]); "
             "print('transformers' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")], capture_output=True,
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
@@ -467,7 +467,7 @@ def test_dequantize_without_conv1d_never_imports_transformers(checkpoints, tmp_p
 def test_streaming_writer_matches_save_file(tmp_path, metadata):
     from safetensors.torch import save_file
 
-    from qfinal.shards import write_safetensors_streaming
+    from qfinal.checkpoint.writer import write_safetensors_streaming
 
     tensors = builders.writer_tensors()
     want = tmp_path / "want.safetensors"
@@ -483,7 +483,7 @@ def test_streaming_writer_header_padding_matches_save_file(tmp_path):
     """Header JSON lengths of every residue mod 8 (safetensors pads with spaces to a multiple of 8)."""
     from safetensors.torch import save_file
 
-    from qfinal.shards import safetensors_layout, write_safetensors_streaming
+    from qfinal.checkpoint.writer import safetensors_layout, write_safetensors_streaming
 
     residues = set()
     for n in range(1, 17):
@@ -504,7 +504,7 @@ def test_streaming_writer_header_padding_matches_save_file(tmp_path):
 def test_streaming_writer_holds_one_tensor_at_a_time(tmp_path):
     import weakref
 
-    from qfinal.shards import write_safetensors_streaming
+    from qfinal.checkpoint.writer import write_safetensors_streaming
 
     shapes = {f"t{i}": [64, 64] for i in range(6)}
     alive = []
@@ -524,7 +524,7 @@ def test_streaming_writer_holds_one_tensor_at_a_time(tmp_path):
 
 
 def test_streaming_writer_refuses_what_the_header_does_not_say(tmp_path):
-    from qfinal.shards import ShardWriter, write_safetensors_streaming
+    from qfinal.checkpoint.writer import ShardWriter, write_safetensors_streaming
 
     entries = [("a", torch.float16, [2, 3]), ("b", torch.float32, [4])]
     with pytest.raises(ValueError, match="never written"):
@@ -550,7 +550,7 @@ def test_source_reads_with_pread(checkpoints, monkeypatch):
     """Inputs are opened with the pread backend: nothing of the source stays mapped."""
     import safetensors
 
-    from qfinal.sources import resolve_source
+    from qfinal.checkpoint.sources import resolve_source
 
     resolved = resolve_source(checkpoints.quantized("gpt2", "nf4"))  # built before the spy
     backends = []
@@ -645,7 +645,7 @@ def test_cli_not_bnb_source(checkpoints, tmp_path, capsys):
 def test_pipeline_dequantize_equals_streamed(cases, arch, method, dtype):
     """`qfinal.load(bnb, dequantize=True, dtype=...)` is the same arithmetic as the streamed files."""
     import qfinal
-    from qfinal.quantization import QUANTIZED_CLASSES
+    from qfinal.formats.bnb import QUANTIZED_CLASSES
 
     src, out, result = cases(arch, method, dtype)
     streamed = builders.read_tensors(out)
@@ -715,7 +715,7 @@ def test_positional_file_any_order_any_alignment(tmp_path, monkeypatch, direct):
     more than one staging chunk) written in random order give exactly the intended bytes."""
     import random
 
-    from qfinal.shards import PositionalFile
+    from qfinal.checkpoint.writer import PositionalFile
 
     if not direct:
         _no_direct(monkeypatch)
@@ -747,7 +747,7 @@ def test_positional_file_direct_write_error_is_raised(tmp_path, monkeypatch):
     """A failed direct write (the disk is full) fails the file: at the next write or at close."""
     import errno
 
-    from qfinal.shards import PositionalFile
+    from qfinal.checkpoint.writer import PositionalFile
 
     f = PositionalFile(tmp_path / "x.bin")
     if not f.direct:
@@ -770,7 +770,7 @@ def test_positional_file_falls_back_when_direct_io_is_refused(tmp_path, monkeypa
     """A filesystem that opens O_DIRECT but refuses the write (EINVAL): the block goes buffered."""
     import errno
 
-    from qfinal.shards import PositionalFile
+    from qfinal.checkpoint.writer import PositionalFile
 
     f = PositionalFile(tmp_path / "x.bin")
     if not f.direct:
@@ -800,9 +800,9 @@ def test_streaming_writer_large_tensors_match_save_file(tmp_path, monkeypatch, d
     """Tensors of many blocks at unaligned offsets, through the direct path (and without it)."""
     from safetensors.torch import save_file
 
-    from qfinal.shards import write_safetensors_streaming
+    from qfinal.checkpoint.writer import write_safetensors_streaming
 
-    from qfinal.shards import PositionalFile
+    from qfinal.checkpoint.writer import PositionalFile
 
     if not direct:
         _no_direct(monkeypatch)

@@ -277,8 +277,8 @@ def test_bad_input_exits_2_with_one_line(files, capsys, tmp_path):
 
 
 def test_tolerance_helpers():
-    from qfinal.compare import Tolerances
-    from qfinal.diffing import make_tolerances
+    from qfinal.compare.engine import Tolerances
+    from qfinal.ops.diff import make_tolerances
 
     assert make_tolerances() == Tolerances()
     tol = make_tolerances(max_abs=0.1, rel_error=0.2, logits_max_abs=1, min_top1=0.5, max_kl=0.01,

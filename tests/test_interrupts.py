@@ -2,7 +2,7 @@
 (or the old OUT, untouched, under --force) and no `.OUT.qfinal-tmp-*` folder.
 
 Subprocess cases send a real SIGINT / SIGTERM. To interrupt mid-write deterministically the child
-is a small wrapper around `qfinal.cli.main` whose safetensors writers (`save_file`, used by save,
+is a small wrapper around `qfinal.cli.app.main` whose safetensors writers (`save_file`, used by save,
 and qfinal's streaming shard writer, used by dequantize) write the first file, then signal
 readiness through a file and sleep; the test sends the signal only once that first
 file sits in the temp folder beside OUT. In-process cases raise from the same place instead.
@@ -36,15 +36,15 @@ WRAPPER = textwrap.dedent('''
 
     import safetensors.torch
 
-    import qfinal.shards
+    import qfinal.checkpoint.writer
 
     def _ready_then_sleep(filename):
         Path(os.environ["QFINAL_TEST_READY"]).write_text(str(filename))
         time.sleep(120)
 
     _real_save_file = safetensors.torch.save_file
-    _real_mapped = qfinal.shards.save_file_mapped
-    _real_streaming = qfinal.shards.write_safetensors_streaming
+    _real_mapped = qfinal.checkpoint.writer.save_file_mapped
+    _real_streaming = qfinal.checkpoint.writer.write_safetensors_streaming
 
     def _slow_save_file(tensors, filename, *args, **kwargs):
         _real_save_file(tensors, filename, *args, **kwargs)
@@ -60,12 +60,12 @@ WRAPPER = textwrap.dedent('''
 
     # Before transformers is imported: modeling_utils binds `save_file` at import time.
     safetensors.torch.save_file = _slow_save_file
-    qfinal.shards.write_safetensors_streaming = _slow_streaming
-    qfinal.shards.save_file_mapped = _slow_mapped  # before qfinal.saving binds it
+    qfinal.checkpoint.writer.write_safetensors_streaming = _slow_streaming
+    qfinal.checkpoint.writer.save_file_mapped = _slow_mapped  # before qfinal.ops.save binds it
     # Ctrl-C semantics even when the test runner started us with SIGINT ignored (a background job).
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    from qfinal.cli import main
+    from qfinal.cli.app import main
 
     main(sys.argv[1:])
 ''')
@@ -168,13 +168,13 @@ def fail_after_first_file(monkeypatch):
     """Make every safetensors writer qfinal reaches write one file, then raise `exc`."""
     import transformers.modeling_utils as modeling_utils
 
-    import qfinal.saving
-    import qfinal.shards
+    import qfinal.ops.save
+    import qfinal.checkpoint.writer
 
     def install(exc: BaseException) -> list[Path]:
         real_save_file = safetensors.torch.save_file
-        real_mapped = qfinal.shards.save_file_mapped
-        real_streaming = qfinal.shards.write_safetensors_streaming
+        real_mapped = qfinal.checkpoint.writer.save_file_mapped
+        real_streaming = qfinal.checkpoint.writer.write_safetensors_streaming
         written: list[Path] = []
 
         def save_file(tensors, filename, *args, **kwargs):
@@ -197,9 +197,9 @@ def fail_after_first_file(monkeypatch):
 
         monkeypatch.setattr(safetensors.torch, "save_file", save_file)
         monkeypatch.setattr(modeling_utils, "safe_save_file", save_file)
-        monkeypatch.setattr(qfinal.shards, "save_file_mapped", save_file_mapped)  # write_state_dict's
-        monkeypatch.setattr(qfinal.saving, "save_file_mapped", save_file_mapped)  # save_pretrained's
-        monkeypatch.setattr(qfinal.shards, "write_safetensors_streaming", write_safetensors_streaming)
+        monkeypatch.setattr(qfinal.checkpoint.writer, "save_file_mapped", save_file_mapped)  # write_state_dict's
+        monkeypatch.setattr(qfinal.ops.save, "save_file_mapped", save_file_mapped)  # save_pretrained's
+        monkeypatch.setattr(qfinal.checkpoint.writer, "write_safetensors_streaming", write_safetensors_streaming)
         return written
 
     return install
@@ -271,7 +271,7 @@ def test_disk_full_cleans_up(checkpoints, tmp_path, capsys, fail_after_first_fil
 
 def test_report_json_is_written_atomically(checkpoints, tmp_path, capsys, monkeypatch):
     """--json FILE: a failure while writing the report keeps the old file and leaves no temp file."""
-    import qfinal.atomic
+    import qfinal.checkpoint.atomic
 
     report_path = tmp_path / "report.json"
     report_path.write_text('{"previous": true}')
@@ -279,7 +279,7 @@ def test_report_json_is_written_atomically(checkpoints, tmp_path, capsys, monkey
     def fsync(fd):
         raise OSError(errno.EIO, "simulated I/O error")
 
-    monkeypatch.setattr(qfinal.atomic.os, "fsync", fsync)
+    monkeypatch.setattr(qfinal.checkpoint.atomic.os, "fsync", fsync)
     code, _out, _err = builders.run_cli(capsys, "validate", str(checkpoints["llama_untied"]), "--fast", "--json",
                                         str(report_path))
     assert code != 0

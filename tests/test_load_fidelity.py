@@ -59,7 +59,7 @@ def test_load_equals_from_pretrained(checkpoints, fixture, quant):
 def test_quantize_on_load_from_mapped_tensors_equals_from_pretrained(checkpoints, monkeypatch, fixture, quant):
     """The fixtures' tensors are all under MAP_AT_LEAST (read with pread); here every one is mapped,
     as a real checkpoint's large weights are: still from_pretrained's model bit for bit."""
-    from qfinal.stages import checkpoint_dispatch
+    from qfinal.pipeline.stages import checkpoint_dispatch
 
     mapped = []
     real = checkpoint_dispatch.TensorSlice._mapped
@@ -180,8 +180,8 @@ def test_tensor_slices_are_the_files_bytes(tmp_path, monkeypatch, map_at_least):
     from safetensors.torch import save_file
 
     from qfinal.errors import CheckpointError
-    from qfinal.stages import checkpoint_dispatch
-    from qfinal.stages.checkpoint_dispatch import read_tensor_by_tensor
+    from qfinal.pipeline.stages import checkpoint_dispatch
+    from qfinal.pipeline.stages.checkpoint_dispatch import read_tensor_by_tensor
 
     if map_at_least is not None:
         monkeypatch.setattr(checkpoint_dispatch, "MAP_AT_LEAST", map_at_least)
@@ -224,7 +224,7 @@ def test_a_mapped_tensor_takes_its_mapping_with_it(tmp_path):
 
     from safetensors.torch import save_file
 
-    from qfinal.stages.checkpoint_dispatch import MAP_AT_LEAST, read_tensor_by_tensor
+    from qfinal.pipeline.stages.checkpoint_dispatch import MAP_AT_LEAST, read_tensor_by_tensor
 
     path = tmp_path / "x.safetensors"
     big = torch.arange(MAP_AT_LEAST // 2 + 7, dtype=torch.int16)
@@ -248,7 +248,7 @@ def test_a_mapped_tensor_takes_its_mapping_with_it(tmp_path):
 def test_heap_release_between_reads_changes_nothing(checkpoints, monkeypatch, fixture, quant):
     """Quantize-on-load gives freed heap pages back while it reads (HeapReleaser); forced before
     every read here, the model still equals from_pretrained bit for bit."""
-    from qfinal.stages import checkpoint_dispatch
+    from qfinal.pipeline.stages import checkpoint_dispatch
 
     released, reads = [], []
     release, before_read = checkpoint_dispatch.HeapReleaser.release, checkpoint_dispatch.HeapReleaser.before_read
@@ -270,7 +270,7 @@ def test_heap_release_between_reads_changes_nothing(checkpoints, monkeypatch, fi
 
 
 def test_heap_release_counts_bytes_read():
-    from qfinal.stages.checkpoint_dispatch import HeapReleaser
+    from qfinal.pipeline.stages.checkpoint_dispatch import HeapReleaser
 
     heap = HeapReleaser(every=100)
     calls = []

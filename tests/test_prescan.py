@@ -21,10 +21,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import qfinal
-from qfinal import checks, prescan, safety
+from qfinal.checks import core as checks
+from qfinal.checkpoint import prescan
+from qfinal.checkpoint import inventory as safety
 from qfinal.config import build_config
-from qfinal.residency import FileViews
-from qfinal.sources import Source
+from qfinal.checkpoint.residency import FileViews
+from qfinal.checkpoint.sources import Source
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/pagemap")
 

@@ -148,7 +148,7 @@ def test_cli_flags_override_yaml(tmp_path, checkpoints):
 
 def test_run_config_with_overrides_keeps_its_other_fields():
     """qfinal.load(src, RunConfig, **overrides): an override sets its field, the rest stays."""
-    from qfinal.api import resolve_config
+    from qfinal.ops.load import resolve_config
 
     base = build_config(None, quantize="fp4", double_quant=True, compute_dtype="bfloat16",
                         validate={"allow_missing": ["x.*"]})
@@ -207,7 +207,7 @@ def test_demo_runs_end_to_end(capsys):
     code, out, _err = builders.run_cli(capsys, "load", "demo", "--json", "-")
     data = json.loads(out)
     assert data["source"] == "demo" and data["keys"]["tied"][0]["shared"] is True
-    from qfinal.demo import ensure_demo_checkpoint
+    from qfinal.checkpoint.demo import ensure_demo_checkpoint
 
     files = sorted(p.name for p in ensure_demo_checkpoint().iterdir())
     assert files.count("model.safetensors.index.json") == 1
@@ -215,7 +215,7 @@ def test_demo_runs_end_to_end(capsys):
 
 
 def test_demo_checkpoint_is_deterministic_and_leaves_the_global_rng_alone(tmp_path):
-    from qfinal.demo import write_demo_checkpoint
+    from qfinal.checkpoint.demo import write_demo_checkpoint
 
     torch.manual_seed(99)
     expected_next = torch.rand(3)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qfinal import checks
-from qfinal.residency import FileViews, read_chunks
+from qfinal.checks import core as checks
+from qfinal.checkpoint.residency import FileViews, read_chunks
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/pagemap")
 

@@ -7,8 +7,8 @@ import torch
 
 import builders
 import qfinal
-from qfinal.planning import measured_bytes_per_device, plan
-from qfinal.stages import Postprocess, Runtime, TieWeights, AdapterLoad
+from qfinal.ops.plan import measured_bytes_per_device, plan
+from qfinal.pipeline.stages import Postprocess, Runtime, TieWeights, AdapterLoad
 
 
 def dropout_modules(model):
@@ -70,7 +70,7 @@ def test_attention_check_reads_every_attention_module(checkpoints):
     """A module whose config says otherwise than the model's (a sub-config left behind) is caught."""
     import copy
 
-    from qfinal.stages.runtime import attention_in_use
+    from qfinal.pipeline.stages.runtime import attention_in_use
 
     model = qfinal.load(checkpoints["llama_tied"], runtime={"attn_implementation": "sdpa"}).model
     assert attention_in_use(model) == "sdpa"
@@ -103,7 +103,7 @@ def test_compile_gives_the_same_logits(checkpoints):
 def test_ties_survive_offload(checkpoints, tmp_path, cpu):
     """The tie audit runs after dispatch and reads accelerate's offload index; the offloaded model
     computes exactly what the in-memory one does."""
-    from qfinal.checks import same_tensor
+    from qfinal.checks.core import same_tensor
 
     plain = qfinal.load(checkpoints["llama_tied"]).model
     result = qfinal.load(checkpoints["llama_tied"], device_map="auto", max_memory={"cpu": cpu, "disk": "10GB"},
@@ -209,9 +209,9 @@ def test_load_dry_run_cli_reads_no_tensor_data(checkpoints, monkeypatch, capsys,
     import safetensors
     import safetensors.torch
 
-    import qfinal._hf as hf
-    from qfinal.cli import main
-    from qfinal.stages.checkpoint_dispatch import TensorSlice
+    import qfinal.compat.transformers as hf
+    from qfinal.cli.app import main
+    from qfinal.pipeline.stages.checkpoint_dispatch import TensorSlice
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run must not read tensor data")
@@ -263,7 +263,7 @@ def test_load_dry_run_cli_reads_no_tensor_data(checkpoints, monkeypatch, capsys,
 @pytest.mark.parametrize("command", [["load"], ["load", "--dry-run"]], ids=["load", "dry-run"])
 def test_quantized_model_that_would_offload_is_a_usage_error(checkpoints, capsys, tmp_path, command):
     """transformers' quantizer raises ValueError when a bnb model spills to disk: one line, exit 2."""
-    from qfinal.cli import main
+    from qfinal.cli.app import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([command[0], str(checkpoints["llama_untied"]), *command[1:], "--quantize", "nf4", "--device-map", "auto",

@@ -1,4 +1,4 @@
-"""qfinal.safety: the checkpoint layout/header reader the loader and `qfinal validate` trust.
+"""qfinal.checkpoint.inventory: the checkpoint layout/header reader the loader and `qfinal validate` trust.
 
 Malformed files are written by hand (8-byte little-endian length + JSON + data) so every case is
 exactly the defect named; `safetensors` itself is the reference for what a valid file is.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import builders  # noqa: E402
 
 from qfinal.errors import CheckpointError, SourceError  # noqa: E402
-from qfinal.safety import (  # noqa: E402
+from qfinal.checkpoint.inventory import (  # noqa: E402
     CheckpointInventory,
     Problem,
     TensorEntry,
@@ -699,7 +699,7 @@ def test_header_length_over_cap_is_refused_unread(tmp_path):
     length alone: the 100 MB are never read into memory (tracemalloc sees every bytes object)."""
     import tracemalloc
 
-    from qfinal.safety import MAX_HEADER_SIZE
+    from qfinal.checkpoint.inventory import MAX_HEADER_SIZE
 
     path = tmp_path / "big.safetensors"
     n = builders.sparse_header_over_cap(path)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import builders
 import qfinal
-import qfinal.saving as saving
+import qfinal.ops.save as saving
 
 
 def checks_by_name(report):
@@ -358,7 +358,7 @@ def test_save_with_merged_adapter_bakes_it_into_the_weights(checkpoints, lora, t
 
 def _count_tensor_reads(monkeypatch):
     """Names compared by reading both tensors (compare.diff_tensor), per call of compare_models."""
-    import qfinal.compare as compare
+    import qfinal.compare.engine as compare
 
     reads: list[str] = []
     real = compare.diff_tensor
@@ -438,7 +438,7 @@ def test_the_probe_runs_beside_the_write_for_a_plain_model_only(checkpoints, ove
 def test_the_round_trip_probe_is_one_short_sequence(checkpoints):
     """The logits check runs three forwards; it uses `ROUND_TRIP_PROBE` (1 x 4 tokens), not diff's
     2 x 16, and the reference logits are those of that probe."""
-    from qfinal.compare import probe_batch, probe_logits
+    from qfinal.compare.engine import probe_batch, probe_logits
 
     model = qfinal.load(checkpoints["llama_untied"]).model
     reference = saving.original_logits(model)

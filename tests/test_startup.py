@@ -27,7 +27,7 @@ try:
         sys.argv = ["qfinal"] + sys.argv[2:]
         runpy.run_module("qfinal", run_name="__main__", alter_sys=True)
     else:
-        from qfinal.cli import main
+        from qfinal.cli.app import main
         main(sys.argv[1:])
 except SystemExit as exc:
     code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -108,11 +108,11 @@ def test_bad_option_values_exit_2_without_heavy_imports(args, tmp_path):
 def test_quiet_libraries_does_not_import_transformers(user_verbosity):
     """Silencing transformers must not import it; the variables it reads on import do the job,
     and a verbosity the user chose is kept."""
-    code = ("import os, sys; from qfinal.output import quiet_libraries; quiet_libraries(); "
+    code = ("import os, sys; from qfinal.cli.output import quiet_libraries; quiet_libraries(); "
             "from transformers.utils import logging; "
             "print('ok', os.environ['TRANSFORMERS_VERBOSITY'], "
             "logging.get_verbosity(), logging.is_progress_bar_enabled())")
-    probe = ("import sys; from qfinal.output import quiet_libraries; quiet_libraries(); "
+    probe = ("import sys; from qfinal.cli.output import quiet_libraries; quiet_libraries(); "
              "print('transformers' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
     if user_verbosity:
@@ -141,7 +141,7 @@ sys.stdout.write("buffered, no newline")  # still in the buffer when leave() is 
 release = threading.Event()
 if mode == "busy-thread":
     threading.Thread(target=release.wait, args=(30,), daemon=False).start()
-from qfinal.cli import leave
+from qfinal.cli.app import leave
 try:
     leave(3)
 except SystemExit as exc:

@@ -1,7 +1,7 @@
 """`qfinal validate`: broken variants of a clean checkpoint, each caught by the right named check.
 
 Every variant is a copy of a clean fixture with one defect. Each case runs through the CLI
-(`qfinal.cli.main`, the error boundary) in the modes that can see the defect, and asserts the
+(`qfinal.cli.app.main`, the error boundary) in the modes that can see the defect, and asserts the
 exit code, the failing check's name and the key it names. Fast mode cannot see data (NaN, equal
 tie halves); those cases assert what it does say.
 """
@@ -338,7 +338,7 @@ def test_quant_state_disagreeing_with_config(capsys, nf4_variants, variant, key,
 ])
 def test_load_refuses_quant_state_disagreeing_with_config(capsys, nf4_variants, variant, text, monkeypatch):
     """One line and exit 2 from the headers, before any tensor is read (not exit 70 from the loader)."""
-    import qfinal._hf as hf
+    import qfinal.compat.transformers as hf
 
     def no_read(*args, **kwargs):
         raise AssertionError("tensor data was read")
@@ -514,12 +514,12 @@ def test_fast_mode_never_reads_tensor_data(capsys, variants, monkeypatch):
 
     import transformers.modeling_utils as modeling_utils
 
-    import qfinal.stages.validate
+    import qfinal.pipeline.stages.validate
 
     for target, name in ((safetensors, "safe_open"), (safetensors.torch, "safe_open"),
                          (safetensors.torch, "load_file"), (modeling_utils, "safe_open"),
                          (modeling_utils, "load_state_dict"), (torch, "load"),
-                         (qfinal.stages.validate, "checkpoint_reader")):
+                         (qfinal.pipeline.stages.validate, "checkpoint_reader")):
         monkeypatch.setattr(target, name, refuse, raising=False)
     code, report = validate_json(capsys, variants["clean_sharded"], "fast")
     assert code == 0, report
@@ -603,7 +603,7 @@ def test_adapter_on_top_keeps_the_audit_right(capsys, variants, tmp_path, merge)
 def test_meta_tensors_name_each_reason():
     """Every reason meta_tensors gives, on a hand-built module: a key missing from the checkpoint,
     a non-persistent buffer never materialized, a tie that did not resolve, and anything else."""
-    from qfinal.checks import DeclaredTie, meta_findings
+    from qfinal.checks.core import DeclaredTie, meta_findings
 
     class Block(torch.nn.Module):
         def __init__(self):

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 import builders
 import qfinal
-from qfinal import _hf, shards
-from qfinal.shards import save_file_mapped
+from qfinal.compat import transformers as _hf
+from qfinal.checkpoint import writer as shards
+from qfinal.checkpoint.writer import save_file_mapped
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..compare import Comparison, Tolerances, TensorDiff, _num, _tensor_fails
-from ..report import Report
+from qfinal.compare.engine import Comparison, Tolerances, TensorDiff, _num, _tensor_fails
+from qfinal.report import Report
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 STATUS_STYLE = {"identical": "green", "different": "yellow", "dtype": "yellow", "shape": "bold red",
@@ -50,7 +50,7 @@ CHART_ROWS = 60
 def error_chart(comparison: Comparison, rows: int = CHART_ROWS):
     """The relative error of every differing tensor, in checkpoint (so layer) order, as bars: where
     along the depth of the model the difference sits. Long lists keep the largest errors."""
-    from ..compare import rich_bars_table
+    from qfinal.compare.engine import rich_bars_table
 
     differing = [t for t in comparison.tensors if not t.bit_identical and t.rel_error is not None]
     shown = differing

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from html import escape
 
-from qfinal.compare import Comparison, LayerQuality, TensorDiff, _num, module_type_of, parse_layer
+from qfinal.compare.engine import Comparison, LayerQuality, TensorDiff, _num, module_type_of, parse_layer
 
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
            "#9c755f", "#bab0ac"]

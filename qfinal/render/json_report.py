@@ -3,8 +3,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..atomic import write_text_atomic
-from ..report import Report
+from qfinal.checkpoint.atomic import write_text_atomic
+from qfinal.report import Report
 
 
 def to_json(report: Report) -> str:

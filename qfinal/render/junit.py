@@ -15,8 +15,8 @@ import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..atomic import write_text_atomic
-from ..report import Finding, Report, Severity
+from qfinal.checkpoint.atomic import write_text_atomic
+from qfinal.report import Finding, Report, Severity
 
 # Everything XML 1.0 allows (tabs, newlines, BMP minus surrogates, astral planes).
 _INVALID_XML = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..report import Report
+from qfinal.report import Report
 
 MAX_ROWS = 25
 STATUS_STYLE = {"ran": "green", "nothing to do": "dim", "skipped by request": "yellow",

@@ -1,0 +1,194 @@
+"""Outputs appear complete or not at all: write beside the target, fsync, rename.
+
+A later CI step must never mistake a half-written folder for a good one, so every file or folder
+qfinal writes goes through one of these two context managers.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import signal
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from qfinal.errors import OutputError
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            _fsync_file(Path(dirpath, name))
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    """SIGTERM normally kills the process without unwinding; make it unwind so temp files go."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse an existing OUT without --force, and a parent we cannot write, before any work starts."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputError("output folder already exists", where=str(out),
+                          hint="choose another path or pass --force to replace it")
+    parent = out.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputError("parent is not a folder", where=str(parent), hint="choose another output path")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create the parent folder ({err.strerror})", where=str(parent),
+                          hint="choose a writable location") from None
+    if not os.access(parent, os.W_OK):
+        raise OutputError("parent folder is not writable", where=str(parent),
+                          hint="choose a writable location")
+
+
+# Background fsyncs started by `sync_early`, per temporary folder; atomic_dir waits for them.
+_EARLY_SYNCS: dict[Path, list] = {}
+_SYNC_POOL = None
+
+
+def sync_early(tmp: Path, path: Path) -> None:
+    """Start flushing `path` (a finished file, or a folder of them, inside atomic_dir's `tmp`) to
+    disk now, in a helper thread, so the flush overlaps the work still to come (the save round
+    trip's comparisons). atomic_dir waits for it before the rename and re-raises
+    its error: a failed writeback still fails the output."""
+    global _SYNC_POOL
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _SYNC_POOL is None:
+        _SYNC_POOL = ThreadPoolExecutor(1, "qfinal-fsync")
+    path = Path(path)
+    job = _fsync_tree if path.is_dir() else _fsync_file
+    _EARLY_SYNCS.setdefault(Path(tmp), []).append(_SYNC_POOL.submit(job, path))
+
+
+def stop_sync_helper() -> None:
+    """Join the flush helper thread (idle once every atomic_dir has waited for its flushes)."""
+    global _SYNC_POOL
+    if _SYNC_POOL is not None:
+        pool, _SYNC_POOL = _SYNC_POOL, None
+        pool.shutdown(wait=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _wait_early_syncs(tmp: Path, *, raise_errors: bool) -> None:
+    for job in _EARLY_SYNCS.pop(tmp, []):
+        error = job.exception()
+        if error is not None and raise_errors:
+            raise error
+
+
+@contextmanager
+def atomic_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it replaces `out` in one rename."""
+    out = Path(out)
+    check_output_dir(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qfinal-tmp-", dir=out.resolve().parent))
+    try:
+        with _sigterm_as_exception():
+            yield tmp
+            _wait_early_syncs(tmp, raise_errors=True)
+            _fsync_tree(tmp)  # what was not flushed early, and the folders; quick for flushed files
+            if out.exists():
+                backup = tmp.with_name(tmp.name + "-old")
+                os.rename(out, backup)
+                os.rename(tmp, out)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.rename(tmp, out)
+            _fsync_dir(out.resolve().parent)
+    except BaseException as err:
+        _wait_early_syncs(tmp, raise_errors=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = _out_of_space(err)
+        if full:
+            raise OutputError(f"cannot write the output: {full}; nothing was written", where=str(out),
+                              hint="free some space or choose another location") from None
+        raise
+
+
+# ENOSPC, EDQUOT, EFBIG, EROFS: the destination cannot take the output (not qfinal's fault).
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _out_of_space(err: BaseException) -> str | None:
+    """The OS's words when `err` means the destination is full or read-only, else None.
+
+    safetensors reports write failures as SafetensorError('... I/O error: <strerror> (os error N)').
+    """
+    if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
+        return err.strerror or os.strerror(err.errno)
+    if type(err).__name__ == "SafetensorError":
+        found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(err))
+        if found and int(found.group(2)) in _FULL_ERRNOS:
+            return found.group(1)
+    return None
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator:
+    """Open a temporary file beside `path`; it is renamed onto `path` only if the block succeeds."""
+    path = Path(path)
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise OutputError("folder does not exist", where=str(parent), hint="create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        with _sigterm_as_exception(), os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        full = _out_of_space(err)
+        if full:  # as atomic_dir does: the destination's fault, not a qfinal bug
+            raise OutputError(f"cannot write the file: {full}; any previous file is unchanged", where=str(path),
+                              hint="free some space or choose another location") from None
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path) as fh:
+        fh.write(text)

@@ -1,0 +1,78 @@
+"""The options several commands share, declared once, and how they become config overrides."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+# Options shared by several commands, declared once.
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")]
+QuantizeOpt = Annotated[Optional[str], typer.Option(help="Quantize on load: none|nf4|fp4|int8.")]
+DoubleQuantOpt = Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant",
+                                                        help="Nested quantization for nf4/fp4.", show_default=False)]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="float16|bfloat16|float32 (default: from config.json).")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(help="cpu|auto.")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(help="Per-device budget for --device-map auto, e.g. 'cpu=2GiB,disk=20GiB'.")]
+OffloadOpt = Annotated[Optional[str], typer.Option(help="Folder for disk offload.")]
+AdapterOpt = Annotated[Optional[list[str]], typer.Option("--adapter", help="PEFT adapter folder (repeatable).")]
+MergeOpt = Annotated[bool, typer.Option("--merge", help="Merge the adapters into the base weights.")]
+DequantizeOpt = Annotated[bool, typer.Option("--dequantize", help="Dequantize a bnb checkpoint after loading.")]
+AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt pickle checkpoints "
+                                              "(loaded with torch.load(weights_only=True) only).")]
+JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write the report as JSON to FILE ('-' for stdout).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; rely on the exit code.")]
+StopAfterOpt = Annotated[Optional[str], typer.Option(help="Stop the pipeline after this stage.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
+ShardOpt = Annotated[str, typer.Option(help="Largest output shard, e.g. 2GB or 500MB.")]
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    from qfinal.errors import ConfigError
+
+    if not text:
+        return None
+    out: dict = {}
+    for part in text.split(","):
+        device, sep, amount = part.partition("=")
+        if not sep or not device.strip() or not amount.strip():
+            raise ConfigError(f"cannot parse {part!r}", where="--max-memory",
+                              hint="use DEVICE=SIZE pairs, e.g. cpu=2GiB,disk=20GiB")
+        device = device.strip()
+        out[int(device) if device.isdigit() else device] = amount.strip()
+    return out
+
+
+def load_overrides(quantize, double_quant, dtype, device_map, max_memory, offload_folder, adapter, merge,
+                   dequantize, stop_after=None) -> dict:
+    """CLI flags -> the keyword overrides `qfinal.load` takes (None means: keep the YAML value)."""
+    overrides = dict(quantize=quantize, double_quant=double_quant, dtype=dtype, device_map=device_map,
+                     max_memory=parse_max_memory(max_memory), offload_folder=offload_folder,
+                     stop_after=stop_after, dequantize=dequantize or None)
+    if adapter:
+        overrides["adapters"] = [{"path": p, "merge": merge} for p in adapter]
+    elif merge:
+        overrides["merge_all_adapters"] = True
+    return overrides
+
+
+def output_path(text: str):
+    from pathlib import Path
+
+    return Path(text).expanduser()
+
+
+def check_output_file(text: str, option: str) -> None:
+    """Refuse an output file whose folder is missing before minutes of loading, not after."""
+    import os
+
+    from qfinal.errors import OutputError
+
+    path = output_path(text)
+    parent = path.resolve().parent
+    if path.is_dir():
+        raise OutputError("is a folder", where=f"{option} {text}", hint="give a file name")
+    if not parent.is_dir():
+        raise OutputError("folder does not exist", where=f"{option} {text}", hint="create it first")
+    if not os.access(parent, os.W_OK):
+        raise OutputError("folder is not writable", where=f"{option} {text}", hint="choose a writable location")

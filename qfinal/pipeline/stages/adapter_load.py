@@ -1,0 +1,49 @@
+"""Stage 6: PEFT adapters on the finalized base, with key coverage so a silent no-op is caught."""
+
+from __future__ import annotations
+
+from qfinal.pipeline.context import Context, Outcome
+from qfinal.report import Finding
+from qfinal.pipeline.stages.base import BaseStage
+
+
+class AdapterLoad(BaseStage):
+    name = "adapter_load"
+
+    def run(self, ctx: Context) -> Outcome:
+        specs = ctx.config.adapters
+        if not ctx.config.load_adapters:
+            return Outcome("skipped by request", f"load_adapters is false; {len(specs)} configured adapter(s) left off")
+        if not specs:
+            return Outcome("nothing to do", "no adapters configured")
+        from qfinal.adapters.apply import AdapterSpec, apply_adapters
+
+        model = ctx.model
+        # A second run must neither double-wrap a PeftModel nor merge the same delta twice.
+        if getattr(model, "peft_config", None) or getattr(model, "_qfinal_adapters_applied", False):
+            return Outcome("nothing to do", "adapters already applied to this model")
+        merge_into_quantized = (ctx.hf_quantizer is not None and any(a.merge for a in specs)
+                                and not ctx.config.merge_requantize)
+        if merge_into_quantized:
+            # Dequantize here rather than inside peft's merge, so GPT-2's Conv1D layout is
+            # restored and every tensor ends in one dtype, exactly as `dequantize: true` does.
+            from qfinal.formats.bnb import dequantize_in_memory
+
+            detail = dequantize_in_memory(model, ctx.dtype, ctx.original_classes)
+            ctx.report.findings.append(Finding(
+                check="adapter_merge", severity="info",
+                message=f"quantized base dequantized before merging ({detail}); the merged weights stay in "
+                        f"{ctx.report.dtype} (set merge_requantize: true to quantize them again)"))
+            ctx.hf_quantizer = None
+            ctx.dequantized = True
+            ctx.report.quantization = "none (dequantized to merge adapters)"
+        model, records, findings = apply_adapters(
+            model, [AdapterSpec(path=a.path, name=a.name, merge=a.merge, scale=a.scale) for a in specs],
+            requantize=ctx.config.merge_requantize, allow_pickle=ctx.allow_pickle)
+        model._qfinal_adapters_applied = True
+        ctx.model = model
+        ctx.report.adapters = list(records)
+        ctx.report.findings.extend(findings)
+        merged = sum(r.merged for r in records)
+        matched = sum(r.matched for r in records)
+        return Outcome("ran", f"{len(records)} adapter(s), {matched} tensor(s) placed, {merged} merged")
