@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.qfinal-installed
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test bench clean
+.PHONY: install run test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ install: $(STAMP)
 run: install
 	$(BIN)/qfinal load demo
 
-test: install
+# The layers contract (pyproject.toml) and ruff run before the suite: a broken layer fails `make test`.
+lint: install
+	$(BIN)/ruff check qfinal tests bench
+	$(BIN)/ruff format --check qfinal tests bench
+	$(BIN)/lint-imports --no-cache
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -30,10 +30,22 @@ SHARD_BYTES = 500 * 10**6
 
 # TinyLlama-1.1B geometry; "quick" keeps the vocabulary and layout, shrinks the rest (~0.2B).
 SHAPES = {
-    "tinyllama-1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                           intermediate_size=5632, vocab_size=32000),
-    "quick-0.2b": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
-                       intermediate_size=2816, vocab_size=32000),
+    "tinyllama-1.1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=5632,
+        vocab_size=32000,
+    ),
+    "quick-0.2b": dict(
+        hidden_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=2816,
+        vocab_size=32000,
+    ),
 }
 
 
@@ -44,15 +56,17 @@ def llama_tensors(shape: dict) -> list[tuple[str, list[int]]]:
     out = [("model.embed_tokens.weight", [vocab, h])]
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", [h]),
-                (p + "mlp.down_proj.weight", [h, inter]),
-                (p + "mlp.gate_proj.weight", [inter, h]),
-                (p + "mlp.up_proj.weight", [inter, h]),
-                (p + "post_attention_layernorm.weight", [h]),
-                (p + "self_attn.k_proj.weight", [kv, h]),
-                (p + "self_attn.o_proj.weight", [h, h]),
-                (p + "self_attn.q_proj.weight", [h, h]),
-                (p + "self_attn.v_proj.weight", [kv, h])]
+        out += [
+            (p + "input_layernorm.weight", [h]),
+            (p + "mlp.down_proj.weight", [h, inter]),
+            (p + "mlp.gate_proj.weight", [inter, h]),
+            (p + "mlp.up_proj.weight", [inter, h]),
+            (p + "post_attention_layernorm.weight", [h]),
+            (p + "self_attn.k_proj.weight", [kv, h]),
+            (p + "self_attn.o_proj.weight", [h, h]),
+            (p + "self_attn.q_proj.weight", [h, h]),
+            (p + "self_attn.v_proj.weight", [kv, h]),
+        ]
     out += [("model.norm.weight", [h]), ("lm_head.weight", [vocab, h])]
     return out
 
@@ -64,7 +78,9 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def plan_shards(tensors: list[tuple[str, list[int]]], max_bytes: int, itemsize: int) -> list[list[tuple[str, list[int]]]]:
+def plan_shards(
+    tensors: list[tuple[str, list[int]]], max_bytes: int, itemsize: int
+) -> list[list[tuple[str, list[int]]]]:
     shards: list[list] = [[]]
     size = 0
     for name, shape in tensors:
@@ -80,8 +96,14 @@ def plan_shards(tensors: list[tuple[str, list[int]]], max_bytes: int, itemsize: 
 def spec_for(kind: str, shape_name: str) -> dict:
     if kind == "sparse70b":  # one fixed shape (bench/validate_fast_70b.py's)
         shape_name = "llama-70b"
-    return {"kind": kind, "shape": shape_name, "geometry": SHAPES.get(shape_name), "seed": SEED,
-            "shard_bytes": SHARD_BYTES, "version": 1}
+    return {
+        "kind": kind,
+        "shape": shape_name,
+        "geometry": SHAPES.get(shape_name),
+        "seed": SEED,
+        "shard_bytes": SHARD_BYTES,
+        "version": 1,
+    }
 
 
 def is_complete(folder: Path, spec: dict) -> bool:
@@ -105,6 +127,7 @@ def logical_bytes(folder: Path) -> int:
 
 # --------------------------------------------------------------------------- builders (child processes)
 
+
 def write_bf16(folder: Path, shape_name: str) -> str:
     """Random bf16 Llama weights, one shard in memory at a time."""
     import torch
@@ -112,8 +135,16 @@ def write_bf16(folder: Path, shape_name: str) -> str:
     from transformers import LlamaConfig
 
     shape = SHAPES[shape_name]
-    config = LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16",
-                         rms_norm_eps=1e-5, architectures=["LlamaForCausalLM"], bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        **shape,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        rms_norm_eps=1e-5,
+        architectures=["LlamaForCausalLM"],
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     config.save_pretrained(folder)
     gen = torch.Generator().manual_seed(SEED)
     shards = plan_shards(llama_tensors(shape), SHARD_BYTES, 2)
@@ -153,8 +184,10 @@ def write_sparse_70b(folder: Path) -> str:
     from validate_fast_70b import write_checkpoint  # the teammate's writer, reused as is
 
     params, total, n_shards = write_checkpoint(folder, 5 * 10**9)
-    return (f"{params / 1e9:.1f}B parameters, {total / 1e9:.1f} GB logical in {n_shards} sparse shards, "
-            f"{disk_bytes(folder) / 2**20:.1f} MiB on disk")
+    return (
+        f"{params / 1e9:.1f}B parameters, {total / 1e9:.1f} GB logical in {n_shards} sparse shards, "
+        f"{disk_bytes(folder) / 2**20:.1f} MiB on disk"
+    )
 
 
 def build(kind: str, folder: Path, shape_name: str, source: Path | None) -> str:

@@ -48,9 +48,10 @@ CHILD_TIMEOUT_S = 900
 
 # --------------------------------------------------------------------------- what runs
 
+
 @dataclass
 class Target:
-    what: str            # "time" / "rss" (ratios), "abs_time" (seconds) / "abs_rss" (bytes), qfinal side
+    what: str  # "time" / "rss" (ratios), "abs_time" (seconds) / "abs_rss" (bytes), qfinal side
     limit: float
 
     def label(self) -> str:
@@ -68,8 +69,8 @@ class Line:
     qfinal: list[str]
     transformers: list[str] | None = None
     targets: list[Target] = field(default_factory=list)
-    scratch: list[Path] = field(default_factory=list)   # removed before every run (not timed) and at the end
-    inputs: list[Path] = field(default_factory=list)    # read into the page cache before every run (not timed)
+    scratch: list[Path] = field(default_factory=list)  # removed before every run (not timed) and at the end
+    inputs: list[Path] = field(default_factory=list)  # read into the page cache before every run (not timed)
     short: bool = False  # a few seconds a run: runs --short-repeats times, its median is that noisy
 
 
@@ -82,41 +83,76 @@ def qfinal_cli() -> list[str]:
 def build_lines(ck: dict[str, Path], work: Path) -> list[Line]:
     py, tasks, cli = sys.executable, str(HERE / "tasks.py"), qfinal_cli()
     bf16, nf4, sparse = str(ck["bf16"]), str(ck["nf4"]), str(ck["sparse70b"])
-    deq_q, deq_t, save_q, save_t = (work / n for n in ("dequantize-qfinal", "dequantize-transformers",
-                                                         "save-qfinal", "save-transformers"))
+    deq_q, deq_t, save_q, save_t = (
+        work / n for n in ("dequantize-qfinal", "dequantize-transformers", "save-qfinal", "save-transformers")
+    )
     return [
-        Line("load_bf16", "load bf16 + forward",
-             [py, tasks, "qfinal-load-forward", bf16],
-             [py, tasks, "transformers-load-forward", bf16],
-             [Target("time", 1.05), Target("rss", 1.0)], inputs=[ck["bf16"]], short=True),
-        Line("load_nf4", "load nf4 (quantize on load)",
-             cli + ["load", bf16, "--quantize", "nf4", "--quiet"],
-             [py, tasks, "transformers-load-quantized", bf16, "nf4"],
-             [Target("time", 1.0), Target("rss", 0.5)], inputs=[ck["bf16"]]),
-        Line("load_int8", "load int8 (quantize on load)",
-             cli + ["load", bf16, "--quantize", "int8", "--quiet"],
-             [py, tasks, "transformers-load-quantized", bf16, "int8"], inputs=[ck["bf16"]]),
-        Line("dequantize_nf4", "dequantize nf4 -> fp16",
-             cli + ["dequantize", nf4, str(deq_q), "--dtype", "float16", "--quiet"],
-             [py, tasks, "transformers-dequantize", nf4, "float16"],
-             [Target("time", 1.0), Target("rss", 1 / 3)], scratch=[deq_q, deq_t], inputs=[ck["nf4"]]),
-        Line("save_round_trip", "save round trip (bf16)",
-             cli + ["save", bf16, str(save_q), "--quiet"],
-             [py, tasks, "transformers-save-round-trip", bf16, str(save_t), "2GB"],
-             [Target("time", 1.3)], scratch=[save_q, save_t], inputs=[ck["bf16"]], short=True),
-        Line("validate_fast_70b", "validate --fast (70B sparse)",
-             cli + ["validate", sparse, "--fast", "--quiet"],
-             targets=[Target("abs_time", 10.0), Target("abs_rss", 1.0 * GB)]),  # headers only: no warm-up
+        Line(
+            "load_bf16",
+            "load bf16 + forward",
+            [py, tasks, "qfinal-load-forward", bf16],
+            [py, tasks, "transformers-load-forward", bf16],
+            [Target("time", 1.05), Target("rss", 1.0)],
+            inputs=[ck["bf16"]],
+            short=True,
+        ),
+        Line(
+            "load_nf4",
+            "load nf4 (quantize on load)",
+            cli + ["load", bf16, "--quantize", "nf4", "--quiet"],
+            [py, tasks, "transformers-load-quantized", bf16, "nf4"],
+            [Target("time", 1.0), Target("rss", 0.5)],
+            inputs=[ck["bf16"]],
+        ),
+        Line(
+            "load_int8",
+            "load int8 (quantize on load)",
+            cli + ["load", bf16, "--quantize", "int8", "--quiet"],
+            [py, tasks, "transformers-load-quantized", bf16, "int8"],
+            inputs=[ck["bf16"]],
+        ),
+        Line(
+            "dequantize_nf4",
+            "dequantize nf4 -> fp16",
+            cli + ["dequantize", nf4, str(deq_q), "--dtype", "float16", "--quiet"],
+            [py, tasks, "transformers-dequantize", nf4, "float16"],
+            [Target("time", 1.0), Target("rss", 1 / 3)],
+            scratch=[deq_q, deq_t],
+            inputs=[ck["nf4"]],
+        ),
+        Line(
+            "save_round_trip",
+            "save round trip (bf16)",
+            cli + ["save", bf16, str(save_q), "--quiet"],
+            [py, tasks, "transformers-save-round-trip", bf16, str(save_t), "2GB"],
+            [Target("time", 1.3)],
+            scratch=[save_q, save_t],
+            inputs=[ck["bf16"]],
+            short=True,
+        ),
+        Line(
+            "validate_fast_70b",
+            "validate --fast (70B sparse)",
+            cli + ["validate", sparse, "--fast", "--quiet"],
+            targets=[Target("abs_time", 10.0), Target("abs_rss", 1.0 * GB)],
+        ),  # headers only: no warm-up
         Line("help", "qfinal --help", cli + ["--help"], targets=[Target("abs_time", 0.5)]),
     ]
 
 
 # --------------------------------------------------------------------------- measuring
 
+
 def child_env() -> dict:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        TQDM_DISABLE="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        PYTHONWARNINGS="ignore",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return env
 
 
@@ -124,8 +160,9 @@ def measure(argv: list[str], timeout: float = CHILD_TIMEOUT_S) -> dict:
     """Run one child; wall seconds around it, its own peak RSS (bytes), exit code, output tail."""
     with tempfile.TemporaryFile() as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=child_env(), cwd=str(ROOT))
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(), cwd=str(ROOT)
+        )
         deadline = start + timeout
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -141,8 +178,13 @@ def measure(argv: list[str], timeout: float = CHILD_TIMEOUT_S) -> dict:
         out.seek(0)
         tail = out.read()[-4000:].decode(errors="replace")
     peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    return {"wall_s": round(wall, 4), "peak_rss_bytes": peak, "exit_code": proc.returncode,
-            "timed_out": wall > timeout, "output_tail": tail if proc.returncode else tail[-300:]}
+    return {
+        "wall_s": round(wall, 4),
+        "peak_rss_bytes": peak,
+        "exit_code": proc.returncode,
+        "timed_out": wall > timeout,
+        "output_tail": tail if proc.returncode else tail[-300:],
+    }
 
 
 def clear(paths: list[Path]) -> None:
@@ -181,19 +223,31 @@ def run_line(line: Line, repeats: int, log) -> dict:
             result = measure(sides[side])
             runs[side].append(result)
             status = "ok" if result["exit_code"] == 0 else f"EXIT {result['exit_code']}"
-            log(f"    {line.key:<18} run {r + 1}/{repeats} {side:<12} {result['wall_s']:8.2f} s  "
-                f"{result['peak_rss_bytes'] / GB:6.2f} GB  {status}")
+            log(
+                f"    {line.key:<18} run {r + 1}/{repeats} {side:<12} {result['wall_s']:8.2f} s  "
+                f"{result['peak_rss_bytes'] / GB:6.2f} GB  {status}"
+            )
             if result["exit_code"] != 0:
                 log("      " + result["output_tail"].strip().replace("\n", "\n      ")[-1500:])
     clear(line.scratch)
-    summary: dict = {"title": line.title, "commands": {s: " ".join(map(_short, a)) for s, a in sides.items()},
-                     "runs": runs}
+    summary: dict = {
+        "title": line.title,
+        "commands": {s: " ".join(map(_short, a)) for s, a in sides.items()},
+        "runs": runs,
+    }
     for side, rs in runs.items():
         good = [x for x in rs if x["exit_code"] == 0]
-        summary[side] = ({"wall_s": statistics.median(x["wall_s"] for x in good),
-                          "wall_s_range": [min(x["wall_s"] for x in good), max(x["wall_s"] for x in good)],
-                          "peak_rss_bytes": int(statistics.median(x["peak_rss_bytes"] for x in good)),
-                          "ok_runs": len(good), "runs": len(rs)} if good else None)
+        summary[side] = (
+            {
+                "wall_s": statistics.median(x["wall_s"] for x in good),
+                "wall_s_range": [min(x["wall_s"] for x in good), max(x["wall_s"] for x in good)],
+                "peak_rss_bytes": int(statistics.median(x["peak_rss_bytes"] for x in good)),
+                "ok_runs": len(good),
+                "runs": len(rs),
+            }
+            if good
+            else None
+        )
     q, t = summary.get("qfinal"), summary.get("transformers")
     if q and t:
         summary["ratio"] = {"time": q["wall_s"] / t["wall_s"], "rss": q["peak_rss_bytes"] / t["peak_rss_bytes"]}
@@ -221,18 +275,22 @@ def judge(target: Target, summary: dict) -> dict:
 def _short(arg: str) -> str:
     for base, name in ((str(ROOT) + os.sep, ""), (sys.executable, "python")):
         if arg.startswith(base):
-            return name + arg[len(base):] if name else arg[len(base):]
+            return name + arg[len(base) :] if name else arg[len(base) :]
     return arg
 
 
 # --------------------------------------------------------------------------- checkpoints
 
+
 def ensure_checkpoints(out: Path, quick: bool, log) -> dict[str, Path]:
     shape = "quick-0.2b" if quick else "tinyllama-1.1b"
     prefix = "quick" if quick else "llama"
     folders = {"bf16": out / f"{prefix}-bf16", "nf4": out / f"{prefix}-nf4", "sparse70b": out / "sparse-70b"}
-    builds = [("bf16", ["--shape", shape]), ("nf4", ["--shape", shape, "--source", str(folders["bf16"])]),
-              ("sparse70b", [])]
+    builds = [
+        ("bf16", ["--shape", shape]),
+        ("nf4", ["--shape", shape, "--source", str(folders["bf16"])]),
+        ("sparse70b", []),
+    ]
     for kind, extra in builds:
         folder = folders[kind]
         if checkpoints.is_complete(folder, checkpoints.spec_for(kind, shape)):
@@ -248,14 +306,20 @@ def ensure_checkpoints(out: Path, quick: bool, log) -> dict[str, Path]:
 
 # --------------------------------------------------------------------------- report
 
+
 def machine() -> dict:
-    info: dict = {"nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                  "python": platform.python_version(), "platform": platform.platform()}
+    info: dict = {
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
     try:
         with open("/proc/cpuinfo") as fh:
-            info["cpu"] = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), None)
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), None)
         with open("/proc/meminfo") as fh:
-            info["mem_total_gb"] = round(int(next(l for l in fh if l.startswith("MemTotal")).split()[1]) * 1024 / GB, 1)
+            info["mem_total_gb"] = round(
+                int(next(ln for ln in fh if ln.startswith("MemTotal")).split()[1]) * 1024 / GB, 1
+            )
         info["loadavg_start"] = os.getloadavg()
     except (OSError, StopIteration):
         pass
@@ -284,16 +348,22 @@ def _value(target: dict) -> str:
 
 
 def table(results: dict) -> str:
-    head = (f"{'line':<30} {'qfinal s':>9} {'tf s':>8} {'t ratio':>7}   {'qfinal GB':>9} {'tf GB':>7} "
-            f"{'RSS ratio':>9}   targets")
+    head = (
+        f"{'line':<30} {'qfinal s':>9} {'tf s':>8} {'t ratio':>7}   {'qfinal GB':>9} {'tf GB':>7} "
+        f"{'RSS ratio':>9}   targets"
+    )
     rows = [head, "-" * len(head)]
     for line in results["lines"].values():
         q, t, ratio = line.get("qfinal"), line.get("transformers"), line.get("ratio", {})
-        targets = ", ".join(f"{x['target']} {x['verdict']}" + (f" ({_value(x)})" if x["value"] is not None else "")
-                            for x in line["targets"])
-        rows.append(f"{line['title']:<30} {fmt_s(q and q['wall_s']):>9} {fmt_s(t and t['wall_s']):>8} "
-                    f"{fmt_ratio(ratio.get('time')):>7}   {fmt_gb(q and q['peak_rss_bytes']):>9} "
-                    f"{fmt_gb(t and t['peak_rss_bytes']):>7} {fmt_ratio(ratio.get('rss')):>9}   {targets}")
+        targets = ", ".join(
+            f"{x['target']} {x['verdict']}" + (f" ({_value(x)})" if x["value"] is not None else "")
+            for x in line["targets"]
+        )
+        rows.append(
+            f"{line['title']:<30} {fmt_s(q and q['wall_s']):>9} {fmt_s(t and t['wall_s']):>8} "
+            f"{fmt_ratio(ratio.get('time')):>7}   {fmt_gb(q and q['peak_rss_bytes']):>9} "
+            f"{fmt_gb(t and t['peak_rss_bytes']):>7} {fmt_ratio(ratio.get('rss')):>9}   {targets}"
+        )
     return "\n".join(rows)
 
 
@@ -302,8 +372,11 @@ def spread(results: dict) -> str:
     rows = []
     for line in results["lines"].values():
         sides = [(name, line.get(name)) for name in ("qfinal", "transformers")]
-        parts = [f"{name} {fmt_s(s['wall_s_range'][0])}-{fmt_s(s['wall_s_range'][1])} s"
-                 for name, s in sides if s and s["runs"] > 1]
+        parts = [
+            f"{name} {fmt_s(s['wall_s_range'][0])}-{fmt_s(s['wall_s_range'][1])} s"
+            for name, s in sides
+            if s and s["runs"] > 1
+        ]
         if parts:
             rows.append(f"  {line['title']:<30} " + ", ".join(parts))
     return "\n".join(["run-to-run spread of wall time (fastest-slowest run):", *rows]) if rows else ""
@@ -313,11 +386,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~0.2B model and 1 repeat, for development")
     parser.add_argument("--repeats", type=int, help="runs per side (default 5, or 1 with --quick)")
-    parser.add_argument("--short-repeats", type=int,
-                        help="runs per side of the lines of a few seconds, load bf16 and save (default 9, "
-                             "or --repeats when that is given or with --quick)")
-    parser.add_argument("--only", help="comma-separated line keys: " + "load_bf16,load_nf4,load_int8,"
-                                       "dequantize_nf4,save_round_trip,validate_fast_70b,help")
+    parser.add_argument(
+        "--short-repeats",
+        type=int,
+        help="runs per side of the lines of a few seconds, load bf16 and save (default 9, "
+        "or --repeats when that is given or with --quick)",
+    )
+    parser.add_argument(
+        "--only",
+        help="comma-separated line keys: " + "load_bf16,load_nf4,load_int8,"
+        "dequantize_nf4,save_round_trip,validate_fast_70b,help",
+    )
     parser.add_argument("--out", default=str(HERE / "out"), help="checkpoints, scratch and results (default bench/out)")
     parser.add_argument("--json", help="results file (default OUT/results.json, OUT/results-quick.json with --quick)")
     args = parser.parse_args(argv)
@@ -333,45 +412,61 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
 
     info = machine()
-    log(f"machine: {info.get('nproc')} CPU(s), {info.get('mem_total_gb')} GB, {info.get('cpu')}; "
-        f"torch {info['torch']}, transformers {info['transformers']}, bitsandbytes {info['bitsandbytes']}")
+    log(
+        f"machine: {info.get('nproc')} CPU(s), {info.get('mem_total_gb')} GB, {info.get('cpu')}; "
+        f"torch {info['torch']}, transformers {info['transformers']}, bitsandbytes {info['bitsandbytes']}"
+    )
     log("checkpoints:")
     ck = ensure_checkpoints(out, args.quick, log)
     lines = build_lines(ck, out / "work")
     if args.only:
         wanted = set(args.only.split(","))
-        unknown = wanted - {l.key for l in lines}
+        unknown = wanted - {ln.key for ln in lines}
         if unknown:
             parser.error(f"unknown line(s): {', '.join(sorted(unknown))}")
-        lines = [l for l in lines if l.key in wanted]
-    results: dict = {"machine": info, "quick": args.quick, "repeats": repeats, "short_repeats": short_repeats,
-                     "model": checkpoints.spec_for("bf16", "quick-0.2b" if args.quick else "tinyllama-1.1b"),
-                     "checkpoints": {k: str(v) for k, v in ck.items()}, "lines": {}}
-    log(f"running {len(lines)} line(s), {repeats} run(s) per side ({short_repeats} for the short ones), "
-        "alternating:")
+        lines = [ln for ln in lines if ln.key in wanted]
+    results: dict = {
+        "machine": info,
+        "quick": args.quick,
+        "repeats": repeats,
+        "short_repeats": short_repeats,
+        "model": checkpoints.spec_for("bf16", "quick-0.2b" if args.quick else "tinyllama-1.1b"),
+        "checkpoints": {k: str(v) for k, v in ck.items()},
+        "lines": {},
+    }
+    log(f"running {len(lines)} line(s), {repeats} run(s) per side ({short_repeats} for the short ones), alternating:")
     for line in lines:
         results["lines"][line.key] = run_line(line, short_repeats if line.short else repeats, log)
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["total_s"] = round(time.perf_counter() - start, 1)
 
     text = table(results)
-    verdicts = [t for l in results["lines"].values() for t in l["targets"]]
+    verdicts = [t for ln in results["lines"].values() for t in ln["targets"]]
     passed = sum(t["verdict"] == "PASS" for t in verdicts)
     print()
-    print(f"qfinal vs transformers: medians of {repeats} run(s) per side ({short_repeats} for load bf16 and save); "
-          "ratio = qfinal / transformers; "
-          f"GB = 10^9 bytes of peak RSS")
+    print(
+        f"qfinal vs transformers: medians of {repeats} run(s) per side ({short_repeats} for load bf16 and save); "
+        "ratio = qfinal / transformers; "
+        f"GB = 10^9 bytes of peak RSS"
+    )
     print(text)
     if spread(results):
         print("\n" + spread(results))
-    print(f"\ntargets: {passed}/{len(verdicts)} PASS; total {results['total_s']:.0f} s; "
-          f"load average {info.get('loadavg_start', (float('nan'),))[0]:.2f} -> {results['machine']['loadavg_end'][0]:.2f}")
+    print(
+        f"\ntargets: {passed}/{len(verdicts)} PASS; total {results['total_s']:.0f} s; "
+        f"load average {info.get('loadavg_start', (float('nan'),))[0]:.2f} -> "
+        f"{results['machine']['loadavg_end'][0]:.2f}"
+    )
     results["table"] = text
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {json_path}")
-    failed = [k for k, l in results["lines"].items() for s in ("qfinal", "transformers")
-              if s in l["runs"] and any(r["exit_code"] != 0 for r in l["runs"][s])]
+    failed = [
+        k
+        for k, ln in results["lines"].items()
+        for s in ("qfinal", "transformers")
+        if s in ln["runs"] and any(r["exit_code"] != 0 for r in ln["runs"][s])
+    ]
     if failed:
         print(f"some runs failed: {', '.join(sorted(set(failed)))}")
         return 1

@@ -50,6 +50,7 @@ def transformers_load(path: str, quantize: str | None = None):
 
 # --------------------------------------------------------------------------- tasks
 
+
 def qfinal_load_forward(path: str) -> str:
     import qfinal
 

@@ -76,10 +76,18 @@ def write_checkpoint(folder: Path, shard_bytes: int) -> tuple[int, int, int]:
     """config.json + sharded sparse safetensors + index. Returns (params, logical bytes, shards)."""
     from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                         num_key_value_heads=KV_HEADS, intermediate_size=INTERMEDIATE, vocab_size=VOCAB,
-                         max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16",
-                         architectures=["LlamaForCausalLM"])
+    config = LlamaConfig(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        intermediate_size=INTERMEDIATE,
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+    )
     config.save_pretrained(folder)
 
     shards: list[list[tuple[str, list[int]]]] = [[]]
@@ -133,9 +141,11 @@ def main() -> int:
     try:
         t0 = time.perf_counter()
         params, total, n_shards = write_checkpoint(folder, int(args.shard_gb * 1e9))
-        print(f"checkpoint: {params / 1e9:.1f}B parameters, {total / 1e9:.1f} GB logical in {n_shards} "
-              f"sparse shards, {disk_usage(folder) / 2**20:.1f} MiB on disk, written in "
-              f"{time.perf_counter() - t0:.2f} s -> {folder}")
+        print(
+            f"checkpoint: {params / 1e9:.1f}B parameters, {total / 1e9:.1f} GB logical in {n_shards} "
+            f"sparse shards, {disk_usage(folder) / 2**20:.1f} MiB on disk, written in "
+            f"{time.perf_counter() - t0:.2f} s -> {folder}"
+        )
         code, wall, peak, stdout, stderr = run_validate(folder)
         print(f"qfinal validate --fast: exit {code}, wall {wall:.2f} s, peak RSS {peak / 2**20:.0f} MiB")
         try:
@@ -144,11 +154,12 @@ def main() -> int:
             print("stdout is not JSON:\n" + stdout[-2000:] + "\nstderr:\n" + stderr[-2000:])
             return 1
         for stage in report["stages"]:
-            print(f"  stage {stage['name']:<22} {stage['status']:<16} {stage['seconds']:7.3f} s  "
-                  f"peak {stage['peak_rss_bytes'] / 2**20:6.0f} MiB  {stage['detail']}")
+            print(
+                f"  stage {stage['name']:<22} {stage['status']:<16} {stage['seconds']:7.3f} s  "
+                f"peak {stage['peak_rss_bytes'] / 2**20:6.0f} MiB  {stage['detail']}"
+            )
         bad = [f for f in report["findings"] if f["severity"] != "info"]
-        print(f"  checks: {len(report['checks'])}, findings: {len(report['findings'])} "
-              f"({len(bad)} error/warning)")
+        print(f"  checks: {len(report['checks'])}, findings: {len(report['findings'])} ({len(bad)} error/warning)")
         for f in bad[:10]:
             print(f"    {f['severity']} {f['check']} {f['key']}: {f['message']}")
         return 0 if code == 0 else 1

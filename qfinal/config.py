@@ -17,8 +17,15 @@ from qfinal.errors import ConfigError
 
 QuantMethod = Literal["none", "nf4", "fp4", "int8"]
 DType = Literal["auto", "float16", "bfloat16", "float32"]
-Task = Literal["causal-lm", "masked-lm", "seq2seq-lm", "sequence-classification", "token-classification",
-               "question-answering", "base"]
+Task = Literal[
+    "causal-lm",
+    "masked-lm",
+    "seq2seq-lm",
+    "sequence-classification",
+    "token-classification",
+    "question-answering",
+    "base",
+]
 
 
 class _Strict(BaseModel):
@@ -73,8 +80,11 @@ class ValidateConfig(_Strict):
 
 
 class ReportConfig(_Strict):
-    quality: bool = Field(False, description="after quantizing, the per-layer relative error of each "
-                                             "quantized weight against the checkpoint's original (load --quality)")
+    quality: bool = Field(
+        False,
+        description="after quantizing, the per-layer relative error of each "
+        "quantized weight against the checkpoint's original (load --quality)",
+    )
 
 
 class RunConfig(_Strict):
@@ -90,8 +100,9 @@ class RunConfig(_Strict):
     offload_folder: str | None = None
     tie_weights: bool = True
     adapters: list[AdapterConfig] = []
-    load_adapters: bool = Field(True, description="false leaves the configured adapters off "
-                                                  "(reported as skipped by request)")
+    load_adapters: bool = Field(
+        True, description="false leaves the configured adapters off (reported as skipped by request)"
+    )
     merge_requantize: bool = False
     runtime: RuntimeConfig = RuntimeConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
@@ -132,7 +143,7 @@ OVERRIDE_PATHS = {
 }
 
 
-def _format_errors(err: ValidationError) -> str:
+def format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -174,8 +185,16 @@ def config_from_dict(data: dict, where: str = "options", **overrides: Any) -> Ru
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err), where=where,
-                          hint="see the config reference in README.md") from None
+        raise ConfigError(format_errors(err), where=where, hint="see the config reference in README.md") from None
+
+
+def resolve_config(config: RunConfig | str | Path | None, overrides: dict) -> RunConfig:
+    """A RunConfig, a YAML path or nothing, with keyword overrides named like the CLI options."""
+    if isinstance(config, RunConfig):
+        if overrides:
+            return config_from_dict(config.model_dump(by_alias=True, exclude_unset=True), **overrides)
+        return config
+    return build_config(config, **overrides)
 
 
 def read_yaml(file: str | Path) -> dict:
@@ -201,4 +220,28 @@ def read_yaml(file: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}", where=str(path))
+    return near_the_file(data, path.parent)
+
+
+def near_the_file(data: dict, folder: Path) -> dict:
+    """Adapter paths in a YAML file are relative to that file's folder, not to the working directory,
+    so a config works from wherever it is run; absolute paths (and `~`) stay as they are."""
+    adapters = data.get("adapters")
+    if not isinstance(adapters, list):
+        return data
+
+    def place(path):
+        if not isinstance(path, str) or not path.strip():
+            return path  # the schema reports it
+        given = Path(path).expanduser()
+        return str(given if given.is_absolute() else folder / given)
+
+    data["adapters"] = [
+        place(a)
+        if isinstance(a, str)
+        else {**a, "path": place(a.get("path"))}
+        if isinstance(a, dict) and "path" in a
+        else a
+        for a in adapters
+    ]
     return data

@@ -64,6 +64,10 @@ class Keys(BaseModel):
 class AdapterRecord(BaseModel):
     name: str
     path: str
+    peft_type: str | None = None  # peft's type: LORA, ADALORA, IA3, LOHA, LOKR, PROMPT_TUNING, ...
+    variants: list[str] = []  # of a LORA adapter: DoRA, rsLoRA
+    wrapped_modules: list[str] = []  # base modules the adapter wraps (or merged into)
+    virtual_tokens: int = 0  # prompt learning: virtual tokens before the input; adaption prompt: its length
     matched: int
     unused: list[str] = []
     unmatched_targets: list[str] = []

@@ -32,32 +32,64 @@ def _build(config_cls, model_cls, path: Path, save_kwargs=None, **cfg) -> Path:
 
 
 LLAMA = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
 )
 
 
 def llama(path: Path, tied: bool = True, shard: str | None = None) -> Path:
     save_kwargs = {"max_shard_size": shard} if shard else None
-    return _build(tf.LlamaConfig, tf.LlamaForCausalLM, path, save_kwargs,
-                  tie_word_embeddings=tied, **LLAMA)
+    return _build(tf.LlamaConfig, tf.LlamaForCausalLM, path, save_kwargs, tie_word_embeddings=tied, **LLAMA)
 
 
 def gpt2(path: Path) -> Path:
-    return _build(tf.GPT2Config, tf.GPT2LMHeadModel, path, vocab_size=256, n_positions=64,
-                  n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    return _build(
+        tf.GPT2Config,
+        tf.GPT2LMHeadModel,
+        path,
+        vocab_size=256,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
 def bert(path: Path) -> Path:
-    return _build(tf.BertConfig, tf.BertForMaskedLM, path, vocab_size=256, hidden_size=64,
-                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                  max_position_embeddings=64)
+    return _build(
+        tf.BertConfig,
+        tf.BertForMaskedLM,
+        path,
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
 
 
 def t5(path: Path) -> Path:
-    return _build(tf.T5Config, tf.T5ForConditionalGeneration, path, vocab_size=256, d_model=64,
-                  d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-                  tie_word_embeddings=True)
+    return _build(
+        tf.T5Config,
+        tf.T5ForConditionalGeneration,
+        path,
+        vocab_size=256,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        tie_word_embeddings=True,
+    )
 
 
 BUILDERS = {
@@ -105,7 +137,7 @@ def bnb_checkpoint(source: Path, out: Path, method: str, max_shard_size: str | N
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes, flat. Comparing these is bit-for-bit equality, NaN payloads and signed
     zeros included (4-bit data packed into a float quant_storage is full of NaN patterns, which
-    torch.equal calls unequal). Written here, not taken from qfinal.compare.engine: the code under test
+    torch.equal calls unequal). Written here, not taken from qfinal.compare: the code under test
     must not judge itself."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
@@ -171,7 +203,7 @@ def sparse_header_over_cap(path: Path) -> int:
     """Give the safetensors file at `path` (created if missing) a header length field of qfinal's
     100 MB cap + 1, and make the file long enough, sparsely, to hold that header: the file is only
     refused for the length itself. Returns the length written."""
-    from qfinal.checkpoint.inventory import MAX_HEADER_SIZE
+    from qfinal.checkpoint.headers import MAX_HEADER_SIZE
 
     n = MAX_HEADER_SIZE + 1
     path.touch()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import warnings
@@ -16,7 +17,8 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parent))
 import builders  # noqa: E402
 
-from qfinal.adapters.apply import AdapterSpec, apply_adapters  # noqa: E402
+from qfinal.adapters.apply import apply_adapters  # noqa: E402
+from qfinal.adapters.prepare import AdapterSpec  # noqa: E402
 from qfinal.errors import CheckpointError, ConfigError, SourceError  # noqa: E402
 
 peft = pytest.importorskip("peft")
@@ -73,22 +75,34 @@ def w(tmp_path_factory):
         ns["llama"] = builders.llama(root / "llama", tied=False)
         ns["gpt2"] = builders.gpt2(root / "gpt2")
         ns["bert"] = builders.bert(root / "bert")
-        ns["llama_lora"] = _make_adapter(ns["llama"], root / "llama_lora", 1, task_type="CAUSAL_LM",
-                                         target_modules=["q_proj", "v_proj", "down_proj"])
-        ns["llama_lora2"] = _make_adapter(ns["llama"], root / "llama_lora2", 2, task_type="CAUSAL_LM",
-                                          target_modules=["k_proj", "o_proj"])
-        ns["gpt2_lora"] = _make_adapter(ns["gpt2"], root / "gpt2_lora", 3, task_type="CAUSAL_LM",
-                                        target_modules=["c_attn", "c_fc"])
-        ns["bert_lora"] = _make_adapter(ns["bert"], root / "bert_lora", 4, target_modules=["query", "value"],
-                                        modules_to_save=["cls.predictions.transform.dense"])
-        ns["llama_partial_targets"] = _make_adapter(ns["llama"], root / "llama_partial_targets", 5,
-                                                    task_type="CAUSAL_LM", target_modules=["q_proj", "c_attn"])
+        ns["llama_lora"] = _make_adapter(
+            ns["llama"], root / "llama_lora", 1, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"]
+        )
+        ns["llama_lora2"] = _make_adapter(
+            ns["llama"], root / "llama_lora2", 2, task_type="CAUSAL_LM", target_modules=["k_proj", "o_proj"]
+        )
+        ns["gpt2_lora"] = _make_adapter(
+            ns["gpt2"], root / "gpt2_lora", 3, task_type="CAUSAL_LM", target_modules=["c_attn", "c_fc"]
+        )
+        ns["bert_lora"] = _make_adapter(
+            ns["bert"],
+            root / "bert_lora",
+            4,
+            target_modules=["query", "value"],
+            modules_to_save=["cls.predictions.transform.dense"],
+        )
+        ns["llama_partial_targets"] = _make_adapter(
+            ns["llama"], root / "llama_partial_targets", 5, task_type="CAUSAL_LM", target_modules=["q_proj", "c_attn"]
+        )
     # partially renamed: layer 0's q_proj tensors under another module name
     renamed = root / "llama_renamed"
     shutil.copytree(ns["llama_lora"], renamed)
     tensors = load_file(str(renamed / "adapter_model.safetensors"))
-    ns["renamed_keys"] = sorted(k.replace("layers.0.self_attn.q_proj", "layers.0.self_attn.query")
-                                for k in tensors if "layers.0.self_attn.q_proj" in k)
+    ns["renamed_keys"] = sorted(
+        k.replace("layers.0.self_attn.q_proj", "layers.0.self_attn.query")
+        for k in tensors
+        if "layers.0.self_attn.q_proj" in k
+    )
     tensors = {k.replace("layers.0.self_attn.q_proj", "layers.0.self_attn.query"): v for k, v in tensors.items()}
     save_file(tensors, str(renamed / "adapter_model.safetensors"), metadata={"format": "pt"})
     ns["llama_renamed"] = renamed
@@ -267,8 +281,7 @@ def test_target_that_matches_nothing(w):
 def test_task_type_that_does_not_fit(w):
     _, (record,), findings = apply_adapters(_load(w["llama"]), [AdapterSpec(str(w["llama_seq2seq_task"]))])
     assert record.task_type == "SEQ_2_SEQ_LM"
-    assert any(f.check == "adapter_base" and f.severity == "warning" and "SEQ_2_SEQ_LM" in f.message
-               for f in findings)
+    assert any(f.check == "adapter_base" and f.severity == "warning" and "SEQ_2_SEQ_LM" in f.message for f in findings)
     assert not _errors(findings)
 
 
@@ -289,7 +302,9 @@ def test_input_errors(w, tmp_path):
     with pytest.raises(CheckpointError, match="pickle"):
         apply_adapters(base, [AdapterSpec(str(w["llama_pickle"]))])
     with pytest.raises(ConfigError, match="used twice"):
-        apply_adapters(base, [AdapterSpec(str(w["llama_lora"]), name="x"), AdapterSpec(str(w["llama_lora2"]), name="x")])
+        apply_adapters(
+            base, [AdapterSpec(str(w["llama_lora"]), name="x"), AdapterSpec(str(w["llama_lora2"]), name="x")]
+        )
     with pytest.raises(ConfigError):
         apply_adapters(base, [AdapterSpec(str(w["llama_lora"]), name="a.b")])
     with pytest.raises(ConfigError, match="ModuleDict"):
@@ -299,8 +314,11 @@ def test_input_errors(w, tmp_path):
 
 
 def test_pickle_allowed_and_default_names(w):
-    specs = [AdapterSpec(str(w["llama_pickle"])), AdapterSpec(str(w["llama_lora"])),
-             AdapterSpec(str(w["llama_lora"]) + "/")]
+    specs = [
+        AdapterSpec(str(w["llama_pickle"])),
+        AdapterSpec(str(w["llama_lora"])),
+        AdapterSpec(str(w["llama_lora"]) + "/"),
+    ]
     model, records, findings = apply_adapters(_load(w["llama"]), specs, allow_pickle=True)
     assert [r.name for r in records] == ["llama_pickle", "llama_lora", "llama_lora_2"]
     reference = PeftModel.from_pretrained(_load(w["llama"]), str(w["llama_lora"]))
@@ -323,9 +341,14 @@ def qlora(w):
     fp32_base = _logits(_load(w["llama"]))
     fp32_unmerged = _logits(PeftModel.from_pretrained(_load(w["llama"]), adapter))
     fp32_merged = _logits(PeftModel.from_pretrained(_load(w["llama"]), adapter).merge_and_unload())
-    return dict(adapter=adapter, fp32_base=fp32_base, fp32_unmerged=fp32_unmerged, fp32_merged=fp32_merged,
-                nf4_base=_logits(_nf4(w["llama"])),
-                nf4_unmerged=_logits(PeftModel.from_pretrained(_nf4(w["llama"]), adapter)))
+    return dict(
+        adapter=adapter,
+        fp32_base=fp32_base,
+        fp32_unmerged=fp32_unmerged,
+        fp32_merged=fp32_merged,
+        nf4_base=_logits(_nf4(w["llama"])),
+        nf4_unmerged=_logits(PeftModel.from_pretrained(_nf4(w["llama"]), adapter)),
+    )
 
 
 def test_qlora_unmerged_loads_and_runs(w, qlora):
@@ -353,9 +376,11 @@ def test_qlora_merge_dequantized(w, qlora, forward_first):
     diff = _max_diff(_logits(model), qlora["fp32_merged"])
     base_error = _max_diff(qlora["nf4_base"], qlora["fp32_base"])
     runtime = _max_diff(_logits(model), qlora["nf4_unmerged"])
-    print(f"\nnf4 merged (dequantized, forward_first={forward_first}) vs fp32 merged: max|Δlogits| = {diff:.4g}"
-          f" (nf4 base vs fp32 base: {base_error:.4g}; |logits| max {qlora['fp32_merged'].abs().max().item():.3g};"
-          f" vs the unmerged QLoRA runtime: {runtime:.4g})")
+    print(
+        f"\nnf4 merged (dequantized, forward_first={forward_first}) vs fp32 merged: max|Δlogits| = {diff:.4g}"
+        f" (nf4 base vs fp32 base: {base_error:.4g}; |logits| max {qlora['fp32_merged'].abs().max().item():.3g};"
+        f" vs the unmerged QLoRA runtime: {runtime:.4g})"
+    )
     assert diff <= NF4_MERGED_ATOL
     assert diff <= 1.5 * base_error + 1e-3
 
@@ -372,8 +397,9 @@ def test_qlora_merge_dequantized_exact(w):
 
 
 def test_qlora_merge_requantized(w, qlora):
-    model, (record,), findings = apply_adapters(_nf4(w["llama"]), [AdapterSpec(qlora["adapter"], merge=True)],
-                                                requantize=True)
+    model, (record,), findings = apply_adapters(
+        _nf4(w["llama"]), [AdapterSpec(qlora["adapter"], merge=True)], requantize=True
+    )
     assert record.merged and not isinstance(model, PeftModel)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert type(q_proj.weight).__name__ == "Params4bit"
@@ -387,8 +413,9 @@ def test_qlora_merge_requantized(w, qlora):
 @pytest.mark.parametrize("requantize", [False, True])
 def test_int8_merge(w, qlora, requantize):
     base = _load(w["llama"], quantization_config=tf.BitsAndBytesConfig(**builders.QUANT_OPTIONS["int8"]))
-    model, (record,), findings = apply_adapters(base, [AdapterSpec(qlora["adapter"], merge=True)],
-                                                requantize=requantize)
+    model, (record,), findings = apply_adapters(
+        base, [AdapterSpec(qlora["adapter"], merge=True)], requantize=requantize
+    )
     assert record.merged and record.matched == 12
     kinds = {type(p).__name__ for p in model.parameters()}
     assert ("Int8Params" in kinds) == requantize
@@ -406,8 +433,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _yaml(tmp_path, *adapters: Path, merge: bool = False) -> Path:
     config = tmp_path / "adapters.yaml"
-    config.write_text("adapters:\n" + "".join(f"  - path: {json.dumps(str(a))}\n    merge: {str(merge).lower()}\n"
-                                               for a in adapters))
+    config.write_text(
+        "adapters:\n" + "".join(f"  - path: {json.dumps(str(a))}\n    merge: {str(merge).lower()}\n" for a in adapters)
+    )
     return config
 
 
@@ -444,8 +472,12 @@ def seq_cls(w):
     base = _load(root / "llama_cls")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False,
-                                                     target_modules=["q_proj", "v_proj"]))
+        peft_model = get_peft_model(
+            base,
+            LoraConfig(
+                task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"]
+            ),
+        )
     peft_model.save_pretrained(root / "llama_seq_cls")
     return dict(base=root / "llama_cls", adapter=root / "llama_seq_cls")
 
@@ -471,16 +503,19 @@ def test_adapter_for_another_task(w, seq_cls, tmp_path, capsys):
     assert "1 of 9 tensor(s) unused" in error.message and "no such module in the base: " + head[0] in error.message
     base_warnings = [f.message for f in findings if f.check == "adapter_base" and f.severity == "warning"]
     assert any("trained for task SEQ_CLS; the base is a LlamaForCausalLM" in m for m in base_warnings), base_warnings
-    assert any("architectures ['LlamaForSequenceClassification'] vs ['LlamaForCausalLM']" in m
-               for m in base_warnings), base_warnings
+    assert any(
+        "architectures ['LlamaForSequenceClassification'] vs ['LlamaForCausalLM']" in m for m in base_warnings
+    ), base_warnings
     # under validate: exit 1 on adapter_coverage, the task mismatch in the report
     code, report = builders.run_json(capsys, "validate", w["llama"], "--config", _yaml(tmp_path, adapter))
     assert code == 1 and "adapter_coverage" in builders.failing_checks(report)
     (record,) = report["adapters"]
     assert record["unused"] == head and record["task_type"] == "SEQ_CLS"
     assert record["modules_to_save"] == ["classifier", "score"]
-    assert any(f["check"] == "adapter_base" and f["severity"] == "warning" and "SEQ_CLS" in f["message"]
-               for f in report["findings"])
+    assert any(
+        f["check"] == "adapter_base" and f["severity"] == "warning" and "SEQ_CLS" in f["message"]
+        for f in report["findings"]
+    )
 
 
 def test_cli_load_two_adapters_merged(w, capsys, monkeypatch):
@@ -522,8 +557,9 @@ def _bnb_modules(model) -> list[str]:
 def test_pipeline_qlora_merge(w, qlora, requantize):
     import qfinal
 
-    result = qfinal.load(w["llama"], quantize="nf4", adapters=[{"path": qlora["adapter"], "merge": True}],
-                         merge_requantize=requantize)
+    result = qfinal.load(
+        w["llama"], quantize="nf4", adapters=[{"path": qlora["adapter"], "merge": True}], merge_requantize=requantize
+    )
     report, model = result.report, result.model
     assert report.ok, report.failing()
     (record,) = report.adapters
@@ -552,20 +588,59 @@ def test_pipeline_qlora_merge(w, qlora, requantize):
 def test_example_config_lora_merge(w, tmp_path, monkeypatch, capsys):
     import qfinal
 
-    example = REPO / "configs" / "lora-merge.yaml"
-    monkeypatch.chdir(tmp_path)  # the example's `path: ./my-lora` is relative to the working directory
-    shutil.copytree(w["llama_lora"], tmp_path / "my-lora")
+    (tmp_path / "configs").mkdir()
+    example = shutil.copy(REPO / "configs" / "lora-merge.yaml", tmp_path / "configs")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the example's `path: ./my-lora` is relative to the YAML's folder, not here
+    shutil.copytree(w["llama_lora"], tmp_path / "configs" / "my-lora")
     result = qfinal.load(w["llama"], example)
     assert result.report.ok, result.report.failing()
     (record,) = result.report.adapters
-    assert (record.name, record.path, record.merged, record.matched) == ("my-lora", "./my-lora", True, 12)
+    assert (record.name, record.path, record.merged, record.matched) == (
+        "my-lora",
+        str(tmp_path / "configs" / "my-lora"),
+        True,
+        12,
+    )
     assert record.unused == [] and record.unmatched_targets == []
     reference = PeftModel.from_pretrained(_load(w["llama"]), str(w["llama_lora"])).merge_and_unload()
     assert not isinstance(result.model, PeftModel)
     assert torch.equal(_logits(result.model), _logits(reference))
     # what its comment promises: an adapter that does not fit fails the adapter_coverage check (exit 1)
-    shutil.rmtree(tmp_path / "my-lora")
-    shutil.copytree(w["gpt2_lora"], tmp_path / "my-lora")
+    shutil.rmtree(tmp_path / "configs" / "my-lora")
+    shutil.copytree(w["gpt2_lora"], tmp_path / "configs" / "my-lora")
     code, report = builders.run_json(capsys, "validate", w["llama"], "--config", example)
     assert code == 1 and "adapter_coverage" in builders.failing_checks(report)
     assert report["adapters"][0]["unused"] == _keys(w["gpt2_lora"])
+
+
+def test_validate_takes_the_adapter_options_of_load(w, capsys):
+    """The CI gate checks "this base plus this adapter" without a YAML file."""
+    code, report = builders.run_json(capsys, "validate", w["llama"], "--adapter", w["llama_lora"], "--merge")
+    assert code == 0, builders.failing_checks(report)
+    (record,) = report["adapters"]
+    assert (record["merged"], record["matched"], record["unused"]) == (True, 12, [])
+    assert "adapter_coverage" in report["checks"]
+    code, report = builders.run_json(capsys, "validate", w["llama"], "--adapter", w["gpt2_lora"])
+    assert code == 1 and "adapter_coverage" in builders.failing_checks(report)
+
+
+def test_an_adapter_load_prints_no_third_party_warning(w):
+    """transformers' `is_gradient_checkpointing` FutureWarning (and the like) never reach stderr, even
+    without --quiet; --debug lets them through."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CI": "1"}
+    env.pop("QFINAL_DEBUG", None)
+    argv = [sys.executable, "-m", "qfinal", "load", str(w["llama"]), "--adapter", str(w["llama_lora"]), "--merge"]
+    quiet = subprocess.run(argv + ["--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+    shown = subprocess.run(argv + ["--json", os.devnull], capture_output=True, text=True, env=env, timeout=300)
+    assert shown.returncode == 0 and "Warning" not in shown.stderr, shown.stderr
+    debug = subprocess.run(
+        [argv[0], "-m", "qfinal", "--debug", *argv[3:], "--quiet"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert debug.returncode == 0 and "FutureWarning" in debug.stderr

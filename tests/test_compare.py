@@ -1,4 +1,4 @@
-"""qfinal.compare.engine: the one comparison engine, on tiny real checkpoints (CPU bitsandbytes)."""
+"""qfinal.compare: the one comparison engine, on tiny real checkpoints (CPU bitsandbytes)."""
 
 from __future__ import annotations
 
@@ -20,21 +20,13 @@ from safetensors.torch import safe_open  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import builders  # noqa: E402
 
-from qfinal.compare.engine import (  # noqa: E402
-    Comparison,
-    LayerQuality,
-    Tolerances,
-    bnb_cpu_repack_disabled,
-    compare_models,
-    compare_tensors,
-    dequantized_state_dict,
-    output_diff,
-    parse_layer,
-    probe_batch,
-    quality_by_layer,
-    raw_state_dict,
-    render_rich_bars,
-)
+from qfinal.compare.layers import LayerQuality, parse_layer, quality_by_layer  # noqa: E402
+from qfinal.compare.models import compare_models  # noqa: E402
+from qfinal.compare.outputs import output_diff, probe_batch  # noqa: E402
+from qfinal.compare.tensors import Comparison, Tolerances, compare_tensors  # noqa: E402
+from qfinal.compare.views import dequantized_state_dict, raw_state_dict  # noqa: E402
+from qfinal.compat.bitsandbytes import cpu_repack_disabled  # noqa: E402
+from qfinal.render.bars import render_rich_bars  # noqa: E402
 from qfinal.render.html import render_html  # noqa: E402
 
 PERTURBED, DELTA = builders.PERTURBED, builders.DELTA
@@ -161,7 +153,9 @@ def test_bitwise_semantics_nan_zero_and_dtype():
     assert t.max_abs == 1.0 and t.rel_error == math.inf  # b == 0, a != 0
     (t,) = compare_tensors({"t": torch.zeros(4)}, {"t": -torch.zeros(4)})
     assert t.status == "different" and not t.bit_identical and t.max_abs == 0.0 and t.rel_error == 0.0
-    (t,) = compare_tensors({"p": torch.tensor([1, 2], dtype=torch.uint8)}, {"p": torch.tensor([1, 3], dtype=torch.uint8)})
+    (t,) = compare_tensors(
+        {"p": torch.tensor([1, 2], dtype=torch.uint8)}, {"p": torch.tensor([1, 3], dtype=torch.uint8)}
+    )
     assert t.status == "different" and t.max_abs == 1.0
     (t,) = compare_tensors({"t": torch.ones(3, dtype=torch.bfloat16)}, {"t": torch.ones(3)})
     assert t.status == "dtype" and t.max_abs == 0.0 and not t.bit_identical
@@ -170,17 +164,19 @@ def test_bitwise_semantics_nan_zero_and_dtype():
     assert cmp.exceeds(Tolerances(allow_dtype_change=True)) == []
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
-                                   torch.int16, torch.complex64])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.complex64]
+)
 @pytest.mark.parametrize("numel", [1, 3, 8, 63, 4096])
 def test_bit_equal_sees_every_flipped_bit(dtype, numel):
     """bit_equal compares in int64 words where the size and alignment allow: one flipped bit
     anywhere (first, middle, last element, any bit of it) must still be seen, on any slice."""
-    from qfinal.compare.engine import _as_words, bit_equal
+    from qfinal.compare.tensors import as_words, bit_equal
 
     g = torch.Generator().manual_seed(numel)
-    base = torch.randint(0, 256, (numel * torch.empty((), dtype=dtype).element_size(),), dtype=torch.uint8,
-                         generator=g).view(dtype)
+    base = torch.randint(
+        0, 256, (numel * torch.empty((), dtype=dtype).element_size(),), dtype=torch.uint8, generator=g
+    ).view(dtype)
     for a in (base, base[1:] if numel > 1 else base):  # a slice: an odd storage offset
         assert bit_equal(a, a.clone())
         width = a.element_size()
@@ -192,7 +188,7 @@ def test_bit_equal_sees_every_flipped_bit(dtype, numel):
                     flat[index * width + byte] ^= 1 << bit
                     assert not bit_equal(a, b), (dtype, numel, index, byte, bit)
     if numel in (8, 4096) and base.element_size() < 8:  # sizes that divide into words
-        words = _as_words(base, base.clone())  # a fresh tensor's storage is 64-byte aligned
+        words = as_words(base, base.clone())  # a fresh tensor's storage is 64-byte aligned
         assert words is not None and words[0].dtype == torch.int64  # the fast path is taken
 
 
@@ -201,10 +197,12 @@ def test_compare_of_a_plain_model_does_not_import_bitsandbytes(tmp_path):
     not pay its import (about 1.5 s)."""
     import subprocess
 
-    code = ("import sys, torch; from qfinal.compare.engine import compare_models; "
-            "m = torch.nn.Sequential(torch.nn.Linear(4, 4)); "
-            "c = compare_models(m, m, dequantize=False, outputs=False); "
-            "print(all(t.bit_identical for t in c.tensors), 'bitsandbytes' in sys.modules)")
+    code = (
+        "import sys, torch; from qfinal.compare.models import compare_models; "
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4)); "
+        "c = compare_models(m, m, dequantize=False, outputs=False); "
+        "print(all(t.bit_identical for t in c.tensors), 'bitsandbytes' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "False"]
@@ -213,7 +211,7 @@ def test_compare_of_a_plain_model_does_not_import_bitsandbytes(tmp_path):
 def test_reference_logits_are_used_as_given(tmp_path):
     """compare_models(reference_logits=...) compares the candidate with those logits and does
     not run the reference (save computes the original's logits once for both reloads)."""
-    from qfinal.compare.engine import probe_batch, probe_logits
+    from qfinal.compare.outputs import probe_batch, probe_logits
 
     path = builders.llama(tmp_path / "llama", tied=False)
     model = builders.model_class_for(path).from_pretrained(path).eval()
@@ -264,7 +262,7 @@ def test_nf4_rel_error_matches_direct_dequantize_4bit(llama_fp, llama_nf4):
 
 def test_output_metrics_match_direct_computation(llama_fp, llama_nf4):
     probe = probe_batch(llama_fp)
-    with torch.no_grad(), bnb_cpu_repack_disabled(llama_nf4):
+    with torch.no_grad(), cpu_repack_disabled(llama_nf4):
         la = llama_nf4(**probe).logits.double()
         lb = llama_fp(**probe).logits.double()
     lpa, lpb = torch.log_softmax(la, -1), torch.log_softmax(lb, -1)
@@ -291,8 +289,9 @@ def test_probe_batch_is_fixed_and_documented():
     assert torch.equal(p1["input_ids"], p2["input_ids"])
     g = torch.Generator().manual_seed(0)
     assert torch.equal(p1["input_ids"], torch.randint(0, 256, (2, 16), generator=g))
-    t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=1,
-                                                   num_heads=4))
+    t5 = tf.T5ForConditionalGeneration(
+        tf.T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4)
+    )
     p = probe_batch(t5)
     assert p["decoder_input_ids"].shape == (2, 16) and int(p["input_ids"].max()) < 256
 
@@ -361,8 +360,11 @@ def test_gpt2_nf4_against_conv1d_original(ckpts, gpt2_fp):
 
 
 def _packed_for_cpu(model):
-    return [n for n, m in model.named_modules()
-            if isinstance(m, bnb.nn.Linear4bit) and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit) and getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+    ]
 
 
 def test_comparing_does_not_modify_a_quantized_model(ckpts, llama_fp):
@@ -393,9 +395,10 @@ def test_two_loads_of_prequantized_checkpoint_are_bit_identical(ckpts, method):
     raw_a = raw_state_dict(a)
     with safe_open(str(ckpts[method] / "model.safetensors"), "pt") as f:
         assert set(raw_a) == set(f.keys())  # exactly what save persisted
-    aux = {"nf4_dq": (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
-                      ".quant_state.bitsandbytes__nf4"),
-           "int8": (".SCB", ".weight_format")}[method]
+    aux = {
+        "nf4_dq": (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4"),
+        "int8": (".SCB", ".weight_format"),
+    }[method]
     for suffix in aux:
         assert any(k.endswith(suffix) for k in raw_a), suffix
 
@@ -430,8 +433,15 @@ def test_parse_layer():
 
 def test_html_is_self_contained_and_escaped(llama_fp, llama_nf4):
     rows = quality_by_layer(llama_fp.state_dict(), llama_nf4)
-    evil = LayerQuality(name='x.<script>alert("1")</script>', layer=None, module_type="<b>", rel_error=0.5,
-                        max_abs=1.0, quant="nf4", shape=(2, 2))
+    evil = LayerQuality(
+        name='x.<script>alert("1")</script>',
+        layer=None,
+        module_type="<b>",
+        rel_error=0.5,
+        max_abs=1.0,
+        quant="nf4",
+        shape=(2, 2),
+    )
     cmp = compare_models(llama_nf4, llama_fp)
     for page in (render_html(rows + [evil], "quality <nf4>"), render_html(cmp, "diff")):
         assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "</svg>" in page

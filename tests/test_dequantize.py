@@ -22,18 +22,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import builders  # noqa: E402
+
+import qfinal.compat.transformers_layout as layout  # noqa: E402
 import qfinal.ops.dequantize as dq  # noqa: E402
+import qfinal.ops.dequantize_verify as dqv  # noqa: E402
 from qfinal.errors import CheckpointError, OutputError  # noqa: E402
 
 ARCHS = ["llama_tied", "llama_untied", "gpt2"]
 METHODS = ["nf4", "fp4", "nf4_dq", "fp4_dq", "int8"]
 DTYPES = [torch.float16, torch.bfloat16]
-UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
 
 tf.logging.set_verbosity_error()
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
 
 def load_bnb(path: Path):
     """The bnb checkpoint as transformers loads it (still quantized). Fresh each call: a forward pass
@@ -47,6 +51,7 @@ def logits(model) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def cases(checkpoints, tmp_path_factory):
@@ -71,7 +76,8 @@ def sharded_bnb(checkpoints, tmp_path_factory):
     weight may sit in different files)."""
     src = checkpoints["llama_untied"]
     model = builders.model_class_for(src).from_pretrained(
-        src, quantization_config=tf.BitsAndBytesConfig(**builders.QUANT_OPTIONS["nf4_dq"]))
+        src, quantization_config=tf.BitsAndBytesConfig(**builders.QUANT_OPTIONS["nf4_dq"])
+    )
     path = tmp_path_factory.mktemp("sharded") / "llama-nf4_dq-sharded"
     model.save_pretrained(path, max_shard_size="30KB")
     return path
@@ -86,13 +92,14 @@ def bf16_bnb(checkpoints, tmp_path_factory):
     for method in ("nf4", "int8"):
         src = checkpoints["gpt2"]
         model = builders.model_class_for(src).from_pretrained(
-            src, dtype=torch.bfloat16,
-            quantization_config=tf.BitsAndBytesConfig(**builders.QUANT_OPTIONS[method]))
+            src, dtype=torch.bfloat16, quantization_config=tf.BitsAndBytesConfig(**builders.QUANT_OPTIONS[method])
+        )
         made[method] = builders._save(model, root / f"gpt2-bf16-{method}")
     return made
 
 
 # ----------------------------------------------------------------------------------------- checks
+
 
 def check_against_transformers(src: Path, out: Path, result, dtype: torch.dtype) -> None:
     """All of the fidelity contract for one (bnb checkpoint, OUT) pair."""
@@ -165,6 +172,7 @@ def check_against_transformers(src: Path, out: Path, result, dtype: torch.dtype)
 
 # ----------------------------------------------------------------------------------------- tests
 
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dq.dtype_name)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", ARCHS)
@@ -197,13 +205,17 @@ def test_bfloat16_quant_state_cast_to_float16(bf16_bnb, tmp_path, method):
 def test_sharded_source_and_output(sharded_bnb, tmp_path):
     out = tmp_path / "out"
     calls = []
-    result = dq.dequantize_checkpoint(sharded_bnb, out, dtype=torch.bfloat16, max_shard_size="40KB",
-                                      progress=lambda done, total: calls.append((done, total)))
+    result = dq.dequantize_checkpoint(
+        sharded_bnb,
+        out,
+        dtype=torch.bfloat16,
+        max_shard_size="40KB",
+        progress=lambda done, total: calls.append((done, total)),
+    )
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 2 and all(s.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
     assert not (out / "model.safetensors").exists()
-    assert result.files == sorted(shards + ["config.json", "generation_config.json",
-                                            "model.safetensors.index.json"])
+    assert result.files == sorted(shards + ["config.json", "generation_config.json", "model.safetensors.index.json"])
     index = json.loads((out / "model.safetensors.index.json").read_text())
     tensors = {}
     for shard in shards:
@@ -250,12 +262,17 @@ def test_parts_of_one_weight_in_different_files(checkpoints, tmp_path):
     for i, key in enumerate(sorted(tensors, reverse=True)):
         weight_map[key] = f"part-{i:03d}.safetensors"
         save_file({key: tensors[key]}, src / weight_map[key], metadata={"format": "pt"})
-    (src / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (src / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+    )
     out = tmp_path / "out"
     result = dq.dequantize_checkpoint(src, out, dtype=torch.float16)
-    assert result.files == ["config.json", "generation_config.json", "model.safetensors",
-                            "tokenizer_config.json"]  # the old index is not copied
+    assert result.files == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+    ]  # the old index is not copied
     assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'
     check_against_transformers(src, out, result, torch.float16)
 
@@ -263,7 +280,7 @@ def test_parts_of_one_weight_in_different_files(checkpoints, tmp_path):
 @pytest.mark.parametrize("extra", ["uint16", "F6_E2M3"])
 def test_tensors_of_other_dtypes_are_copied_or_refused(checkpoints, tmp_path, extra):
     """A non-float tensor beside the quantized weights is copied as it is, in any dtype the
-    safetensors writer knows (one table, shards.py's); a dtype torch has no name for is refused,
+    safetensors writer knows (one table, qfinal.checkpoint.dtypes); a dtype torch has no name for is refused,
     naming the tensor."""
     import shutil
     import struct
@@ -279,11 +296,11 @@ def test_tensors_of_other_dtypes_are_copied_or_refused(checkpoints, tmp_path, ex
     if extra != "uint16":  # the same 12 bytes, named as 16 six-bit floats in a rewritten header
         raw = (src / "model.safetensors").read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + n])
+        header = json.loads(raw[8 : 8 + n])
         header["extra.counts"].update(dtype=extra, shape=[16])
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
-        (src / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+        (src / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
         with pytest.raises(CheckpointError, match=f"extra.counts: unsupported tensor dtype {extra}"):
             dq.dequantize_checkpoint(src, tmp_path / "out", dtype=torch.float16)
         return
@@ -308,9 +325,13 @@ def test_bad_options(checkpoints, tmp_path):
 def test_verify_reports_ok(cases):
     for arch, method in [("gpt2", "nf4_dq"), ("llama_tied", "int8"), ("llama_untied", "fp4")]:
         src, out, _ = cases(arch, method, torch.float16)
-        findings = dq.verify_dequantized(src, out, torch.float16)
-        assert {f.check for f in findings} == {"dequantize_keys", "dequantize_tensors",
-                                               "dequantize_dtype", "dequantize_logits"}
+        findings = dqv.verify_dequantized(src, out, torch.float16)
+        assert {f.check for f in findings} == {
+            "dequantize_keys",
+            "dequantize_tensors",
+            "dequantize_dtype",
+            "dequantize_logits",
+        }
         assert all(f.severity == "info" for f in findings), findings
 
 
@@ -327,9 +348,8 @@ def test_verify_reports_a_changed_tensor(cases, tmp_path):
     tensors[victim] = tensors[victim].clone()
     tensors[victim][0, 0] += 1
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
-    errors = [f for f in dq.verify_dequantized(src, bad, torch.float16) if f.severity == "error"]
-    assert [(f.check, f.key) for f in errors if f.check == "dequantize_tensors"] == [
-        ("dequantize_tensors", victim)]
+    errors = [f for f in dqv.verify_dequantized(src, bad, torch.float16) if f.severity == "error"]
+    assert [(f.check, f.key) for f in errors if f.check == "dequantize_tensors"] == [("dequantize_tensors", victim)]
 
 
 def test_not_bnb_checkpoint(checkpoints, tmp_path):
@@ -385,25 +405,43 @@ def test_failure_mid_write_leaves_nothing(sharded_bnb, tmp_path, monkeypatch):
 
 
 def test_conv1d_layout_comes_from_the_model_skeleton(checkpoints):
-    conv1d, shapes, _prefix = dq._conv1d_layout(checkpoints.quantized("gpt2", "nf4"), "gpt2")
+    conv1d, shapes, _prefix = layout.conv1d_layout(checkpoints.quantized("gpt2", "nf4"), "gpt2")
     assert "transformer.h.0.attn.c_attn" in conv1d and "lm_head" not in conv1d
     assert shapes["transformer.h.0.mlp.c_fc.weight"] == [64, 256]  # [in, out]
-    conv1d, _shapes, _prefix = dq._conv1d_layout(checkpoints.quantized("llama_tied", "int8"), "llama")
+    conv1d, _shapes, _prefix = layout.conv1d_layout(checkpoints.quantized("llama_tied", "int8"), "llama")
     assert conv1d == set()
 
 
 # Architectures whose layout the fast path must decide without transformers (True: provably no
 # Conv1D) or hand to the skeleton (False). Each is also checked against the skeleton below.
-FAST_PATH = {"llama": True, "mistral": True, "qwen2": True, "gemma2": True, "phi3": True,
-             "gpt_neox": True, "opt": True, "falcon": True, "bloom": True, "bert": True, "t5": True,
-             "bart": True, "gpt2": False, "openai-gpt": False, "imagegpt": False}
+FAST_PATH = {
+    "llama": True,
+    "mistral": True,
+    "qwen2": True,
+    "gemma2": True,
+    "phi3": True,
+    "gpt_neox": True,
+    "opt": True,
+    "falcon": True,
+    "bloom": True,
+    "bert": True,
+    "t5": True,
+    "bart": True,
+    "gpt2": False,
+    "openai-gpt": False,
+    "imagegpt": False,
+}
 
 
 def _first_class(model_type: str) -> str:
     from transformers.models.auto import modeling_auto as ma
 
-    for mapping in (ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-                    ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES, ma.MODEL_MAPPING_NAMES):
+    for mapping in (
+        ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        ma.MODEL_MAPPING_NAMES,
+    ):
         if model_type in mapping:
             return mapping[model_type]
     raise KeyError(model_type)
@@ -418,23 +456,26 @@ def test_conv1d_fast_path_agrees_with_the_skeleton(model_type, tmp_path):
     config.architectures = [arch]
     config.save_pretrained(tmp_path)
     as_saved = json.loads((tmp_path / "config.json").read_text())
-    fast = dq._plainly_without_conv1d(as_saved)
+    fast = layout.plainly_without_conv1d(as_saved)
     assert fast == FAST_PATH[model_type], (model_type, arch)
-    conv1d, shapes, _prefix = dq._conv1d_layout(tmp_path, model_type)  # no config: the skeleton
+    conv1d, shapes, _prefix = layout.conv1d_layout(tmp_path, model_type)  # no config: the skeleton
     # the skeleton's answer, which the fast path must never contradict (GPT-2 family: Conv1D)
     assert (conv1d == set()) == (model_type not in ("gpt2", "openai-gpt", "imagegpt")), (model_type, arch)
     if fast:
         assert conv1d == set(), (model_type, sorted(conv1d)[:3])
-        assert dq._conv1d_layout(tmp_path, model_type, as_saved) == (set(), {}, "")
+        assert layout.conv1d_layout(tmp_path, model_type, as_saved) == (set(), {}, "")
     else:
-        assert dq._conv1d_layout(tmp_path, model_type, as_saved)[0] == conv1d  # the skeleton, as before
+        assert layout.conv1d_layout(tmp_path, model_type, as_saved)[0] == conv1d  # the skeleton, as before
 
 
 @pytest.mark.parametrize("change", ["auto_map", "two_archs", "sub_config", "unknown_class", "no_model_type"])
 def test_conv1d_fast_path_refuses_what_it_cannot_prove(change):
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-              "quantization_config": {"quant_method": "bitsandbytes"}}
-    assert dq._plainly_without_conv1d(config)  # the quantization_config is not a sub-model
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "quantization_config": {"quant_method": "bitsandbytes"},
+    }
+    assert layout.plainly_without_conv1d(config)  # the quantization_config is not a sub-model
     if change == "auto_map":
         config["auto_map"] = {"AutoModelForCausalLM": "modeling_mine.MyModel"}
     elif change == "two_archs":
@@ -445,7 +486,7 @@ def test_conv1d_fast_path_refuses_what_it_cannot_prove(change):
         config["architectures"] = ["GPT2LMHeadModel"]  # not defined in modeling_llama.py
     else:
         del config["model_type"]
-    assert not dq._plainly_without_conv1d(config)
+    assert not layout.plainly_without_conv1d(config)
 
 
 def test_dequantize_without_conv1d_never_imports_transformers(checkpoints, tmp_path):
@@ -453,15 +494,23 @@ def test_dequantize_without_conv1d_never_imports_transformers(checkpoints, tmp_p
     import subprocess
 
     src = checkpoints.quantized("llama_untied", "nf4")
-    code = ("import sys, qfinal.ops.dequantize as dq; dq.dequantize_checkpoint(sys.argv[1], sys.argv[2]); "
-            "print('transformers' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")], capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    code = (
+        "import sys, qfinal.ops.dequantize as dq; dq.dequantize_checkpoint(sys.argv[1], sys.argv[2]); "
+        "print('transformers' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
 
 
 # ----------------------------------------------------------------------------------------- the writer
+
 
 @pytest.mark.parametrize("metadata", [{"format": "pt"}, None, {}], ids=["pt", "none", "empty"])
 def test_streaming_writer_matches_save_file(tmp_path, metadata):
@@ -474,8 +523,9 @@ def test_streaming_writer_matches_save_file(tmp_path, metadata):
     save_file({k: v.contiguous() for k, v in tensors.items()}, want, metadata=metadata)
     got = tmp_path / "got.safetensors"
     # tensors arrive in any order (here: reversed insertion order), not the file's layout order
-    write_safetensors_streaming(got, builders.writer_entries(tensors), reversed(list(tensors.items())),
-                                metadata=metadata)
+    write_safetensors_streaming(
+        got, builders.writer_entries(tensors), reversed(list(tensors.items())), metadata=metadata
+    )
     assert got.read_bytes() == want.read_bytes()
 
 
@@ -489,8 +539,9 @@ def test_streaming_writer_header_padding_matches_save_file(tmp_path):
     for n in range(1, 17):
         tensors = {"w" * n: torch.ones(2, dtype=torch.float16), "b": torch.zeros(1)}
         save_file(tensors, tmp_path / "want", metadata={"format": "pt"})
-        write_safetensors_streaming(tmp_path / "got", builders.writer_entries(tensors), tensors.items(),
-                                    metadata={"format": "pt"})
+        write_safetensors_streaming(
+            tmp_path / "got", builders.writer_entries(tensors), tensors.items(), metadata={"format": "pt"}
+        )
         assert (tmp_path / "got").read_bytes() == (tmp_path / "want").read_bytes(), n
         header, _layout = safetensors_layout(builders.writer_entries(tensors), {"format": "pt"})
         residues.add(len(header.rstrip(b" ")) % 8)
@@ -572,6 +623,7 @@ def test_source_reads_with_pread(checkpoints, monkeypatch):
 
 # ----------------------------------------------------------------------------------------- the CLI
 
+
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
 
@@ -592,8 +644,9 @@ def test_cli_dequantize_verify_and_existing_out(cases, tmp_path, capsys):
 
     # --verify --json -: exit 0, the four named checks, none with an error finding
     verified = tmp_path / "verified"
-    code, stdout, stderr = builders.run_cli(capsys, "dequantize", src, verified, "--dtype", "float16", "--verify",
-                                "--json", "-")
+    code, stdout, stderr = builders.run_cli(
+        capsys, "dequantize", src, verified, "--dtype", "float16", "--verify", "--json", "-"
+    )
     assert "Traceback" not in stderr, stderr
     assert code == 0, stderr
     report = json.loads(stdout)
@@ -634,14 +687,18 @@ def test_cli_not_bnb_source(checkpoints, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------- the pipeline option
 
-@pytest.mark.parametrize("arch,method,dtype", [
-    ("llama_untied", "nf4", torch.float16),
-    ("llama_untied", "fp4_dq", torch.bfloat16),
-    ("llama_untied", "int8", torch.float16),
-    ("gpt2", "nf4", torch.bfloat16),
-    ("gpt2", "fp4_dq", torch.float16),
-    ("gpt2", "int8", torch.bfloat16),
-])
+
+@pytest.mark.parametrize(
+    "arch,method,dtype",
+    [
+        ("llama_untied", "nf4", torch.float16),
+        ("llama_untied", "fp4_dq", torch.bfloat16),
+        ("llama_untied", "int8", torch.float16),
+        ("gpt2", "nf4", torch.bfloat16),
+        ("gpt2", "fp4_dq", torch.float16),
+        ("gpt2", "int8", torch.bfloat16),
+    ],
+)
 def test_pipeline_dequantize_equals_streamed(cases, arch, method, dtype):
     """`qfinal.load(bnb, dequantize=True, dtype=...)` is the same arithmetic as the streamed files."""
     import qfinal
@@ -665,15 +722,19 @@ def test_pipeline_dequantize_equals_streamed(cases, arch, method, dtype):
     for name, want in streamed.items():
         have = sd[name]
         if not builders.bits_equal(have.detach(), want):
-            differ[name] = (have.dtype, list(have.shape), want.dtype, list(want.shape),
-                            (have.float() - want.float()).abs().max().item()
-                            if have.shape == want.shape else None)
+            differ[name] = (
+                have.dtype,
+                list(have.shape),
+                want.dtype,
+                list(want.shape),
+                (have.float() - want.float()).abs().max().item() if have.shape == want.shape else None,
+            )
     assert not differ, differ
     assert all(t.dtype == dtype for t in sd.values() if t.is_floating_point())
 
     # layout: the in-memory model has Conv1D modules again, storing [in, out] like the checkpoint
     conv1d = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
-    expected_conv1d, shapes, _prefix = dq._conv1d_layout(src, arch)
+    expected_conv1d, shapes, _prefix = layout.conv1d_layout(src, arch)
     assert conv1d == expected_conv1d
     assert bool(conv1d) == (arch == "gpt2")
     non_square = 0
@@ -705,6 +766,7 @@ def test_cli_load_dequantize_report(checkpoints, capsys):
 
 # ------------------------------------------------------------- PositionalFile (O_DIRECT + buffered)
 
+
 def _no_direct(monkeypatch):
     monkeypatch.delattr(os, "O_DIRECT", raising=False)
 
@@ -728,7 +790,7 @@ def test_positional_file_any_order_any_alignment(tmp_path, monkeypatch, direct):
         pos += n
     want = bytearray(pos)
     for off, data in ranges:
-        want[off:off + len(data)] = data
+        want[off : off + len(data)] = data
     want[:13] = b"H" * 13
     rng.shuffle(ranges)
     f = PositionalFile(tmp_path / "x.bin")
@@ -800,9 +862,7 @@ def test_streaming_writer_large_tensors_match_save_file(tmp_path, monkeypatch, d
     """Tensors of many blocks at unaligned offsets, through the direct path (and without it)."""
     from safetensors.torch import save_file
 
-    from qfinal.checkpoint.writer import write_safetensors_streaming
-
-    from qfinal.checkpoint.writer import PositionalFile
+    from qfinal.checkpoint.writer import PositionalFile, write_safetensors_streaming
 
     if not direct:
         _no_direct(monkeypatch)
@@ -813,8 +873,9 @@ def test_streaming_writer_large_tensors_match_save_file(tmp_path, monkeypatch, d
     tensors = {f"w{i}": torch.randn(257 + i, 129, generator=g).to(torch.float16) for i in range(5)}
     tensors["tail"] = torch.randn(3, generator=g)
     save_file(tensors, tmp_path / "want", metadata={"format": "pt"})
-    write_safetensors_streaming(tmp_path / "got", builders.writer_entries(tensors), reversed(list(tensors.items())),
-                                metadata={"format": "pt"})
+    write_safetensors_streaming(
+        tmp_path / "got", builders.writer_entries(tensors), reversed(list(tensors.items())), metadata={"format": "pt"}
+    )
     assert (tmp_path / "got").read_bytes() == (tmp_path / "want").read_bytes()
     probe = PositionalFile(tmp_path / "probe")
     has_direct = probe.direct

@@ -12,12 +12,11 @@ import math
 import shutil
 
 import bitsandbytes.functional as F
+import builders
 import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file
-
-import builders
 
 PERTURBED, DELTA = builders.PERTURBED, builders.DELTA
 QS = ".quant_state.bitsandbytes__nf4"
@@ -46,7 +45,7 @@ def bnb_dequantized(folder) -> dict[str, torch.Tensor]:
     for key in sd:
         if key.endswith(QS):
             base = key[: -len(QS)]
-            stats = {k[len(base) + 1:]: v for k, v in sd.items() if k.startswith(base + ".")}
+            stats = {k[len(base) + 1 :]: v for k, v in sd.items() if k.startswith(base + ".")}
             state = F.QuantState.from_dict(stats, torch.device("cpu"))
             out[base] = F.dequantize_4bit(sd[base], state)
     assert out, f"no nf4 weights in {folder}"
@@ -125,8 +124,20 @@ def test_one_perturbed_tensor_is_named(files, capsys, tmp_path, monkeypatch):
 
     # Within tolerances: exit 0, the difference still reported (a wide terminal keeps names whole).
     monkeypatch.setenv("COLUMNS", "200")
-    code, out_text, err = builders.run_cli(capsys, "diff", files["perturbed"], files["llama"], "--max-abs", "0.6",
-                              "--rel-error", "1", "--logits-max-abs", "10", "--min-top1", "0")
+    code, out_text, err = builders.run_cli(
+        capsys,
+        "diff",
+        files["perturbed"],
+        files["llama"],
+        "--max-abs",
+        "0.6",
+        "--rel-error",
+        "1",
+        "--logits-max-abs",
+        "10",
+        "--min-top1",
+        "0",
+    )
     assert code == 0, err
     assert PERTURBED in out_text and "WITHIN TOLERANCES" in out_text
 
@@ -168,8 +179,22 @@ def test_nf4_candidate_matches_bitsandbytes(files, checkpoints, capsys, monkeypa
 def test_gpt2_conv1d_aligns_with_quantized_linear(files, checkpoints, capsys):
     """B = GPT-2 quantized to nf4 (Linear4bit, (out, in)), A = float GPT-2 (Conv1D, (in, out))."""
     gpt2 = checkpoints["gpt2"]
-    code, report = builders.run_json(capsys, "diff", gpt2, gpt2, "--config-b", files["nf4"], "--rel-error", "0.15",
-                            "--max-abs", "0.05", "--logits-max-abs", "0.5", "--min-top1", "0.9")
+    code, report = builders.run_json(
+        capsys,
+        "diff",
+        gpt2,
+        gpt2,
+        "--config-b",
+        files["nf4"],
+        "--rel-error",
+        "0.15",
+        "--max-abs",
+        "0.05",
+        "--logits-max-abs",
+        "0.5",
+        "--min-top1",
+        "0.9",
+    )
     assert code == 0, report["findings"]
     data = report["extra"]["diff"]
     assert data["within_tolerances"] is True and data["identical"] is False
@@ -277,11 +302,12 @@ def test_bad_input_exits_2_with_one_line(files, capsys, tmp_path):
 
 
 def test_tolerance_helpers():
-    from qfinal.compare.engine import Tolerances
+    from qfinal.compare.tensors import Tolerances
     from qfinal.ops.diff import make_tolerances
 
     assert make_tolerances() == Tolerances()
-    tol = make_tolerances(max_abs=0.1, rel_error=0.2, logits_max_abs=1, min_top1=0.5, max_kl=0.01,
-                          allow_dtype_change=True)
+    tol = make_tolerances(
+        max_abs=0.1, rel_error=0.2, logits_max_abs=1, min_top1=0.5, max_kl=0.01, allow_dtype_change=True
+    )
     assert (tol.max_abs, tol.rel_error, tol.logits_max_abs, tol.min_top1, tol.max_kl) == (0.1, 0.2, 1, 0.5, 0.01)
     assert tol.allow_dtype_change and math.isfinite(tol.max_abs)

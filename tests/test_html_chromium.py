@@ -14,22 +14,35 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import builders
 import pytest
 
-import builders
-
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed "
-                                "(Debian: apt-get install -y chromium); the HTML report is not screenshotted")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium not installed "
+    "(Debian: apt-get install -y chromium); the HTML report is not screenshotted",
+)
 WIDTH, HEIGHT = 1200, 900
 
 
 def screenshot(page: Path, png: Path) -> bytes:
     with tempfile.TemporaryDirectory(prefix="qfinal-chromium-") as profile:
-        cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size={WIDTH},{HEIGHT}",
-               page.resolve().as_uri()]
+        cmd = [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            f"--screenshot={png}",
+            f"--window-size={WIDTH},{HEIGHT}",
+            page.resolve().as_uri(),
+        ]
         env = {**os.environ, "HOME": profile}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

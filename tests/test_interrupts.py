@@ -20,11 +20,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import builders
 import pytest
 import safetensors.torch
 from safetensors import SafetensorError
-
-import builders
 
 WRAPPER = textwrap.dedent('''
     """qfinal with a slow writer: after the first weight file, say so and sleep."""
@@ -81,8 +80,14 @@ def temp_dirs(out: Path) -> list[Path]:
 def argv_for(command: str, checkpoints, out: Path) -> list[str]:
     if command == "save":
         return ["save", str(checkpoints["llama_untied"]), str(out), "--max-shard-size", "100KB", "--quiet"]
-    return ["dequantize", str(checkpoints.quantized("llama_untied", "nf4")), str(out),
-            "--max-shard-size", "40KB", "--quiet"]
+    return [
+        "dequantize",
+        str(checkpoints.quantized("llama_untied", "nf4")),
+        str(out),
+        "--max-shard-size",
+        "40KB",
+        "--quiet",
+    ]
 
 
 def previous_out(out: Path) -> Path:
@@ -105,8 +110,14 @@ def run_and_interrupt(argv: list[str], out: Path, tmp_path: Path, signum: int) -
     ready = tmp_path / "ready"
     env = dict(os.environ, QFINAL_TEST_READY=str(ready), PYTHONUNBUFFERED="1")
     env.pop("QFINAL_DEBUG", None)
-    proc = subprocess.Popen([sys.executable, str(wrapper), *argv], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(wrapper), *argv],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while not ready.exists():
@@ -168,8 +179,8 @@ def fail_after_first_file(monkeypatch):
     """Make every safetensors writer qfinal reaches write one file, then raise `exc`."""
     import transformers.modeling_utils as modeling_utils
 
-    import qfinal.ops.save
     import qfinal.checkpoint.writer
+    import qfinal.ops.save
 
     def install(exc: BaseException) -> list[Path]:
         real_save_file = safetensors.torch.save_file
@@ -207,8 +218,7 @@ def fail_after_first_file(monkeypatch):
 
 @pytest.mark.parametrize("force", [False, True], ids=["new_out", "force_over_old_out"])
 @pytest.mark.parametrize("command", ["save", "dequantize"])
-def test_exception_mid_write_leaves_nothing(checkpoints, tmp_path, capsys, fail_after_first_file,
-                                            command, force):
+def test_exception_mid_write_leaves_nothing(checkpoints, tmp_path, capsys, fail_after_first_file, command, force):
     out = tmp_path / "out"
     argv = argv_for(command, checkpoints, out)
     if force:
@@ -228,8 +238,7 @@ def test_exception_mid_write_leaves_nothing(checkpoints, tmp_path, capsys, fail_
 
 
 @pytest.mark.parametrize("command", ["save", "dequantize"])
-def test_keyboard_interrupt_mid_write_leaves_nothing(checkpoints, tmp_path, capsys, fail_after_first_file,
-                                                     command):
+def test_keyboard_interrupt_mid_write_leaves_nothing(checkpoints, tmp_path, capsys, fail_after_first_file, command):
     out = tmp_path / "out"
     written = fail_after_first_file(KeyboardInterrupt())
     code, _out, err = builders.run_cli(capsys, *argv_for(command, checkpoints, out))
@@ -241,23 +250,24 @@ def test_keyboard_interrupt_mid_write_leaves_nothing(checkpoints, tmp_path, caps
 DISK_FULL = {
     # What safetensors 0.8 raises when the disk fills under it (seen on a 64 KB tmpfs), and the
     # OSError that plain file writes (config.json, index, torch.save) raise.
-    "safetensors": lambda: SafetensorError(
-        "Error while serializing: I/O error: No space left on device (os error 28)"),
+    "safetensors": lambda: SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
     "oserror": lambda: OSError(errno.ENOSPC, "No space left on device"),
+    # A failing disk: the destination's fault too, so one line and exit 2, not a traceback.
+    "eio-safetensors": lambda: SafetensorError("Error while serializing: I/O error: Input/output error (os error 5)"),
+    "eio": lambda: OSError(errno.EIO, "Input/output error"),
 }
 
 
 @pytest.mark.parametrize("error", sorted(DISK_FULL))
 @pytest.mark.parametrize("command", ["save", "dequantize"])
-def test_disk_full_mid_write_is_a_clean_error(checkpoints, tmp_path, capsys, fail_after_first_file,
-                                              command, error):
+def test_disk_full_mid_write_is_a_clean_error(checkpoints, tmp_path, capsys, fail_after_first_file, command, error):
     out = tmp_path / "out"
     fail_after_first_file(DISK_FULL[error]())
     code, _out, err = builders.run_cli(capsys, *argv_for(command, checkpoints, out))
     assert not out.exists() and temp_dirs(out) == []
     assert code == 2 and "Traceback" not in err, err
     (line,) = err.strip().splitlines()
-    assert str(out) in line and "No space left" in line
+    assert str(out) in line and ("Input/output error" if "eio" in error else "No space left") in line
 
 
 def test_disk_full_cleans_up(checkpoints, tmp_path, capsys, fail_after_first_file):
@@ -280,8 +290,9 @@ def test_report_json_is_written_atomically(checkpoints, tmp_path, capsys, monkey
         raise OSError(errno.EIO, "simulated I/O error")
 
     monkeypatch.setattr(qfinal.checkpoint.atomic.os, "fsync", fsync)
-    code, _out, _err = builders.run_cli(capsys, "validate", str(checkpoints["llama_untied"]), "--fast", "--json",
-                                        str(report_path))
+    code, _out, _err = builders.run_cli(
+        capsys, "validate", str(checkpoints["llama_untied"]), "--fast", "--json", str(report_path)
+    )
     assert code != 0
     assert json.loads(report_path.read_text()) == {"previous": True}
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import os
 
+import builders
 import pytest
 import torch
 import transformers as tf
 
-import builders
 import qfinal
 
 FIXTURES = ["llama_tied", "llama_untied", "gpt2", "bert", "t5", "llama_sharded"]
 QUANT = {
     "none": ({}, None),
     "nf4": ({"quantize": "nf4"}, dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
-    "fp4_dq": ({"quantize": "fp4", "double_quant": True},
-               dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True)),
+    "fp4_dq": (
+        {"quantize": "fp4", "double_quant": True},
+        dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
+    ),
     "int8": ({"quantize": "int8"}, dict(load_in_8bit=True)),
 }
 
@@ -59,12 +61,12 @@ def test_load_equals_from_pretrained(checkpoints, fixture, quant):
 def test_quantize_on_load_from_mapped_tensors_equals_from_pretrained(checkpoints, monkeypatch, fixture, quant):
     """The fixtures' tensors are all under MAP_AT_LEAST (read with pread); here every one is mapped,
     as a real checkpoint's large weights are: still from_pretrained's model bit for bit."""
-    from qfinal.pipeline.stages import checkpoint_dispatch
+    from qfinal.checkpoint import reader
 
     mapped = []
-    real = checkpoint_dispatch.TensorSlice._mapped
-    monkeypatch.setattr(checkpoint_dispatch, "MAP_AT_LEAST", 0)
-    monkeypatch.setattr(checkpoint_dispatch.TensorSlice, "_mapped", lambda self: mapped.append(self) or real(self))
+    real = reader.TensorSlice._mapped
+    monkeypatch.setattr(reader, "MAP_AT_LEAST", 0)
+    monkeypatch.setattr(reader.TensorSlice, "_mapped", lambda self: mapped.append(self) or real(self))
     path = checkpoints[fixture]
     overrides, bnb = QUANT[quant]
     result = qfinal.load(path, **overrides)
@@ -78,16 +80,20 @@ def test_quantize_on_load_from_mapped_tensors_equals_from_pretrained(checkpoints
 # The other BitsAndBytesConfig options qfinal exposes, each against the same from_pretrained call.
 OPTIONS = {
     "fp4": ({"quantize": "fp4"}, dict(load_in_4bit=True, bnb_4bit_quant_type="fp4")),
-    "nf4_compute_bf16": ({"quantize": "nf4", "compute_dtype": "bfloat16"},
-                         dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)),
-    "nf4_bf16_model": ({"quantize": "nf4", "dtype": "bfloat16"},
-                       dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
-    "nf4_storage_bf16": ({"quantize": "nf4", "quant_storage": "bfloat16"},
-                         dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_quant_storage=torch.bfloat16)),
-    "nf4_skip": ({"quantize": "nf4", "skip_modules": ["lm_head", "SKIP"]},
-                 dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["lm_head", "SKIP"])),
-    "int8_threshold": ({"quantize": "int8", "int8_threshold": 3.0},
-                       dict(load_in_8bit=True, llm_int8_threshold=3.0)),
+    "nf4_compute_bf16": (
+        {"quantize": "nf4", "compute_dtype": "bfloat16"},
+        dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+    ),
+    "nf4_bf16_model": ({"quantize": "nf4", "dtype": "bfloat16"}, dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
+    "nf4_storage_bf16": (
+        {"quantize": "nf4", "quant_storage": "bfloat16"},
+        dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_quant_storage=torch.bfloat16),
+    ),
+    "nf4_skip": (
+        {"quantize": "nf4", "skip_modules": ["lm_head", "SKIP"]},
+        dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["lm_head", "SKIP"]),
+    ),
+    "int8_threshold": ({"quantize": "int8", "int8_threshold": 3.0}, dict(load_in_8bit=True, llm_int8_threshold=3.0)),
 }
 SKIPPED_LAYER = {"llama_untied": "q_proj", "gpt2": "c_attn"}
 
@@ -137,8 +143,16 @@ def test_dtype_option_matches_from_pretrained(checkpoints, dtype):
 
 def test_stages_in_order_with_time_and_memory(checkpoints):
     report = qfinal.load(checkpoints["llama_tied"]).report
-    assert [s.name for s in report.stages] == ["meta_init", "quantizer_preprocess", "checkpoint_dispatch",
-                                              "postprocess", "tie_weights", "adapter_load", "runtime", "validate"]
+    assert [s.name for s in report.stages] == [
+        "meta_init",
+        "quantizer_preprocess",
+        "checkpoint_dispatch",
+        "postprocess",
+        "tie_weights",
+        "adapter_load",
+        "runtime",
+        "validate",
+    ]
     assert all(s.seconds >= 0 and s.peak_rss_bytes > 0 for s in report.stages)
     statuses = {s.name: s.status for s in report.stages}
     assert statuses["quantizer_preprocess"] == "skipped by request"
@@ -158,10 +172,16 @@ def test_switching_stages_off_is_reported(checkpoints, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     base = builders.model_class_for(checkpoints["llama_tied"]).from_pretrained(checkpoints["llama_tied"])
-    get_peft_model(base, LoraConfig(target_modules=["q_proj"], r=2, init_lora_weights=False)
-                   ).save_pretrained(tmp_path / "lora")
-    result = qfinal.load(checkpoints["llama_tied"], tie_weights=False, validate={"enabled": False},
-                         adapters=[str(tmp_path / "lora")], load_adapters=False)
+    get_peft_model(base, LoraConfig(target_modules=["q_proj"], r=2, init_lora_weights=False)).save_pretrained(
+        tmp_path / "lora"
+    )
+    result = qfinal.load(
+        checkpoints["llama_tied"],
+        tie_weights=False,
+        validate={"enabled": False},
+        adapters=[str(tmp_path / "lora")],
+        load_adapters=False,
+    )
     statuses = {s.name: s.status for s in result.report.stages}
     assert statuses["tie_weights"] == "skipped by request"
     assert statuses["validate"] == "skipped by request"
@@ -179,18 +199,25 @@ def test_tensor_slices_are_the_files_bytes(tmp_path, monkeypatch, map_at_least):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from qfinal.checkpoint import reader
+    from qfinal.checkpoint.reader import read_tensor_by_tensor
     from qfinal.errors import CheckpointError
-    from qfinal.pipeline.stages import checkpoint_dispatch
-    from qfinal.pipeline.stages.checkpoint_dispatch import read_tensor_by_tensor
 
     if map_at_least is not None:
-        monkeypatch.setattr(checkpoint_dispatch, "MAP_AT_LEAST", map_at_least)
+        monkeypatch.setattr(reader, "MAP_AT_LEAST", map_at_least)
     g = torch.Generator().manual_seed(0)
-    tensors = {"bf16": torch.randn(33, 7, generator=g).bfloat16(), "f16": torch.randn(5, generator=g).half(),
-               "f32": torch.randn(2, 3, 4, generator=g), "i64": torch.arange(-5, 5), "u8": torch.arange(200,
-               dtype=torch.uint8), "bool": torch.tensor([True, False]), "scalar": torch.tensor(1.5),
-               "empty": torch.zeros(0, 4), "nan": torch.tensor([float("nan"), -0.0, float("inf")]),
-               "big": torch.randn(1100, 257, generator=g)}  # > 1 MiB: mapped by default, across pages
+    tensors = {
+        "bf16": torch.randn(33, 7, generator=g).bfloat16(),
+        "f16": torch.randn(5, generator=g).half(),
+        "f32": torch.randn(2, 3, 4, generator=g),
+        "i64": torch.arange(-5, 5),
+        "u8": torch.arange(200, dtype=torch.uint8),
+        "bool": torch.tensor([True, False]),
+        "scalar": torch.tensor(1.5),
+        "empty": torch.zeros(0, 4),
+        "nan": torch.tensor([float("nan"), -0.0, float("inf")]),
+        "big": torch.randn(1100, 257, generator=g),
+    }  # > 1 MiB: mapped by default, across pages
     path = tmp_path / "x.safetensors"
     save_file(tensors, path)
     mapped = []
@@ -224,7 +251,7 @@ def test_a_mapped_tensor_takes_its_mapping_with_it(tmp_path):
 
     from safetensors.torch import save_file
 
-    from qfinal.pipeline.stages.checkpoint_dispatch import MAP_AT_LEAST, read_tensor_by_tensor
+    from qfinal.checkpoint.reader import MAP_AT_LEAST, read_tensor_by_tensor
 
     path = tmp_path / "x.safetensors"
     big = torch.arange(MAP_AT_LEAST // 2 + 7, dtype=torch.int16)
@@ -248,29 +275,28 @@ def test_a_mapped_tensor_takes_its_mapping_with_it(tmp_path):
 def test_heap_release_between_reads_changes_nothing(checkpoints, monkeypatch, fixture, quant):
     """Quantize-on-load gives freed heap pages back while it reads (HeapReleaser); forced before
     every read here, the model still equals from_pretrained bit for bit."""
-    from qfinal.pipeline.stages import checkpoint_dispatch
+    from qfinal.checkpoint import reader
 
     released, reads = [], []
-    release, before_read = checkpoint_dispatch.HeapReleaser.release, checkpoint_dispatch.HeapReleaser.before_read
-    monkeypatch.setattr(checkpoint_dispatch, "TRIM_EVERY_BYTES", 1)
-    monkeypatch.setattr(checkpoint_dispatch.HeapReleaser, "release",
-                        lambda self: (released.append(self.pending), release(self)))
-    monkeypatch.setattr(checkpoint_dispatch.HeapReleaser, "before_read",
-                        lambda self, nbytes: (reads.append(nbytes), before_read(self, nbytes)))
+    release, before_read = reader.HeapReleaser.release, reader.HeapReleaser.before_read
+    monkeypatch.setattr(reader, "TRIM_EVERY_BYTES", 1)
+    monkeypatch.setattr(reader.HeapReleaser, "release", lambda self: (released.append(self.pending), release(self)))
+    monkeypatch.setattr(
+        reader.HeapReleaser, "before_read", lambda self, nbytes: (reads.append(nbytes), before_read(self, nbytes))
+    )
     path = checkpoints[fixture]
     overrides, bnb = QUANT[quant]
     result = qfinal.load(path, **overrides)
-    reference = builders.model_class_for(path).from_pretrained(
-        path, quantization_config=tf.BitsAndBytesConfig(**bnb))
+    reference = builders.model_class_for(path).from_pretrained(path, quantization_config=tf.BitsAndBytesConfig(**bnb))
     assert_state_dicts_identical(result.model, reference)
     assert_logits_identical(result.model, reference)
     assert len(reads) > 10 and all(reads)  # every checkpoint tensor went through TensorSlice
-    if checkpoint_dispatch.HeapReleaser()._trim is not None:  # glibc
+    if reader.HeapReleaser()._trim is not None:  # glibc
         assert len(released) == len(reads) - 1  # before every read but the first
 
 
 def test_heap_release_counts_bytes_read():
-    from qfinal.pipeline.stages.checkpoint_dispatch import HeapReleaser
+    from qfinal.checkpoint.reader import HeapReleaser
 
     heap = HeapReleaser(every=100)
     calls = []
@@ -280,5 +306,5 @@ def test_heap_release_counts_bytes_read():
     # 60+30 < 100: no release; 110 >= 100 before the 4th read; then 100 >= 100 before the 5th
     assert calls == [0, 0] and heap.pending == 5
     heap._trim = None
-    heap.before_read(10 ** 9)
+    heap.before_read(10**9)
     assert heap.pending == 5  # without malloc_trim nothing is counted or called

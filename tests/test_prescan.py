@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import qfinal
-from qfinal.checks import core as checks
-from qfinal.checkpoint import prescan
 from qfinal.checkpoint import inventory as safety
-from qfinal.config import build_config
+from qfinal.checkpoint import prescan
 from qfinal.checkpoint.residency import FileViews
 from qfinal.checkpoint.sources import Source
+from qfinal.checks import nan as checks
+from qfinal.config import build_config
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/pagemap")
 
@@ -74,8 +74,12 @@ def as_model(tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- the bit test
 
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-          torch.float64: torch.int64}
+INT_OF = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
 
 
 @settings(max_examples=60, deadline=None)
@@ -85,10 +89,25 @@ def test_the_bit_test_agrees_with_isfinite_on_any_bits(tmp_path_factory, name, d
     dtype = FLOAT_DTYPES[name]
     bits = INT_OF[dtype]
     width = torch.iinfo(bits).bits
-    special = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, torch.finfo(dtype).max,
-                            -torch.finfo(dtype).max, torch.finfo(dtype).tiny / 2], dtype=dtype).view(bits)
-    raw = data.draw(st.lists(st.integers(-(1 << (width - 1)), (1 << (width - 1)) - 1) | st.sampled_from(special.tolist()),
-                             min_size=1, max_size=40))
+    special = torch.tensor(
+        [
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+            -0.0,
+            torch.finfo(dtype).max,
+            -torch.finfo(dtype).max,
+            torch.finfo(dtype).tiny / 2,
+        ],
+        dtype=dtype,
+    ).view(bits)
+    raw = data.draw(
+        st.lists(
+            st.integers(-(1 << (width - 1)), (1 << (width - 1)) - 1) | st.sampled_from(special.tolist()),
+            min_size=1,
+            max_size=40,
+        )
+    )
     values = torch.tensor(raw, dtype=bits).view(dtype)
     path = tmp_path_factory.mktemp("bits") / "t.bin"
     path.write_bytes(values.view(bits).numpy().tobytes())
@@ -116,13 +135,15 @@ def test_windows_cover_every_element_once(tmp_path, name, where):
         values[index] = float("nan")
     tail = torch.tensor([float("inf")], dtype=dtype) if where == "after" else torch.zeros(0, dtype=dtype)
     path = tmp_path / "t.bin"
-    path.write_bytes(b"x" * start + values.view(torch.uint8).numpy().tobytes()
-                     + tail.view(torch.uint8).numpy().tobytes())
+    path.write_bytes(
+        b"x" * start + values.view(torch.uint8).numpy().tobytes() + tail.view(torch.uint8).numpy().tobytes()
+    )
     assert (start + cut * width) < page < (start + (cut + 1) * width)  # really straddles
     fd = os.open(path, os.O_RDONLY)
     try:
         verdict = prescan.Prescan(SimpleNamespace())._clean_range(
-            np, fd, start, start + values.numel() * width, name, window=page)
+            np, fd, start, start + values.numel() * width, name, window=page
+        )
     finally:
         os.close(fd)
     assert verdict is (index is None)
@@ -130,10 +151,15 @@ def test_windows_cover_every_element_once(tmp_path, name, where):
 
 # ----------------------------------------------------------------------------- what is trusted
 
+
 @linux
 def test_a_clean_checkpoint_is_not_read_again(tmp_path, monkeypatch, no_racy_wait):
-    tensors = {"a": torch.randn(300, 70).to(torch.bfloat16), "b": torch.randn(513), "c": torch.randn(9).half(),
-               "steps": torch.arange(5)}
+    tensors = {
+        "a": torch.randn(300, 70).to(torch.bfloat16),
+        "b": torch.randn(513),
+        "c": torch.randn(9).half(),
+        "steps": torch.arange(5),
+    }
     folder = write_checkpoint(tmp_path / "clean", tensors)
     scan = finished(folder)
     assert scan.scanned_bytes == sum(t.numel() * t.element_size() for k, t in tensors.items() if k != "steps")
@@ -162,7 +188,8 @@ def test_a_nan_in_the_file_gives_the_same_finding_as_without_prescan(tmp_path, n
         scan.close()
     assert with_prescan == checks.nan_findings(model)
     assert [(f.key, f.message) for f in with_prescan] == [
-        ("bad", f"1 NaN and 1 Inf value(s) in 12800 ({str(dtype).removeprefix('torch.')})")]
+        ("bad", f"1 NaN and 1 Inf value(s) in 12800 ({str(dtype).removeprefix('torch.')})")
+    ]
 
 
 @linux
@@ -234,15 +261,19 @@ def test_a_span_inside_one_clean_entry_is_trusted_and_one_across_two_is_not(tmp_
 
 # ----------------------------------------------------------------------------- when it runs
 
-@pytest.mark.parametrize("overrides, runs", [
-    ({}, True),
-    ({"quantize": "nf4"}, False),
-    ({"dequantize": True}, False),
-    ({"device_map": "auto"}, False),
-    ({"validate": {"check_nan": False}}, False),
-    ({"validate": {"enabled": False}}, False),
-    ({"stop_after": "checkpoint_dispatch"}, False),
-])
+
+@pytest.mark.parametrize(
+    "overrides, runs",
+    [
+        ({}, True),
+        ({"quantize": "nf4"}, False),
+        ({"dequantize": True}, False),
+        ({"device_map": "auto"}, False),
+        ({"validate": {"check_nan": False}}, False),
+        ({"validate": {"enabled": False}}, False),
+        ({"stop_after": "checkpoint_dispatch"}, False),
+    ],
+)
 def test_it_runs_only_for_a_plain_cpu_load_that_checks_nan(monkeypatch, overrides, runs):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert prescan.eligible(build_config(None, **overrides)) is (runs and sys.platform.startswith("linux"))
@@ -276,8 +307,9 @@ def test_a_load_uses_it_and_agrees_with_a_load_without_it(checkpoints, monkeypat
     assert with_scan.report.ok and without.report.ok
     float_buffers = sum(b.is_floating_point() for b in with_scan.model.buffers())
     assert read_with <= float_buffers  # every weight came from the scan; computed buffers are read
-    assert [f.model_dump() for f in with_scan.report.findings if f.check != "nan_inf"] == \
-           [f.model_dump() for f in without.report.findings if f.check != "nan_inf"]
+    assert [f.model_dump() for f in with_scan.report.findings if f.check != "nan_inf"] == [
+        f.model_dump() for f in without.report.findings if f.check != "nan_inf"
+    ]
 
 
 def test_a_broken_folder_leaves_the_error_to_the_load(tmp_path, no_racy_wait):
@@ -352,7 +384,9 @@ def test_an_error_in_the_thread_leaves_the_scan_to_validate(tmp_path, monkeypatc
     scan._thread.join()
     assert isinstance(scan.error, MemoryError)
     try:
-        assert [f.key for f in checks.nan_findings(as_model(load_file(str(folder / "model.safetensors"))), scan)] == ["w"]
+        assert [f.key for f in checks.nan_findings(as_model(load_file(str(folder / "model.safetensors"))), scan)] == [
+            "w"
+        ]
     finally:
         scan.close()
 

@@ -6,11 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
+import builders
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import builders
 import qfinal
 from qfinal.config import build_config
 
@@ -45,11 +45,14 @@ def test_missing_unexpected_mismatched_are_exactly_reported(checkpoints, tmp_pat
     assert report.keys.missing == ["model.layers.1.mlp.up_proj.weight"]
     assert report.keys.unexpected == ["model.layers.0.extra.weight"]
     assert [(m.key, m.checkpoint_shape, m.model_shape) for m in report.keys.mismatched] == [
-        ("model.norm.weight", [32], [64])]
+        ("model.norm.weight", [32], [64])
+    ]
     errors = {(f.check, f.key) for f in report.findings if f.severity == "error"}
-    assert errors == {("missing_keys", "model.layers.1.mlp.up_proj.weight"),
-                      ("unexpected_keys", "model.layers.0.extra.weight"),
-                      ("shape_mismatch", "model.norm.weight")}
+    assert errors == {
+        ("missing_keys", "model.layers.1.mlp.up_proj.weight"),
+        ("unexpected_keys", "model.layers.0.extra.weight"),
+        ("shape_mismatch", "model.norm.weight"),
+    }
     assert not report.ok
 
 
@@ -60,12 +63,12 @@ def test_cli_exit_1_and_json_for_a_broken_checkpoint(checkpoints, tmp_path, caps
     data = json.loads(out)
     assert data["ok"] is False
     assert data["keys"]["missing"] == ["model.layers.1.mlp.up_proj.weight"]
-    assert data["keys"]["mismatched"] == [{"key": "model.norm.weight", "checkpoint_shape": [32],
-                                           "model_shape": [64]}]
+    assert data["keys"]["mismatched"] == [{"key": "model.norm.weight", "checkpoint_shape": [32], "model_shape": [64]}]
 
 
-@pytest.mark.parametrize("fixture,head", [("llama_untied", "lm_head"), ("gpt2", "lm_head"),
-                                          ("bert", "cls.predictions.decoder")])
+@pytest.mark.parametrize(
+    "fixture,head", [("llama_untied", "lm_head"), ("gpt2", "lm_head"), ("bert", "cls.predictions.decoder")]
+)
 def test_nf4_converts_every_quantizable_module_and_skips_the_head(checkpoints, fixture, head):
     from transformers.pytorch_utils import Conv1D
 
@@ -83,8 +86,9 @@ def test_nf4_converts_every_quantizable_module_and_skips_the_head(checkpoints, f
 
 def test_json_schema_fields(checkpoints, tmp_path, capsys):
     out = tmp_path / "report.json"
-    code, _out, _err = builders.run_cli(capsys, "load", str(checkpoints["llama_tied"]), "--quantize", "nf4",
-                                        "--json", str(out), "--quiet")
+    code, _out, _err = builders.run_cli(
+        capsys, "load", str(checkpoints["llama_tied"]), "--quantize", "nf4", "--json", str(out), "--quiet"
+    )
     assert code == 0
     data = json.loads(out.read_text())
     for field in ("source", "model_class", "ok", "stages", "keys", "findings"):
@@ -92,8 +96,7 @@ def test_json_schema_fields(checkpoints, tmp_path, capsys):
     assert data["model_class"] == "LlamaForCausalLM" and data["ok"] is True
     assert set(data["stages"][0]) >= {"name", "seconds", "peak_rss_bytes"}
     assert set(data["keys"]) >= {"tied", "missing", "unexpected", "mismatched", "converted", "skipped"}
-    assert data["keys"]["tied"] == [{"target": "lm_head.weight", "source": "model.embed_tokens.weight",
-                                     "shared": True}]
+    assert data["keys"]["tied"] == [{"target": "lm_head.weight", "source": "model.embed_tokens.weight", "shared": True}]
     assert set(data["keys"]["converted"][0]) == {"module", "from", "to"}
     assert set(data["keys"]["skipped"][0]) == {"module", "reason"}
     assert all(set(f) >= {"check", "severity", "key", "message"} for f in data["findings"])
@@ -102,19 +105,34 @@ def test_json_schema_fields(checkpoints, tmp_path, capsys):
 def test_human_report_renders_every_section(checkpoints, capsys):
     code, out, _err = builders.run_cli(capsys, "load", str(checkpoints["llama_tied"]), "--quantize", "nf4")
     assert code == 0
-    for text in ("Stages", "meta_init", "checkpoint_dispatch", "Tied keys", "lm_head.weight",
-                 "Converted modules", "Linear → Linear4bit", "Skipped modules", "output head", "OK"):
+    for text in (
+        "Stages",
+        "meta_init",
+        "checkpoint_dispatch",
+        "Tied keys",
+        "lm_head.weight",
+        "Converted modules",
+        "Linear → Linear4bit",
+        "Skipped modules",
+        "output head",
+        "OK",
+    ):
         assert text in out
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_example_configs_are_valid(path):
+    """Every key of each example survives validation with its value (nothing ignored or coerced away)."""
+    from qfinal.config import read_yaml
+
     config = build_config(path)
-    assert config.model_dump()
+    assert config.model_dump(by_alias=True, exclude_unset=True) == read_yaml(path)
 
 
-@pytest.mark.parametrize("name,method", [("nf4.yaml", "nf4"), ("fp4-double-quant.yaml", "fp4+double_quant"),
-                                         ("int8.yaml", "int8"), ("fp16.yaml", "none")])
+@pytest.mark.parametrize(
+    "name,method",
+    [("nf4.yaml", "nf4"), ("fp4-double-quant.yaml", "fp4+double_quant"), ("int8.yaml", "int8"), ("fp16.yaml", "none")],
+)
 def test_example_configs_load(checkpoints, name, method):
     config = Path(__file__).parent.parent / "configs" / name
     report = qfinal.load(checkpoints["llama_tied"], config).report
@@ -148,10 +166,11 @@ def test_cli_flags_override_yaml(tmp_path, checkpoints):
 
 def test_run_config_with_overrides_keeps_its_other_fields():
     """qfinal.load(src, RunConfig, **overrides): an override sets its field, the rest stays."""
-    from qfinal.ops.load import resolve_config
+    from qfinal.config import resolve_config
 
-    base = build_config(None, quantize="fp4", double_quant=True, compute_dtype="bfloat16",
-                        validate={"allow_missing": ["x.*"]})
+    base = build_config(
+        None, quantize="fp4", double_quant=True, compute_dtype="bfloat16", validate={"allow_missing": ["x.*"]}
+    )
     cfg = resolve_config(base, {"dtype": "float16", "quantize": "nf4"})
     assert cfg.dtype == "float16" and cfg.quantize.method == "nf4"
     assert cfg.quantize.double_quant and cfg.quantize.compute_dtype == "bfloat16"
@@ -228,3 +247,34 @@ def test_demo_checkpoint_is_deterministic_and_leaves_the_global_rng_alone(tmp_pa
     for name in names:
         if name.endswith(".safetensors"):
             assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("width", [80, 130])
+def test_stage_details_and_findings_read_whole_at_80_columns(checkpoints, width):
+    """In a CI log (80 columns) a detail column would be squeezed to a word or two a line, between
+    table borders; narrow, every stage detail and finding message reads as one run of text."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from qfinal.render.rich_report import render
+    from qfinal.report import Finding
+
+    report = qfinal.load(checkpoints["llama_tied"], quantize="nf4").report
+    report.findings.append(
+        Finding(
+            check="tie_audit",
+            severity="warning",
+            key="lm_head.weight",
+            message="a long message that explains what went wrong and what to do about it",
+        )
+    )
+    buffer = io.StringIO()
+    render(report, Console(file=buffer, width=width, force_terminal=False, color_system=None))
+    text = buffer.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= width
+    flat = re.sub(r"\s+", " ", text)
+    for stage in report.stages:
+        assert re.sub(r"\s+", " ", stage.detail) in flat, stage.detail
+    assert "a long message that explains what went wrong and what to do about it" in flat

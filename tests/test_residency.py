@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qfinal.checks import core as checks
 from qfinal.checkpoint.residency import FileViews, read_chunks
+from qfinal.checks import nan as checks
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/pagemap")
 
@@ -97,8 +97,7 @@ def _model(loaded: dict[str, torch.Tensor], tie: bool) -> torch.nn.Module:
     model.embed = torch.nn.Embedding(512, 64)
     model.embed.weight = torch.nn.Parameter(loaded["embed.weight"], requires_grad=False)
     model.head = torch.nn.Linear(64, 512, bias=False)
-    model.head.weight = model.embed.weight if tie else torch.nn.Parameter(loaded["head.weight"],
-                                                                          requires_grad=False)
+    model.head.weight = model.embed.weight if tie else torch.nn.Parameter(loaded["head.weight"], requires_grad=False)
     return model
 
 
@@ -121,8 +120,9 @@ def test_nan_findings_name_the_tensor_from_either_path(tmp_path, tie):
 def test_only_an_untied_embedding_is_read_from_its_file(tmp_path, tie):
     """An embedding table is read from the file (a forward looks up a few rows); a tied head
     reads it whole, so then it, like every other weight, is scanned where it is."""
-    model = _model(mapped(tmp_path, {"embed.weight": torch.randn(4096, 256),
-                                     "head.weight": torch.randn(4096, 256)}), tie)
+    model = _model(
+        mapped(tmp_path, {"embed.weight": torch.randn(4096, 256), "head.weight": torch.randn(4096, 256)}), tie
+    )
     with FileViews() as views:
         before = views.resident_pages(model.embed.weight)
     assert checks.nan_findings(model) == []

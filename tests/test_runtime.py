@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import builders
 import pytest
 import torch
 
-import builders
 import qfinal
 from qfinal.ops.plan import measured_bytes_per_device, plan
-from qfinal.pipeline.stages import Postprocess, Runtime, TieWeights, AdapterLoad
+from qfinal.pipeline.stages import AdapterLoad, Postprocess, Runtime, TieWeights
 
 
 def dropout_modules(model):
@@ -27,8 +27,11 @@ def test_training_mode_with_adapter_trains_only_the_adapter(checkpoints, tmp_pat
     peft_model = get_peft_model(base, LoraConfig(target_modules=["c_attn"], r=4, init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "lora")
 
-    result = qfinal.load(checkpoints["gpt2"], adapters=[{"path": str(tmp_path / "lora")}],
-                         runtime={"mode": "training", "gradient_checkpointing": True})
+    result = qfinal.load(
+        checkpoints["gpt2"],
+        adapters=[{"path": str(tmp_path / "lora")}],
+        runtime={"mode": "training", "gradient_checkpointing": True},
+    )
     model = result.model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -95,19 +98,22 @@ def test_compile_gives_the_same_logits(checkpoints):
     assert compiled.report.extra["compile_seconds"] > 0
     inputs = builders.probe_inputs(eager)
     with torch.no_grad():
-        torch.testing.assert_close(compiled.model(**inputs).logits, eager(**inputs).logits,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled.model(**inputs).logits, eager(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cpu", ["300KB", "50KB"], ids=["head-in-memory", "all-on-disk"])
 def test_ties_survive_offload(checkpoints, tmp_path, cpu):
     """The tie audit runs after dispatch and reads accelerate's offload index; the offloaded model
     computes exactly what the in-memory one does."""
-    from qfinal.checks.core import same_tensor
+    from qfinal.checks.ties import same_tensor
 
     plain = qfinal.load(checkpoints["llama_tied"]).model
-    result = qfinal.load(checkpoints["llama_tied"], device_map="auto", max_memory={"cpu": cpu, "disk": "10GB"},
-                         offload_folder=str(tmp_path / "off"))
+    result = qfinal.load(
+        checkpoints["llama_tied"],
+        device_map="auto",
+        max_memory={"cpu": cpu, "disk": "10GB"},
+        offload_folder=str(tmp_path / "off"),
+    )
     on_disk = result.model.lm_head.weight.device.type == "meta"
     assert on_disk == (cpu == "50KB")
     assert [(t.target, t.shared) for t in result.report.keys.tied] == [("lm_head.weight", True)]
@@ -141,11 +147,12 @@ def test_dry_run_predicts_the_real_placement_and_bytes(checkpoints, tmp_path):
 def test_dry_run_counts_quantized_bytes(checkpoints):
     report = plan(checkpoints["llama_untied"], quantize="nf4")
     real = qfinal.load(checkpoints["llama_untied"], quantize="nf4").model
-    real_bytes = sum(t.numel() * t.element_size() for t in real.state_dict().values()
-                     if isinstance(t, torch.Tensor))
+    real_bytes = sum(t.numel() * t.element_size() for t in real.state_dict().values() if isinstance(t, torch.Tensor))
     predicted = report.extra["plan"]["total_bytes"]
     assert abs(predicted - real_bytes) / real_bytes < 0.02
-    assert any(leaf["module"] in ("lm_head", "model.embed_tokens") for leaf in report.extra["plan"]["large_unquantized"])
+    assert any(
+        leaf["module"] in ("lm_head", "model.embed_tokens") for leaf in report.extra["plan"]["large_unquantized"]
+    )
 
 
 def _snapshot(model):
@@ -153,36 +160,52 @@ def _snapshot(model):
     With offloaded tensors, also the logits on the probe batch: they read the offloaded weights
     through accelerate's hooks. (Not otherwise: bitsandbytes repacks 4-bit weights on the CPU's
     first forwards, which changes the state dict by itself.)"""
-    state = {k: (v.detach().clone() if v.device.type != "meta" else tuple(v.shape))
-             for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    state = {
+        k: (v.detach().clone() if v.device.type != "meta" else tuple(v.shape))
+        for k, v in model.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
     if any(isinstance(v, tuple) for v in state.values()):
         with torch.no_grad():
             state["(logits)"] = model(**builders.probe_inputs(model)).logits
-    flags = ([m.training for m in model.modules()], [(n, p.requires_grad) for n, p in model.named_parameters()],
-             [getattr(m, "gradient_checkpointing", None) for m in model.modules()],
-             sum(len(getattr(m, "_forward_hooks", {})) + len(getattr(m, "_forward_pre_hooks", {}))
-                 for m in model.modules()))
+    flags = (
+        [m.training for m in model.modules()],
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        [getattr(m, "gradient_checkpointing", None) for m in model.modules()],
+        sum(len(getattr(m, "_forward_hooks", {})) + len(getattr(m, "_forward_pre_hooks", {})) for m in model.modules()),
+    )
     return state, type(model).__name__, sum(1 for _ in model.modules()), flags
 
 
-@pytest.mark.parametrize("options", [
-    {}, {"quantize": "nf4"}, {"quantize": "int8"}, {"adapters": "lora"}, {"adapters": "lora-merge"},
-    {"source": "nf4", "dequantize": True}, {"quantize": "nf4", "adapters": "lora-merge"},
-    {"device_map": "auto", "max_memory": {"cpu": "300KB", "disk": "10GB"}},
-    {"adapters": "lora", "runtime": {"mode": "training", "gradient_checkpointing": True}},
-], ids=["plain", "nf4", "int8", "lora", "lora-merge", "dequantize", "nf4-lora-merge", "offload", "training"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"quantize": "nf4"},
+        {"quantize": "int8"},
+        {"adapters": "lora"},
+        {"adapters": "lora-merge"},
+        {"source": "nf4", "dequantize": True},
+        {"quantize": "nf4", "adapters": "lora-merge"},
+        {"device_map": "auto", "max_memory": {"cpu": "300KB", "disk": "10GB"}},
+        {"adapters": "lora", "runtime": {"mode": "training", "gradient_checkpointing": True}},
+    ],
+    ids=["plain", "nf4", "int8", "lora", "lora-merge", "dequantize", "nf4-lora-merge", "offload", "training"],
+)
 def test_finishing_stages_are_idempotent(checkpoints, tmp_path, options):
     options = dict(options)
-    source = (checkpoints.quantized("llama_tied", options.pop("source")) if "source" in options
-              else checkpoints["llama_tied"])
+    source = (
+        checkpoints.quantized("llama_tied", options.pop("source")) if "source" in options else checkpoints["llama_tied"]
+    )
     if "max_memory" in options:
         options["offload_folder"] = str(tmp_path / "offload")
     if "adapters" in options:
         from peft import LoraConfig, get_peft_model
 
         base = builders.model_class_for(checkpoints["llama_tied"]).from_pretrained(checkpoints["llama_tied"])
-        get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights=False)
-                       ).save_pretrained(tmp_path / "lora")
+        get_peft_model(
+            base, LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights=False)
+        ).save_pretrained(tmp_path / "lora")
         options["adapters"] = [{"path": str(tmp_path / "lora"), "merge": options["adapters"] == "lora-merge"}]
     result = qfinal.load(source, **options)
     assert result.report.ok
@@ -210,8 +233,8 @@ def test_load_dry_run_cli_reads_no_tensor_data(checkpoints, monkeypatch, capsys,
     import safetensors.torch
 
     import qfinal.compat.transformers as hf
+    from qfinal.checkpoint.reader import TensorSlice
     from qfinal.cli.app import main
-    from qfinal.pipeline.stages.checkpoint_dispatch import TensorSlice
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run must not read tensor data")
@@ -266,8 +289,21 @@ def test_quantized_model_that_would_offload_is_a_usage_error(checkpoints, capsys
     from qfinal.cli.app import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main([command[0], str(checkpoints["llama_untied"]), *command[1:], "--quantize", "nf4", "--device-map", "auto",
-              "--max-memory", "cpu=60KB,disk=10GB", "--offload-folder", str(tmp_path / "off")])
+        main(
+            [
+                command[0],
+                str(checkpoints["llama_untied"]),
+                *command[1:],
+                "--quantize",
+                "nf4",
+                "--device-map",
+                "auto",
+                "--max-memory",
+                "cpu=60KB,disk=10GB",
+                "--offload-folder",
+                str(tmp_path / "off"),
+            ]
+        )
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     (line,) = err.strip().splitlines()

@@ -1,4 +1,4 @@
-"""qfinal.checkpoint.inventory: the checkpoint layout/header reader the loader and `qfinal validate` trust.
+"""qfinal.checkpoint.inventory and .headers: the checkpoint layout/header reader the loader and `qfinal validate` trust.
 
 Malformed files are written by hand (8-byte little-endian length + JSON + data) so every case is
 exactly the defect named; `safetensors` itself is the reference for what a valid file is.
@@ -24,30 +24,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import builders  # noqa: E402
 
-from qfinal.errors import CheckpointError, SourceError  # noqa: E402
-from qfinal.checkpoint.inventory import (  # noqa: E402
-    CheckpointInventory,
-    Problem,
+from qfinal.checkpoint.headers import (  # noqa: E402
     TensorEntry,
     escape_key,
-    inspect_checkpoint,
     is_pickle_file,
     read_safetensors_header,
-    resolve_inside,
     safe_torch_load,
 )
+from qfinal.checkpoint.inventory import CheckpointInventory, Problem, inspect_checkpoint, resolve_inside  # noqa: E402
+from qfinal.errors import CheckpointError, SourceError  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PROPS = settings(max_examples=200, deadline=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+PROPS = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def st_bytes(header: dict | None, data: bytes = b"", *, raw: bytes | None = None,
-             length: int | None = None) -> bytes:
+def st_bytes(header: dict | None, data: bytes = b"", *, raw: bytes | None = None, length: int | None = None) -> bytes:
     """A safetensors file by hand: `length` overrides the header length field."""
     h = raw if raw is not None else json.dumps(header).encode()
     return struct.pack("<Q", len(h) if length is None else length) + h + data
@@ -166,14 +163,27 @@ def test_header_entries_have_offsets(tmp_path):
     assert safetensors_accepts(path) == ["a", "b"]
 
 
-@pytest.mark.parametrize("dtype,shape,nbytes", [
-    ("BF16", [3], 6), ("F8_E4M3", [5], 5), ("F8_E5M2", [1], 1), ("BOOL", [2], 2), ("I64", [1], 8),
-    ("F4", [4], 2), ("F6_E2M3", [4], 3), ("C64", [1], 8), ("U16", [0, 7], 0), ("F32", [], 4),
-])
+@pytest.mark.parametrize(
+    "dtype,shape,nbytes",
+    [
+        ("BF16", [3], 6),
+        ("F8_E4M3", [5], 5),
+        ("F8_E5M2", [1], 1),
+        ("BOOL", [2], 2),
+        ("I64", [1], 8),
+        ("F4", [4], 2),
+        ("F6_E2M3", [4], 3),
+        ("C64", [1], 8),
+        ("U16", [0, 7], 0),
+        ("F32", [], 4),
+    ],
+)
 def test_dtypes_safetensors_accepts(tmp_path, dtype, shape, nbytes):
     """Every dtype code safetensors 0.8 accepts (incl. packed sub-byte and scalars) is accepted."""
-    path = write(tmp_path / "x.safetensors",
-                 st_bytes({"t": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}, b"\0" * nbytes))
+    path = write(
+        tmp_path / "x.safetensors",
+        st_bytes({"t": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}, b"\0" * nbytes),
+    )
     tensors, _ = read_safetensors_header(path)
     assert tensors["t"].dtype == dtype and tensors["t"].shape == tuple(shape)
     assert safetensors_accepts(path) == ["t"]
@@ -181,8 +191,7 @@ def test_dtypes_safetensors_accepts(tmp_path, dtype, shape, nbytes):
 
 # ----------------------------------------------------------------------------- malformed headers
 
-DUP = (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
-       b'"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}')
+DUP = b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
 
 MALFORMED = {
     # name: (file bytes, fragment expected in the message, does safetensors also refuse it?)
@@ -196,40 +205,78 @@ MALFORMED = {
     "overlap": (st_bytes({"a": f32(2), "b": f32(2, start=4)}, b"\0" * 12), "overlap", True),
     "out_of_range": (st_bytes({"a": f32(2), "b": f32(2, start=8)}, b"\0" * 8), "past the end", True),
     "gap": (st_bytes({"a": f32(2), "b": f32(2, start=12)}, b"\0" * 20), "gap", True),
-    "shape_mismatch": (st_bytes({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
-                       "needs 12 bytes", True),
-    "dtype_mismatch": (st_bytes({"a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
-                       "needs 4 bytes", True),
-    "f4_odd": (st_bytes({"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, b"\0" * 2),
-               "needs 1.5 bytes", True),
-    "non_utf8": (st_bytes(None, b"\0" * 8, raw=b'{"\xff\xfe":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'),
-                 "UTF-8", True),
+    "shape_mismatch": (
+        st_bytes({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
+        "needs 12 bytes",
+        True,
+    ),
+    "dtype_mismatch": (
+        st_bytes({"a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
+        "needs 4 bytes",
+        True,
+    ),
+    "f4_odd": (
+        st_bytes({"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, b"\0" * 2),
+        "needs 1.5 bytes",
+        True,
+    ),
+    "non_utf8": (
+        st_bytes(None, b"\0" * 8, raw=b'{"\xff\xfe":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'),
+        "UTF-8",
+        True,
+    ),
     "not_json": (st_bytes(None, b"", raw=b"{not json"), "not valid JSON", True),
     "not_object": (st_bytes(None, b"", raw=b"[1, 2]"), "JSON object", True),
     "duplicate": (st_bytes(None, b"\0" * 8, raw=DUP), "duplicate name 'a'", False),
-    "unknown_dtype": (st_bytes({"a": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
-                      "unknown dtype 'F33'", True),
-    "negative_shape": (st_bytes({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8),
-                       "shape", True),
-    "float_shape": (st_bytes(None, b"\0" * 8, raw=b'{"a":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}'),
-                    "shape", True),
-    "bool_offsets": (st_bytes(None, b"\0", raw=b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[false,true]}}'),
-                     "data_offsets", True),
-    "negative_offsets": (st_bytes({"a": {"dtype": "U8", "shape": [1], "data_offsets": [-1, 0]}}, b"\0"),
-                         "data_offsets", True),
-    "three_offsets": (st_bytes({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1, 2]}}, b"\0"),
-                      "data_offsets", True),
-    "reversed_offsets": (st_bytes({"a": {"dtype": "U8", "shape": [0], "data_offsets": [1, 0]}}, b"\0"),
-                         "end before", True),
+    "unknown_dtype": (
+        st_bytes({"a": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
+        "unknown dtype 'F33'",
+        True,
+    ),
+    "negative_shape": (
+        st_bytes({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8),
+        "shape",
+        True,
+    ),
+    "float_shape": (
+        st_bytes(None, b"\0" * 8, raw=b'{"a":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}'),
+        "shape",
+        True,
+    ),
+    "bool_offsets": (
+        st_bytes(None, b"\0", raw=b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[false,true]}}'),
+        "data_offsets",
+        True,
+    ),
+    "negative_offsets": (
+        st_bytes({"a": {"dtype": "U8", "shape": [1], "data_offsets": [-1, 0]}}, b"\0"),
+        "data_offsets",
+        True,
+    ),
+    "three_offsets": (
+        st_bytes({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1, 2]}}, b"\0"),
+        "data_offsets",
+        True,
+    ),
+    "reversed_offsets": (
+        st_bytes({"a": {"dtype": "U8", "shape": [0], "data_offsets": [1, 0]}}, b"\0"),
+        "end before",
+        True,
+    ),
     "missing_field": (st_bytes({"a": {"dtype": "F32", "data_offsets": [0, 8]}}, b"\0" * 8), "no 'shape'", True),
     "metadata_not_str": (st_bytes({"a": f32(2), "__metadata__": {"k": 1}}, b"\0" * 8), "__metadata__", True),
     "metadata_not_dict": (st_bytes({"a": f32(2), "__metadata__": [1]}, b"\0" * 8), "__metadata__", True),
-    "nan": (st_bytes(None, b"\0" * 8, raw=b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":NaN}}'),
-            "NaN", True),
-    "lone_surrogate": (st_bytes(None, b"\0" * 8, raw=b'{"\\ud800":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'),
-                       "surrogate", True),
-    "huge_dim": (st_bytes({"a": {"dtype": "F32", "shape": [2**64], "data_offsets": [0, 8]}}, b"\0" * 8),
-                 "shape", True),
+    "nan": (
+        st_bytes(None, b"\0" * 8, raw=b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":NaN}}'),
+        "NaN",
+        True,
+    ),
+    "lone_surrogate": (
+        st_bytes(None, b"\0" * 8, raw=b'{"\\ud800":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'),
+        "surrogate",
+        True,
+    ),
+    "huge_dim": (st_bytes({"a": {"dtype": "F32", "shape": [2**64], "data_offsets": [0, 8]}}, b"\0" * 8), "shape", True),
     "deep_json": (st_bytes(None, b"", raw=b"[" * 100_000 + b"]" * 100_000), "JSON", True),
     "pickle_disguised": (pickle.dumps({"a": 1}, protocol=2), "pickle", True),
 }
@@ -320,8 +367,8 @@ def test_key_listed_in_two_shards_of_the_index(tmp_path):
     """A weight_map with the same key twice: json.loads would keep the last silently."""
     two_shards(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(
-        '{"metadata": {}, "weight_map": {"a.w": "s1.safetensors", "b.w": "s2.safetensors",'
-        ' "a.w": "s2.safetensors"}}')
+        '{"metadata": {}, "weight_map": {"a.w": "s1.safetensors", "b.w": "s2.safetensors", "a.w": "s2.safetensors"}}'
+    )
     inv = inspect_checkpoint(tmp_path)
     messages = [p.message for p in inv.problems if p.key == "a.w"]
     assert any("listed twice" in m for m in messages), inv.problems
@@ -344,15 +391,18 @@ def test_index_key_not_in_its_shard_and_unlisted_key(tmp_path):
     assert "not listed" in inv.problems[0].message
 
 
-@pytest.mark.parametrize("raw,fragment", [
-    (b"{not json", "not valid JSON"),
-    (b"\xff\xff", "UTF-8"),
-    (b"[]", "JSON object"),
-    (b'{"metadata": {}}', "weight_map"),
-    (b'{"metadata": {}, "weight_map": {"a.w": 3}}', "file name"),
-    (b'{"weight_map": {"a.w": "s1.safetensors"}}', "metadata"),
-    (b'{"metadata": [], "weight_map": {"a.w": "s1.safetensors"}}', "metadata"),
-])
+@pytest.mark.parametrize(
+    "raw,fragment",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xff", "UTF-8"),
+        (b"[]", "JSON object"),
+        (b'{"metadata": {}}', "weight_map"),
+        (b'{"metadata": {}, "weight_map": {"a.w": 3}}', "file name"),
+        (b'{"weight_map": {"a.w": "s1.safetensors"}}', "metadata"),
+        (b'{"metadata": [], "weight_map": {"a.w": "s1.safetensors"}}', "metadata"),
+    ],
+)
 def test_unreadable_index_is_a_problem(tmp_path, raw, fragment):
     two_shards(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_bytes(raw)
@@ -467,8 +517,9 @@ def test_pickle_allowed_lists_files(tmp_path):
 
 def test_pickle_sharded_index_is_confined(tmp_path, outside):
     torch.save({"w": torch.ones(2)}, tmp_path / "p1.bin")
-    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"w": "p1.bin", "v": "../outside/secret.safetensors"}}))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"w": "p1.bin", "v": "../outside/secret.safetensors"}})
+    )
     assert checks(inspect_checkpoint(tmp_path)) == ["pickle_refused"]
     inv = inspect_checkpoint(tmp_path, allow_pickle=True)
     assert checks(inv) == ["file_confinement"]
@@ -550,9 +601,11 @@ def test_single_file_wins_over_index_like_transformers(tmp_path):
 
 def test_raise_for_problems_counts_the_rest(tmp_path):
     inv = CheckpointInventory(root=tmp_path)
-    inv.problems = [Problem("index_consistency", "s1.safetensors", "k\n", "first"),
-                    Problem("safetensors_header", "s2.safetensors", None, "second"),
-                    Problem("safetensors_header", "s3.safetensors", None, "third")]
+    inv.problems = [
+        Problem("index_consistency", "s1.safetensors", "k\n", "first"),
+        Problem("safetensors_header", "s2.safetensors", None, "second"),
+        Problem("safetensors_header", "s3.safetensors", None, "third"),
+    ]
     with pytest.raises(CheckpointError) as info:
         inv.raise_for_problems()
     message = str(info.value)
@@ -616,12 +669,19 @@ def test_mutated_valid_file_agrees_with_safetensors(workdir, data):
             read_safetensors_header(path)
 
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
-                         st.sampled_from(["F32", "F16", "BF16", "U8", "F4", "F33", "f32"]))
-json_values = st.recursive(json_scalars, lambda c: st.one_of(st.lists(c, max_size=4),
-                                                              st.dictionaries(st.text(max_size=6), c, max_size=4)),
-                           max_leaves=8)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+    st.sampled_from(["F32", "F16", "BF16", "U8", "F4", "F33", "f32"]),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=6), c, max_size=4)),
+    max_leaves=8,
+)
 
 
 @PROPS
@@ -653,26 +713,52 @@ def test_mutated_header_fields_agree_with_safetensors(workdir, data):
         assert any(isinstance(v, list) for k, v in header.items() if k != "__metadata__"), header
 
 
-shard_names = st.one_of(st.sampled_from(["s1.safetensors", "s2.safetensors", "missing.safetensors",
-                                         "../outside/secret.safetensors", "/etc/passwd", "link.safetensors",
-                                         "sub/../s1.safetensors", ".", "", "a\x00b", "s1.safetensors/x"]),
-                        st.text(max_size=12), st.integers(), st.none())
+shard_names = st.one_of(
+    st.sampled_from(
+        [
+            "s1.safetensors",
+            "s2.safetensors",
+            "missing.safetensors",
+            "../outside/secret.safetensors",
+            "/etc/passwd",
+            "link.safetensors",
+            "sub/../s1.safetensors",
+            ".",
+            "",
+            "a\x00b",
+            "s1.safetensors/x",
+        ]
+    ),
+    st.text(max_size=12),
+    st.integers(),
+    st.none(),
+)
 
 
 @PROPS
-@given(doc=st.one_of(
-    json_values,
-    st.fixed_dictionaries({"metadata": json_values,
-                           "weight_map": st.dictionaries(st.sampled_from(["a.w", "b.w", "c"]) | st.text(max_size=5),
-                                                         shard_names, max_size=5)}),
-), raw=st.none() | st.binary(max_size=40))
+@given(
+    doc=st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {
+                "metadata": json_values,
+                "weight_map": st.dictionaries(
+                    st.sampled_from(["a.w", "b.w", "c"]) | st.text(max_size=5), shard_names, max_size=5
+                ),
+            }
+        ),
+    ),
+    raw=st.none() | st.binary(max_size=40),
+)
 def test_random_index_documents_never_crash(workdir, outside_for_props, doc, raw):
     model = outside_for_props
     blob = raw if raw is not None else json.dumps(doc).encode()
     (model / "model.safetensors.index.json").write_bytes(blob)
     inv = inspect_checkpoint(model)
-    assert all(isinstance(p, Problem) and p.check in {"index_consistency", "file_confinement",
-                                                     "safetensors_header"} for p in inv.problems)
+    assert all(
+        isinstance(p, Problem) and p.check in {"index_consistency", "file_confinement", "safetensors_header"}
+        for p in inv.problems
+    )
     assert all(f.is_relative_to(model.resolve()) for f in inv.files)
     if inv.problems:
         with pytest.raises(CheckpointError):
@@ -699,7 +785,7 @@ def test_header_length_over_cap_is_refused_unread(tmp_path):
     length alone: the 100 MB are never read into memory (tracemalloc sees every bytes object)."""
     import tracemalloc
 
-    from qfinal.checkpoint.inventory import MAX_HEADER_SIZE
+    from qfinal.checkpoint.headers import MAX_HEADER_SIZE
 
     path = tmp_path / "big.safetensors"
     n = builders.sparse_header_over_cap(path)
@@ -726,23 +812,116 @@ from qfinal.errors import ConfigError  # noqa: E402
 
 CONFIG_TEXTS = [p.read_text() for p in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))]
 TOP_KEYS = sorted({f.alias or n for n, f in RunConfig.model_fields.items()} | set(RunConfig.model_fields))
-SUB_KEYS = ["method", "double_quant", "compute_dtype", "quant_storage", "skip_modules", "int8_threshold",
-            "mode", "attn_implementation", "compile", "enabled", "warmup", "gradient_checkpointing",
-            "fail_on", "allow_missing", "allow_unexpected", "check_nan", "quality", "path", "name", "merge",
-            "scale", "cpu", "disk", "0", "cuda:0", "tpu", "methd"]
+SUB_KEYS = [
+    "method",
+    "double_quant",
+    "compute_dtype",
+    "quant_storage",
+    "skip_modules",
+    "int8_threshold",
+    "mode",
+    "attn_implementation",
+    "compile",
+    "enabled",
+    "warmup",
+    "gradient_checkpointing",
+    "fail_on",
+    "allow_missing",
+    "allow_unexpected",
+    "check_nan",
+    "quality",
+    "path",
+    "name",
+    "merge",
+    "scale",
+    "cpu",
+    "disk",
+    "0",
+    "cuda:0",
+    "tpu",
+    "methd",
+]
 yaml_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 2**70), st.floats(), st.text(max_size=8),
-    st.sampled_from(["nf4", "fp4", "int8", "none", "auto", "float16", "bfloat16", "float32", "float8", "cpu",
-                     "inference", "training", "sdpa", "eager", "error", "warning", "2GiB", "300KB", "lm_head",
-                     "causal-lm", "LlamaForCausalLM", "./my-lora", "re:^cls\\."]))
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 2**70),
+    st.floats(),
+    st.text(max_size=8),
+    st.sampled_from(
+        [
+            "nf4",
+            "fp4",
+            "int8",
+            "none",
+            "auto",
+            "float16",
+            "bfloat16",
+            "float32",
+            "float8",
+            "cpu",
+            "inference",
+            "training",
+            "sdpa",
+            "eager",
+            "error",
+            "warning",
+            "2GiB",
+            "300KB",
+            "lm_head",
+            "causal-lm",
+            "LlamaForCausalLM",
+            "./my-lora",
+            "re:^cls\\.",
+        ]
+    ),
+)
 yaml_values = st.recursive(
     yaml_scalars,
     lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.sampled_from(SUB_KEYS), c, max_size=3)),
-    max_leaves=6)
+    max_leaves=6,
+)
 yaml_docs = st.dictionaries(st.sampled_from(TOP_KEYS + ["quantise", "allow_pickle"]), yaml_values, max_size=4)
-YAML_BITS = [":", ": ", "-", "- ", " ", "  ", "\n", "\t", "[", "]", "{", "}", ",", "&a ", "*a", "<<: *a", "!!str ",
-             "!!python/object:os.system ", "!!binary ", "'", '"', "#", "? ", "|", ">", "%YAML 1.1", "@", "`",
-             "~", "---", "...", "1e400", "0x1F", "\x00", "\ufeff", "\x85", "\u2028", "\ud800", "é"]
+YAML_BITS = [
+    ":",
+    ": ",
+    "-",
+    "- ",
+    " ",
+    "  ",
+    "\n",
+    "\t",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    "&a ",
+    "*a",
+    "<<: *a",
+    "!!str ",
+    "!!python/object:os.system ",
+    "!!binary ",
+    "'",
+    '"',
+    "#",
+    "? ",
+    "|",
+    ">",
+    "%YAML 1.1",
+    "@",
+    "`",
+    "~",
+    "---",
+    "...",
+    "1e400",
+    "0x1F",
+    "\x00",
+    "\ufeff",
+    "\x85",
+    "\u2028",
+    "\ud800",
+    "é",
+]
 
 
 @st.composite
@@ -757,15 +936,15 @@ def mutated_yaml(draw) -> str:
         if op == "insert":
             text = text[:i] + draw(st.sampled_from(YAML_BITS) | st.text(max_size=3)) + text[i:]
         elif op == "delete":
-            text = text[:i] + text[i + draw(st.integers(1, 6)):]
+            text = text[:i] + text[i + draw(st.integers(1, 6)) :]
         elif op == "truncate":
             text = text[:i]
         elif lines and op == "dup_line":
-            text = "".join(lines[:j + 1] + lines[j:])
+            text = "".join(lines[: j + 1] + lines[j:])
         elif lines and op == "drop_line":
-            text = "".join(lines[:j] + lines[j + 1:])
+            text = "".join(lines[:j] + lines[j + 1 :])
         elif lines:
-            text = "".join(lines[:j] + [" " * draw(st.integers(1, 3)) + lines[j]] + lines[j + 1:])
+            text = "".join(lines[:j] + [" " * draw(st.integers(1, 3)) + lines[j]] + lines[j + 1 :])
     return text
 
 
@@ -785,8 +964,9 @@ def _assert_config_or_config_error(path: Path, blob: bytes) -> RunConfig | None:
     return cfg
 
 
-YAML_PROPS = settings(max_examples=150, deadline=None,
-                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+YAML_PROPS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 @YAML_PROPS
@@ -809,9 +989,16 @@ def test_shipped_configs_are_valid(workdir):
         assert isinstance(_assert_config_or_config_error(workdir / f"shipped{i}.yaml", text.encode()), RunConfig)
 
 
-@pytest.mark.parametrize("text", ["quantize: " + "[" * 5000, "[" * 100_000, "{a: " * 3000,
-                                  "a:\n" + "".join("  " * i + "b:\n" for i in range(1, 3000))],
-                         ids=["flow_lists", "top_level_lists", "flow_maps", "block_maps"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "quantize: " + "[" * 5000,
+        "[" * 100_000,
+        "{a: " * 3000,
+        "a:\n" + "".join("  " * i + "b:\n" for i in range(1, 3000)),
+    ],
+    ids=["flow_lists", "top_level_lists", "flow_maps", "block_maps"],
+)
 def test_deeply_nested_yaml_is_a_config_error(tmp_path, text):
     """PyYAML composes recursively: deep nesting raised RecursionError (exit 70) before the fix."""
     path = tmp_path / "deep.yaml"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
+import builders
 import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 
-import builders
 import qfinal
 import qfinal.ops.save as saving
 
@@ -32,15 +32,18 @@ def assert_round_trip_proven(report, out):
     assert not list(out.parent.glob(f".{out.name}.qfinal-tmp-*"))
 
 
-@pytest.mark.parametrize("fixture,options", [
-    ("llama_tied", {}),
-    ("t5", {}),
-    ("llama_tied", {"quantize": "nf4"}),
-    ("gpt2", {"quantize": "nf4"}),
-    ("llama_sharded", {"quantize": "fp4", "double_quant": True}),
-    ("llama_untied", {"quantize": "int8"}),
-    ("gpt2", {"quantize": "int8"}),
-])
+@pytest.mark.parametrize(
+    "fixture,options",
+    [
+        ("llama_tied", {}),
+        ("t5", {}),
+        ("llama_tied", {"quantize": "nf4"}),
+        ("gpt2", {"quantize": "nf4"}),
+        ("llama_sharded", {"quantize": "fp4", "double_quant": True}),
+        ("llama_untied", {"quantize": "int8"}),
+        ("gpt2", {"quantize": "int8"}),
+    ],
+)
 def test_save_round_trip(checkpoints, tmp_path, fixture, options):
     out = tmp_path / "out"
     report = qfinal.save(checkpoints[fixture], out, max_shard_size="100KB", **options)
@@ -122,6 +125,7 @@ def _edit_config(change):
         data = json.loads(path.read_text())
         change(data)
         path.write_text(json.dumps(data))
+
     return edit
 
 
@@ -163,13 +167,21 @@ def test_tie_broken_before_saving_fails_the_round_trip(checkpoints, tmp_path, mo
     assert all("lm_head.weight" in f["message"] for f in errors["roundtrip_ties"])
 
 
-@pytest.mark.parametrize("options,change,field", [
-    ([], lambda c: c.update(dtype="float16"), "dtype"),
-    (["--quantize", "nf4"], lambda c: c["quantization_config"].update(bnb_4bit_compute_dtype="float16"),
-     "quantization_config"),
-], ids=["dtype", "quantization_config"])
-def test_config_changed_after_saving_fails_the_round_trip(checkpoints, tmp_path, monkeypatch, capsys,
-                                                         options, change, field):
+@pytest.mark.parametrize(
+    "options,change,field",
+    [
+        ([], lambda c: c.update(dtype="float16"), "dtype"),
+        (
+            ["--quantize", "nf4"],
+            lambda c: c["quantization_config"].update(bnb_4bit_compute_dtype="float16"),
+            "quantization_config",
+        ),
+    ],
+    ids=["dtype", "quantization_config"],
+)
+def test_config_changed_after_saving_fails_the_round_trip(
+    checkpoints, tmp_path, monkeypatch, capsys, options, change, field
+):
     _after_writing(monkeypatch, _edit_config(change))
     out = tmp_path / "out"
     code, report = builders.run_json(capsys, "save", str(checkpoints["llama_untied"]), str(out), *options)
@@ -192,8 +204,9 @@ def test_quantization_config_not_persisted_fails_keys_and_config(checkpoints, tm
     missing = {f["key"] for f in errors["roundtrip_keys"]} - {None}
     assert "model.layers.0.self_attn.q_proj.weight.absmax" in missing
     assert all(f["message"].startswith("qfinal reload") for f in errors["roundtrip_keys"])
-    assert any(f["message"].startswith("transformers reload: from_pretrained failed")
-               for f in errors["roundtrip_saved"])
+    assert any(
+        f["message"].startswith("transformers reload: from_pretrained failed") for f in errors["roundtrip_saved"]
+    )
 
 
 def test_tensor_dropped_from_saved_files_fails_the_round_trip(checkpoints, tmp_path, monkeypatch, capsys):
@@ -246,8 +259,9 @@ def assert_sharded_as_indexed(folder):
     assert len(files) >= 2 and set(files) == set(weight_map.values())
     for name, tensors in files.items():
         assert set(tensors) == {k for k, f in weight_map.items() if f == name}, name
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
-                                                  for tensors in files.values() for t in tensors.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for tensors in files.values() for t in tensors.values()
+    )
 
 
 def assert_single_file(folder):
@@ -277,8 +291,7 @@ def test_max_shard_size_shards_the_saved_folder(checkpoints, tmp_path, capsys, k
 
 @pytest.mark.parametrize("method,out_shard", [("nf4", "40KB"), ("fp4", "2GB")])
 def test_save_sharded_prequantized_checkpoint(checkpoints, tmp_path, method, out_shard):
-    source = builders.bnb_checkpoint(checkpoints["llama_sharded"], tmp_path / "src", method,
-                                    max_shard_size="40KB")
+    source = builders.bnb_checkpoint(checkpoints["llama_sharded"], tmp_path / "src", method, max_shard_size="40KB")
     assert_sharded_as_indexed(source)
     quant = json.loads((source / "config.json").read_text())["quantization_config"]
     assert quant["bnb_4bit_quant_type"] == method and not quant["bnb_4bit_use_double_quant"]
@@ -307,12 +320,15 @@ def test_existing_output_needs_force(checkpoints, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
     assert (out / "keep.txt").exists()
 
-    code, _out, _err = builders.run_cli(capsys, "save", str(checkpoints["llama_untied"]), str(out), "--force",
-                                        "--quiet")
+    code, _out, _err = builders.run_cli(
+        capsys, "save", str(checkpoints["llama_untied"]), str(out), "--force", "--quiet"
+    )
     assert code == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
-    assert torch.equal(tf.LlamaForCausalLM.from_pretrained(out).lm_head.weight,
-                       tf.LlamaForCausalLM.from_pretrained(checkpoints["llama_untied"]).lm_head.weight)
+    assert torch.equal(
+        tf.LlamaForCausalLM.from_pretrained(out).lm_head.weight,
+        tf.LlamaForCausalLM.from_pretrained(checkpoints["llama_untied"]).lm_head.weight,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -322,8 +338,9 @@ def lora(tmp_path_factory, checkpoints):
     torch.manual_seed(0)
     base = builders.model_class_for(checkpoints["llama_tied"]).from_pretrained(checkpoints["llama_tied"])
     path = tmp_path_factory.mktemp("adapters") / "my-lora"
-    get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights=False)
-                   ).save_pretrained(path)
+    get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights=False)).save_pretrained(
+        path
+    )
     return path
 
 
@@ -356,9 +373,10 @@ def test_save_with_merged_adapter_bakes_it_into_the_weights(checkpoints, lora, t
 
 # ------------------------------------------------ the qfinal reload's tensors proven by location
 
+
 def _count_tensor_reads(monkeypatch):
     """Names compared by reading both tensors (compare.diff_tensor), per call of compare_models."""
-    import qfinal.compare.engine as compare
+    import qfinal.compare.models as compare
 
     reads: list[str] = []
     real = compare.diff_tensor
@@ -375,8 +393,9 @@ def test_qfinal_reload_tensors_mapping_the_proven_bytes_are_not_read_again(check
     # every saved tensor read once (the transformers reload); the qfinal reload reads only what
     # does not map the saved bytes (non-persistent-free Llama: nothing)
     assert sorted(reads) == sorted(saved)
-    qfinal_msgs = [f.message for f in report.findings if f.check == "roundtrip_tensors"
-                   and f.message.startswith("qfinal reload")]
+    qfinal_msgs = [
+        f.message for f in report.findings if f.check == "roundtrip_tensors" and f.message.startswith("qfinal reload")
+    ]
     assert qfinal_msgs == [f"qfinal reload: {len(saved)} tensors within exact equality ({len(saved)} bit-identical)"]
 
 
@@ -429,6 +448,7 @@ def test_saved_file_replaced_between_reloads_is_still_caught(checkpoints, tmp_pa
 
 # ----------------------------------------------------------------------------- the probe beside the write
 
+
 @pytest.mark.parametrize("overrides, overlaps", [({}, True), ({"quantize": "nf4"}, False)])
 def test_the_probe_runs_beside_the_write_for_a_plain_model_only(checkpoints, overrides, overlaps):
     result = qfinal.load(checkpoints["llama_untied"], **overrides)
@@ -438,7 +458,7 @@ def test_the_probe_runs_beside_the_write_for_a_plain_model_only(checkpoints, ove
 def test_the_round_trip_probe_is_one_short_sequence(checkpoints):
     """The logits check runs three forwards; it uses `ROUND_TRIP_PROBE` (1 x 4 tokens), not diff's
     2 x 16, and the reference logits are those of that probe."""
-    from qfinal.compare.engine import probe_batch, probe_logits
+    from qfinal.compare.outputs import probe_batch, probe_logits
 
     model = qfinal.load(checkpoints["llama_untied"]).model
     reference = saving.original_logits(model)

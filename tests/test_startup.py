@@ -42,20 +42,23 @@ def run_cli(*args: str) -> tuple[int, list[str], str]:
     """(exit code, heavy modules imported, everything printed) of `qfinal ARGS` in a fresh interpreter."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("QFINAL_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, env=env, timeout=120)
     marks = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
     assert marks, f"the child did not report (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    result = json.loads(marks[-1][len(MARK):])
+    result = json.loads(marks[-1][len(MARK) :])
     return result["code"], result["heavy"], proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("args", [
-    ("--help",),
-    ("--version",),
-    ("--as-module", "--help"),
-    ("--as-module", "--version"),
-], ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--help",),
+        ("--version",),
+        ("--as-module", "--help"),
+        ("--as-module", "--version"),
+    ],
+    ids=lambda a: " ".join(a),
+)
 def test_help_and_version_import_nothing_heavy(args):
     code, heavy, output = run_cli(*args)
     assert code == 0, output
@@ -76,12 +79,16 @@ def test_command_help_imports_nothing_heavy(command):
     assert "Usage" in output or "usage" in output
 
 
-@pytest.mark.parametrize("args", [
-    ("load",),                                   # missing SOURCE
-    ("load", "--no-such-option", "x"),           # unknown option
-    ("dequantize", "only-one-argument"),         # missing OUT
-    ("no-such-command",),
-], ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("load",),  # missing SOURCE
+        ("load", "--no-such-option", "x"),  # unknown option
+        ("dequantize", "only-one-argument"),  # missing OUT
+        ("no-such-command",),
+    ],
+    ids=lambda a: " ".join(a),
+)
 def test_usage_errors_exit_2_without_heavy_imports(args):
     code, heavy, output = run_cli(*args)
     assert code == 2, f"qfinal {' '.join(args)} exited {code}, want 2 (usage error):\n{output[-2000:]}"
@@ -89,13 +96,17 @@ def test_usage_errors_exit_2_without_heavy_imports(args):
     assert heavy == [], f"qfinal {' '.join(args)} imported {heavy}"
 
 
-@pytest.mark.parametrize("args", [
-    ("load", "somewhere", "--quantize", "nf5"),
-    ("load", "somewhere", "--max-memory", "not-a-budget"),
-    ("validate", "somewhere", "--fail-on", "never"),
-    ("dequantize", "somewhere", "out", "--dtype", "float64"),
-    ("save", "somewhere", "out", "--max-shard-size", "huge"),
-], ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("load", "somewhere", "--quantize", "nf5"),
+        ("load", "somewhere", "--max-memory", "not-a-budget"),
+        ("validate", "somewhere", "--fail-on", "never"),
+        ("dequantize", "somewhere", "out", "--dtype", "float64"),
+        ("save", "somewhere", "out", "--max-shard-size", "huge"),
+    ],
+    ids=lambda a: " ".join(a),
+)
 def test_bad_option_values_exit_2_without_heavy_imports(args, tmp_path):
     args = tuple(str(tmp_path / a) if a in ("somewhere", "out") else a for a in args)
     code, heavy, output = run_cli(*args)
@@ -108,12 +119,16 @@ def test_bad_option_values_exit_2_without_heavy_imports(args, tmp_path):
 def test_quiet_libraries_does_not_import_transformers(user_verbosity):
     """Silencing transformers must not import it; the variables it reads on import do the job,
     and a verbosity the user chose is kept."""
-    code = ("import os, sys; from qfinal.cli.output import quiet_libraries; quiet_libraries(); "
-            "from transformers.utils import logging; "
-            "print('ok', os.environ['TRANSFORMERS_VERBOSITY'], "
-            "logging.get_verbosity(), logging.is_progress_bar_enabled())")
-    probe = ("import sys; from qfinal.cli.output import quiet_libraries; quiet_libraries(); "
-             "print('transformers' in sys.modules)")
+    code = (
+        "import os, sys; from qfinal.cli.output import quiet_libraries; quiet_libraries(); "
+        "from transformers.utils import logging; "
+        "print('ok', os.environ['TRANSFORMERS_VERBOSITY'], "
+        "logging.get_verbosity(), logging.is_progress_bar_enabled())"
+    )
+    probe = (
+        "import sys; from qfinal.cli.output import quiet_libraries; quiet_libraries(); "
+        "print('transformers' in sys.modules)"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
     if user_verbosity:
         env["TRANSFORMERS_VERBOSITY"] = user_verbosity
@@ -157,8 +172,9 @@ def test_leave_keeps_the_code_the_output_and_the_exit_handlers(tmp_path, mode, h
     (os._exit) but keeps what an ordinary exit gives: the code, buffered stdout, atexit handlers.
     Without torch, or beside a running non-daemon thread, it is an ordinary sys.exit."""
     marker = tmp_path / "atexit.txt"
-    proc = subprocess.run([sys.executable, "-c", LEAVE_CHILD, mode, str(marker)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", LEAVE_CHILD, mode, str(marker)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 3, proc.stderr
     assert marker.read_text() == "atexit ran"
     assert proc.stdout == "buffered, no newline" + ("" if how == "fast" else " | sys.exit(3)")
@@ -178,9 +194,13 @@ def test_the_console_script_exits_with_the_check_code_and_complete_json(checkpoi
     tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "qfinal", "validate", str(bad), "--json", "-",
-                           "--junit", str(tmp_path / "junit.xml")], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qfinal", "validate", str(bad), "--json", "-", "--junit", str(tmp_path / "junit.xml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["ok"] is False

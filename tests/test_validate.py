@@ -13,11 +13,10 @@ import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import builders
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-import builders
 
 MODES = ["full", "fast"]
 
@@ -124,8 +123,9 @@ def variants(checkpoints, tmp_path_factory):
     # The index sends one key to a shard that does not hold it.
     moved = next(k for k, s in sorted(index.items()) if s == shards[0])
     out["wrong_shard"] = copy_of(sharded, root / "wrong_shard")
-    edit_json(out["wrong_shard"] / "model.safetensors.index.json",
-              lambda d: d["weight_map"].__setitem__(moved, shards[2]))
+    edit_json(
+        out["wrong_shard"] / "model.safetensors.index.json", lambda d: d["weight_map"].__setitem__(moved, shards[2])
+    )
     out["wrong_shard_key"] = moved
     # A shard holds a key the index does not list.
     out["unlisted"] = copy_of(sharded, root / "unlisted")
@@ -160,13 +160,16 @@ def test_human_output_on_clean_checkpoint(capsys, variants):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("variant, check, key", [
-    ("removed", "missing_keys", REMOVED),
-    ("extra", "unexpected_keys", EXTRA),
-    ("wrong_shape", "shape_mismatch", RESHAPED),
-    ("dtype", "dtype_consistency", "config.json:dtype"),
-    ("legacy_dtype", "dtype_consistency", "config.json:torch_dtype"),
-])
+@pytest.mark.parametrize(
+    "variant, check, key",
+    [
+        ("removed", "missing_keys", REMOVED),
+        ("extra", "unexpected_keys", EXTRA),
+        ("wrong_shape", "shape_mismatch", RESHAPED),
+        ("dtype", "dtype_consistency", "config.json:dtype"),
+        ("legacy_dtype", "dtype_consistency", "config.json:torch_dtype"),
+    ],
+)
 def test_defect_is_caught_by_its_check(capsys, variants, variant, check, key, mode):
     code, report = validate_json(capsys, variants[variant], mode)
     assert code == 1
@@ -292,10 +295,12 @@ def nf4_variants(checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("nf4_variants")
     clean = checkpoints.quantized("llama_tied", "nf4")
     out = {"clean": clean}
-    out["no_absmax"] = edit_tensors(copy_of(clean, root / "no_absmax"),
-                                    lambda t: t.pop("model.layers.1.mlp.down_proj.weight.absmax"))
-    out["stray_state"] = edit_tensors(copy_of(clean, root / "stray_state"),
-                                      lambda t: t.__setitem__("lm_head.weight.absmax", torch.ones(4)))
+    out["no_absmax"] = edit_tensors(
+        copy_of(clean, root / "no_absmax"), lambda t: t.pop("model.layers.1.mlp.down_proj.weight.absmax")
+    )
+    out["stray_state"] = edit_tensors(
+        copy_of(clean, root / "stray_state"), lambda t: t.__setitem__("lm_head.weight.absmax", torch.ones(4))
+    )
     out["nan_absmax"] = edit_tensors(copy_of(clean, root / "nan_absmax"), _nan_absmax)
     out["no_qc"] = copy_of(clean, root / "no_qc")
     edit_json(out["no_qc"] / "config.json", lambda c: c.pop("quantization_config"))
@@ -313,11 +318,14 @@ def test_quantized_checkpoint_passes(capsys, nf4_variants, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("variant, key, text", [
-    ("no_absmax", "model.layers.1.mlp.down_proj.weight", "lacks its quant state"),
-    ("stray_state", "lm_head.weight.absmax", "belong to no quantized module"),
-    ("says_fp4", "config.json:quantization_config", "hold nf4 quant state"),
-])
+@pytest.mark.parametrize(
+    "variant, key, text",
+    [
+        ("no_absmax", "model.layers.1.mlp.down_proj.weight", "lacks its quant state"),
+        ("stray_state", "lm_head.weight.absmax", "belong to no quantized module"),
+        ("says_fp4", "config.json:quantization_config", "hold nf4 quant state"),
+    ],
+)
 def test_quant_state_disagreeing_with_config(capsys, nf4_variants, variant, key, text, mode):
     code, report = validate_json(capsys, nf4_variants[variant], mode)
     assert code == 1
@@ -331,11 +339,14 @@ def test_quant_state_disagreeing_with_config(capsys, nf4_variants, variant, key,
         assert "not possible: quantization_config" in report["extra"]["full_mode"]
 
 
-@pytest.mark.parametrize("variant, text", [
-    ("no_absmax", "model.layers.1.mlp.down_proj lacks its quant state"),
-    ("stray_state", "belong to no quantized module"),
-    ("says_fp4", "hold nf4 quant state"),
-])
+@pytest.mark.parametrize(
+    "variant, text",
+    [
+        ("no_absmax", "model.layers.1.mlp.down_proj lacks its quant state"),
+        ("stray_state", "belong to no quantized module"),
+        ("says_fp4", "hold nf4 quant state"),
+    ],
+)
 def test_load_refuses_quant_state_disagreeing_with_config(capsys, nf4_variants, variant, text, monkeypatch):
     """One line and exit 2 from the headers, before any tensor is read (not exit 70 from the loader)."""
     import qfinal.compat.transformers as hf
@@ -367,10 +378,12 @@ def test_quant_state_without_quantization_config(capsys, nf4_variants):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_allow_lists_turn_errors_into_info(capsys, variants, tmp_path, mode):
-    config = write_yaml(tmp_path / "allow.yaml",
-                        "validate:\n"
-                        "  allow_missing: ['model.layers.*.mlp.up_proj.weight']\n"
-                        "  allow_unexpected: ['re:\\.extra_proj\\.']\n")
+    config = write_yaml(
+        tmp_path / "allow.yaml",
+        "validate:\n"
+        "  allow_missing: ['model.layers.*.mlp.up_proj.weight']\n"
+        "  allow_unexpected: ['re:\\.extra_proj\\.']\n",
+    )
     code, report = validate_json(capsys, variants["multi"], mode, "--config", config)
     assert code == 0, builders.failing_checks(report)
     by_key = {f["key"]: f for f in report["findings"] if f["check"] in ("missing_keys", "unexpected_keys")}
@@ -442,8 +455,9 @@ def test_junit_clean_has_no_failures_and_warning_level_counts_warnings(capsys, v
     _, suite = _junit(junit)
     assert suite.get("failures") == "0" and suite.findall("testcase/failure") == []
     assert suite.find("testcase[@name='tie_audit']/system-out") is not None  # info lands in system-out
-    code, _, _ = builders.run_cli(capsys, "validate", variants["broken_tie"], "--fast", "--junit", junit, "-q",
-                         "--fail-on", "warning")
+    code, _, _ = builders.run_cli(
+        capsys, "validate", variants["broken_tie"], "--fast", "--junit", junit, "-q", "--fail-on", "warning"
+    )
     assert code == 1
     _, suite = _junit(junit)
     assert [c.get("name") for c in suite.findall("testcase") if c.find("failure") is not None] == ["tie_audit"]
@@ -454,11 +468,12 @@ def test_junit_escapes_untrusted_key_names():
     from qfinal.report import Finding, Report
 
     report = Report(source="x", command="validate", checks=["missing_keys"])
-    report.findings.append(Finding(check="missing_keys", severity="error", key="a\x00b<&>\"\U0001F600",
-                                   message="bad \x1b[31m key"))
+    report.findings.append(
+        Finding(check="missing_keys", severity="error", key='a\x00b<&>"\U0001f600', message="bad \x1b[31m key")
+    )
     root = ET.fromstring(to_junit(report))
     failure = root.find("testsuite/testcase/failure")
-    assert "\\x00" in failure.text and "<&>" in failure.text and "\U0001F600" in failure.text
+    assert "\\x00" in failure.text and "<&>" in failure.text and "\U0001f600" in failure.text
 
 
 # ----------------------------------------------------------------------------- exit 2 and checkpoint defects
@@ -516,10 +531,15 @@ def test_fast_mode_never_reads_tensor_data(capsys, variants, monkeypatch):
 
     import qfinal.pipeline.stages.validate
 
-    for target, name in ((safetensors, "safe_open"), (safetensors.torch, "safe_open"),
-                         (safetensors.torch, "load_file"), (modeling_utils, "safe_open"),
-                         (modeling_utils, "load_state_dict"), (torch, "load"),
-                         (qfinal.pipeline.stages.validate, "checkpoint_reader")):
+    for target, name in (
+        (safetensors, "safe_open"),
+        (safetensors.torch, "safe_open"),
+        (safetensors.torch, "load_file"),
+        (modeling_utils, "safe_open"),
+        (modeling_utils, "load_state_dict"),
+        (torch, "load"),
+        (qfinal.pipeline.stages.validate, "checkpoint_reader"),
+    ):
         monkeypatch.setattr(target, name, refuse, raising=False)
     code, report = validate_json(capsys, variants["clean_sharded"], "fast")
     assert code == 0, report
@@ -588,9 +608,12 @@ def test_adapter_on_top_keeps_the_audit_right(capsys, variants, tmp_path, merge)
     import transformers as tf
 
     base = tf.LlamaForCausalLM.from_pretrained(variants["clean"])
-    peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights=False)
-                        ).save_pretrained(tmp_path / "lora")
-    config = write_yaml(tmp_path / "a.yaml", f"adapters:\n  - path: {tmp_path / 'lora'}\n    merge: {str(merge).lower()}\n")
+    peft.get_peft_model(
+        base, peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights=False)
+    ).save_pretrained(tmp_path / "lora")
+    config = write_yaml(
+        tmp_path / "a.yaml", f"adapters:\n  - path: {tmp_path / 'lora'}\n    merge: {str(merge).lower()}\n"
+    )
     code, report = validate_json(capsys, variants["clean"], "full", "--config", config)
     assert code == 0, builders.failing_checks(report)
     assert "adapter_coverage" in report["checks"]
@@ -603,7 +626,7 @@ def test_adapter_on_top_keeps_the_audit_right(capsys, variants, tmp_path, merge)
 def test_meta_tensors_name_each_reason():
     """Every reason meta_tensors gives, on a hand-built module: a key missing from the checkpoint,
     a non-persistent buffer never materialized, a tie that did not resolve, and anything else."""
-    from qfinal.checks.core import DeclaredTie, meta_findings
+    from qfinal.checks.ties import DeclaredTie, meta_findings
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -620,7 +643,11 @@ def test_meta_tensors_name_each_reason():
     found = {f.key: f for f in meta_findings(block, {"missing.weight", "missing.bias"}, ties)}
     assert set(found) == {"missing.weight", "missing.bias", "head.weight", "other.weight", "freqs"}
     assert all(f.check == "meta_tensors" and f.severity == "error" for f in found.values())
-    assert found["missing.weight"].message == "parameter left on the meta device: the key is missing from the checkpoint"
-    assert found["freqs"].message == "buffer left on the meta device: a non-persistent buffer that was never materialized"
+    assert (
+        found["missing.weight"].message == "parameter left on the meta device: the key is missing from the checkpoint"
+    )
+    assert (
+        found["freqs"].message == "buffer left on the meta device: a non-persistent buffer that was never materialized"
+    )
     assert "a tie that did not resolve (tied to loaded.weight)" in found["head.weight"].message
     assert "never loaded or initialized" in found["other.weight"].message

@@ -7,15 +7,15 @@ import errno
 import os
 from pathlib import Path
 
+import builders
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import builders
 import qfinal
-from qfinal.compat import transformers as _hf
 from qfinal.checkpoint import writer as shards
 from qfinal.checkpoint.writer import save_file_mapped
+from qfinal.compat import transformers as _hf
 
 
 @pytest.fixture
@@ -77,8 +77,9 @@ def _outcome(fn):
     return None
 
 
-@pytest.mark.parametrize("case", ["overlapping", "non_contiguous", "not_a_tensor", "two_metadata_keys",
-                                  "sparse", "empty_dict"])
+@pytest.mark.parametrize(
+    "case", ["overlapping", "non_contiguous", "not_a_tensor", "two_metadata_keys", "sparse", "empty_dict"]
+)
 def test_what_save_file_treats_specially_goes_to_save_file(tmp_path, mapped_calls, case):
     """Refused or special input: save_file itself handles it, so the outcome (error type and
     words, or the file) is exactly its own."""
@@ -106,6 +107,7 @@ def test_what_save_file_treats_specially_goes_to_save_file(tmp_path, mapped_call
 
 def test_a_full_disk_is_an_error_before_any_byte_is_copied(tmp_path, monkeypatch):
     """Blocks are reserved first: ENOSPC is an OSError there, never a SIGBUS in the copy."""
+
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -130,17 +132,28 @@ def test_a_filesystem_without_fallocate_gets_save_files_bytes(tmp_path, monkeypa
 
 # ----------------------------------------------------------------------------------------- inside save_pretrained
 
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 @pytest.mark.parametrize("max_shard_size", ["2GB", "100KB"])
-@pytest.mark.parametrize("fixture,quantize", [
-    ("llama_tied", None), ("llama_untied", None), ("gpt2", None), ("bert", None), ("t5", None),
-    ("llama_sharded", None), ("llama_tied", "nf4"), ("gpt2", "int8"),
-])
-def test_save_pretrained_with_the_mapped_writer_writes_transformers_files(checkpoints, tmp_path, mapped_calls,
-                                                                          fixture, quantize, max_shard_size):
+@pytest.mark.parametrize(
+    "fixture,quantize",
+    [
+        ("llama_tied", None),
+        ("llama_untied", None),
+        ("gpt2", None),
+        ("bert", None),
+        ("t5", None),
+        ("llama_sharded", None),
+        ("llama_tied", "nf4"),
+        ("gpt2", "int8"),
+    ],
+)
+def test_save_pretrained_with_the_mapped_writer_writes_transformers_files(
+    checkpoints, tmp_path, mapped_calls, fixture, quantize, max_shard_size
+):
     """Every file (shards, index, config, generation config) byte for byte what `save_pretrained`
     writes with safetensors' own writer, and the mapped path really wrote the weights."""
     model = qfinal.load(checkpoints[fixture], **({"quantize": quantize} if quantize else {})).model

@@ -61,19 +61,20 @@ def check_output_dir(out: Path, force: bool) -> None:
     """Refuse an existing OUT without --force, and a parent we cannot write, before any work starts."""
     out = Path(out)
     if out.exists() and not force:
-        raise OutputError("output folder already exists", where=str(out),
-                          hint="choose another path or pass --force to replace it")
+        raise OutputError(
+            "output folder already exists", where=str(out), hint="choose another path or pass --force to replace it"
+        )
     parent = out.resolve().parent
     if parent.exists() and not parent.is_dir():
         raise OutputError("parent is not a folder", where=str(parent), hint="choose another output path")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputError(f"cannot create the parent folder ({err.strerror})", where=str(parent),
-                          hint="choose a writable location") from None
+        raise OutputError(
+            f"cannot create the parent folder ({err.strerror})", where=str(parent), hint="choose a writable location"
+        ) from None
     if not os.access(parent, os.W_OK):
-        raise OutputError("parent folder is not writable", where=str(parent),
-                          hint="choose a writable location")
+        raise OutputError("parent folder is not writable", where=str(parent), hint="choose a writable location")
 
 
 # Background fsyncs started by `sync_early`, per temporary folder; atomic_dir waits for them.
@@ -138,29 +139,37 @@ def atomic_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
     except BaseException as err:
         _wait_early_syncs(tmp, raise_errors=False)
         shutil.rmtree(tmp, ignore_errors=True)
-        full = _out_of_space(err)
-        if full:
-            raise OutputError(f"cannot write the output: {full}; nothing was written", where=str(out),
-                              hint="free some space or choose another location") from None
+        failed = _write_failure(err)
+        if failed:
+            raise OutputError(
+                f"cannot write the output: {failed[0]}; nothing was written", where=str(out), hint=failed[1]
+            ) from None
         raise
 
 
-# ENOSPC, EDQUOT, EFBIG, EROFS: the destination cannot take the output (not qfinal's fault).
+# The destination cannot take the output: full, read-only, or failing. Not qfinal's fault, so
+# one line and exit 2 rather than a traceback.
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+_WRITE_ERRNOS = _FULL_ERRNOS | {errno.EIO}
 
 
-def _out_of_space(err: BaseException) -> str | None:
-    """The OS's words when `err` means the destination is full or read-only, else None.
+def _write_failure(err: BaseException) -> tuple[str, str] | None:
+    """(the OS's words, what to do) when `err` means the destination failed the write, else None.
 
     safetensors reports write failures as SafetensorError('... I/O error: <strerror> (os error N)').
     """
-    if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
-        return err.strerror or os.strerror(err.errno)
-    if type(err).__name__ == "SafetensorError":
+    code, words = None, None
+    if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
+        code, words = err.errno, err.strerror or os.strerror(err.errno)
+    elif type(err).__name__ == "SafetensorError":
         found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(err))
-        if found and int(found.group(2)) in _FULL_ERRNOS:
-            return found.group(1)
-    return None
+        if found and int(found.group(2)) in _WRITE_ERRNOS:
+            code, words = int(found.group(2)), found.group(1)
+    if code is None:
+        return None
+    if code in _FULL_ERRNOS:
+        return words, "free some space or choose another location"
+    return words, "the disk or filesystem reported an error: check it, or choose another location"
 
 
 @contextmanager
@@ -182,10 +191,11 @@ def atomic_file(path: Path, mode: str = "w") -> Iterator:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        full = _out_of_space(err)
-        if full:  # as atomic_dir does: the destination's fault, not a qfinal bug
-            raise OutputError(f"cannot write the file: {full}; any previous file is unchanged", where=str(path),
-                              hint="free some space or choose another location") from None
+        failed = _write_failure(err)
+        if failed:  # as atomic_dir does: the destination's fault, not a qfinal bug
+            raise OutputError(
+                f"cannot write the file: {failed[0]}; any previous file is unchanged", where=str(path), hint=failed[1]
+            ) from None
         raise
 
 

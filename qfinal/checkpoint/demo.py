@@ -9,9 +9,16 @@ import os
 from pathlib import Path
 
 DEMO_VERSION = "v1"
-DEMO_CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                   tie_word_embeddings=True)
+DEMO_CONFIG = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
 
 
 def cache_root() -> Path:
@@ -42,7 +49,6 @@ def write_demo_checkpoint(out: Path) -> Path:
         torch.manual_seed(0)
         config = LlamaConfig(**DEMO_CONFIG, dtype="float32")
         model = LlamaForCausalLM(config).eval()
-        total = sum(p.numel() * p.element_size() for p in model.state_dict().values()
-                    if p is not model.lm_head.weight)
+        total = sum(p.numel() * p.element_size() for p in model.state_dict().values() if p is not model.lm_head.weight)
         model.save_pretrained(tmp, max_shard_size=int(total * 0.6))
     return out

@@ -22,9 +22,9 @@ a float is NaN or Inf exactly when its exponent bits are all ones, i.e. as a sig
 least the +Inf pattern, or as an unsigned integer at least the -Inf pattern.
 
 The bytes are read through a read-only mapping of one window of the file at a time, unmapped before
-the next: no copy (a `pread` into a buffer streamed every byte through memory twice more and cost
-the importing main thread ~0.2 s of a 3.1 s import on the 1.1B bench; the mapping, ~0.08 s), and
-the window bounds what the scan adds to the process's RSS. Like the loader's own mapping, a file
+the next: no copy (a `pread` into a buffer streams every byte through memory twice more, on the
+thread that competes with the import: bench/README, the `prescan` line), and the window bounds
+what the scan adds to the process's RSS. Like the loader's own mapping, a file
 truncated underneath it ends the process with SIGBUS.
 """
 
@@ -38,19 +38,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from qfinal.checkpoint.dtypes import NAN_SCAN, element_size, torch_name
+
 RACY_SECONDS = 1.0
 JOIN_SECONDS = 30.0  # how long validate waits for the thread to finish its current read
 WINDOW_BYTES = 64 << 20  # one mapping at a time: what the scan adds to RSS, at most
-
-# safetensors dtype -> (numpy signed, numpy unsigned, +Inf bit pattern, -Inf bit pattern, torch name);
-# little-endian, as safetensors stores them
-_FLOATS = {
-    "F16": ("<i2", "<u2", 0x7C00, 0xFC00, "torch.float16"),
-    "BF16": ("<i2", "<u2", 0x7F80, 0xFF80, "torch.bfloat16"),
-    "F32": ("<i4", "<u4", 0x7F800000, 0xFF800000, "torch.float32"),
-    "F64": ("<i8", "<u8", 0x7FF0000000000000, 0xFFF0000000000000, "torch.float64"),
-}
-_WIDTHS = {"torch.float16": 2, "torch.bfloat16": 2, "torch.float32": 4, "torch.float64": 8}
 
 
 def _file_state(st: os.stat_result) -> tuple:
@@ -59,7 +51,7 @@ def _file_state(st: os.stat_result) -> tuple:
 
 @dataclass
 class _Scanned:
-    """One file's scanned entries: sorted absolute (start, end, torch dtype name, clean)."""
+    """One file's scanned entries: sorted absolute (start, end, safetensors dtype code, clean)."""
 
     fd: int
     state: tuple
@@ -76,9 +68,15 @@ def eligible(config) -> bool:
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     v = config.validate_
-    return (cores >= 2 and v.enabled and v.check_nan and config.quantize.method == "none"
-            and not config.dequantize and config.device_map == "cpu"
-            and config.stop_after in (None, "validate"))
+    return (
+        cores >= 2
+        and v.enabled
+        and v.check_nan
+        and config.quantize.method == "none"
+        and not config.dequantize
+        and config.device_map == "cpu"
+        and config.stop_after in (None, "validate")
+    )
 
 
 class Prescan:
@@ -111,13 +109,14 @@ class Prescan:
     def _scan_folder(self) -> None:
         from qfinal.checkpoint.inventory import inspect_checkpoint
 
-        inv = inspect_checkpoint(self._source.folder, allow_pickle=self._allow_pickle,
-                                 confine_to=self._source.confine_to)
+        inv = inspect_checkpoint(
+            self._source.folder, allow_pickle=self._allow_pickle, confine_to=self._source.confine_to
+        )
         if not inv.ok or inv.format != "safetensors":
             return
         by_file: dict[str, list] = {}
         for entry in inv.tensors.values():
-            if entry.dtype in _FLOATS and entry.end > entry.start:
+            if entry.dtype in NAN_SCAN and entry.end > entry.start:
                 by_file.setdefault(entry.file, []).append(entry)
         import numpy as np
 
@@ -150,7 +149,7 @@ class Prescan:
                 clean = self._clean_range(np, fd, start, end, entry.dtype)
                 if clean is None:
                     break
-                scanned.spans.append((start, end, _FLOATS[entry.dtype][4], clean))
+                scanned.spans.append((start, end, entry.dtype, clean))
                 self.scanned_bytes += end - start
             if _file_state(os.fstat(fd)) != state:
                 return  # changed while scanning: nothing of it is trusted
@@ -186,12 +185,11 @@ class Prescan:
             return None
         return 8 + n
 
-    def _clean_range(self, np, fd: int, start: int, end: int, dtype: str,
-                     window: int = WINDOW_BYTES) -> bool | None:
+    def _clean_range(self, np, fd: int, start: int, end: int, dtype: str, window: int = WINDOW_BYTES) -> bool | None:
         """True when no element of [start, end) is NaN or Inf; None when stopped or unreadable.
         `window` (a multiple of the mapping granularity) is how much of the file is mapped at once;
         an element cut by a window's end is read whole from the next one."""
-        signed, unsigned, pos_inf, neg_inf, _ = _FLOATS[dtype]
+        signed, unsigned, pos_inf, neg_inf = NAN_SCAN[dtype]
         width = np.dtype(signed).itemsize
         offset = start
         while offset < end:
@@ -238,10 +236,14 @@ class Prescan:
         i = bisect.bisect_right(scanned.starts, offset) - 1
         if i < 0:
             return False
-        start, end, span_dtype, clean = scanned.spans[i]
-        width = _WIDTHS[span_dtype]
-        if not (clean and span_dtype == dtype and start <= offset and offset + nbytes <= end
-                and (offset - start) % width == 0):
+        start, end, code, clean = scanned.spans[i]
+        if not (
+            clean
+            and torch_name(code) == dtype
+            and start <= offset
+            and offset + nbytes <= end
+            and (offset - start) % element_size(code) == 0
+        ):
             return False
         try:
             return _file_state(os.fstat(scanned.fd)) == scanned.state

@@ -35,13 +35,13 @@ def resolve_source(source: str | Path) -> Source:
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise SourceError("not a folder", where=text,
-                              hint="pass the folder that holds config.json and the weights")
+            raise SourceError("not a folder", where=text, hint="pass the folder that holds config.json and the weights")
         return Source(text, path.resolve(), path.resolve())
     if _HUB_ID.match(text) and not text.startswith((".", "/")):
         return _from_cache(text)
-    raise SourceError("path does not exist", where=text,
-                      hint="pass a model folder, a hub id that is in the local cache, or 'demo'")
+    raise SourceError(
+        "path does not exist", where=text, hint="pass a model folder, a hub id that is in the local cache, or 'demo'"
+    )
 
 
 def hub_cache_dir() -> Path:
@@ -49,7 +49,8 @@ def hub_cache_dir() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
     home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
     return Path(home) / "hub"
 
 
@@ -60,10 +61,11 @@ def _from_cache(repo_id: str) -> Source:
     try:
         snapshot = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hub_cache_dir()))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        raise SourceError("hub id is not in the local Hugging Face cache (qfinal never downloads)",
-                          where=repo_id,
-                          hint="run `hf download " + repo_id + "` on a machine with network, "
-                               "or pass a local folder") from None
+        raise SourceError(
+            "hub id is not in the local Hugging Face cache (qfinal never downloads)",
+            where=repo_id,
+            hint="run `hf download " + repo_id + "` on a machine with network, or pass a local folder",
+        ) from None
     # snapshots/<rev>/file -> ../../blobs/<hash>: the repo's cache folder is the confinement root.
     return Source(repo_id, snapshot, snapshot.parent.parent.resolve())
 
@@ -72,13 +74,17 @@ def read_config_json(folder: Path) -> dict:
     """config.json as a dict, with errors a user can act on."""
     path = folder / "config.json"
     if not path.is_file():
-        raise SourceError("no config.json in the model folder", where=str(folder),
-                          hint="point at the folder written by save_pretrained")
+        raise SourceError(
+            "no config.json in the model folder",
+            where=str(folder),
+            hint="point at the folder written by save_pretrained",
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SourceError(f"config.json is not valid JSON ({err})", where=str(path),
-                          hint="repair or regenerate config.json") from None
+        raise SourceError(
+            f"config.json is not valid JSON ({err})", where=str(path), hint="repair or regenerate config.json"
+        ) from None
     if not isinstance(data, dict):
         raise SourceError("config.json must hold a JSON object", where=str(path))
     return data

@@ -3,7 +3,7 @@
 `write_state_dict` is used where `save_pretrained` cannot be: models loaded from a bnb checkpoint
 or dequantized, whose weight converters have no reverse in transformers 5.x. `save_file_mapped`
 writes the bytes of safetensors' `save_file` on every core; `save_pretrained` itself writes with
-it in `qfinal save` (`_hf.save_pretrained`), and so does `write_state_dict`.
+it in `qfinal save` (`compat.transformers.save_pretrained`), and so does `write_state_dict`.
 
 `ShardWriter` / `write_safetensors_streaming` write one safetensors file without holding it in
 memory: the header (names, dtypes, shapes, offsets) is written first from the planned entries,
@@ -23,6 +23,8 @@ import struct
 import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
+
+from qfinal.checkpoint.dtypes import RANK, TORCH_TO_CODE, element_size, safetensors_dtype
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -83,6 +85,7 @@ def write_state_dict(state_dict: Mapping, folder: Path, max_bytes: int) -> list[
 
 # --------------------------------------------------------------------------- mapped writer
 
+
 def _mapped_plan(tensors, metadata) -> tuple[bytes, dict[str, tuple]] | None:
     """(header, layout) when `save_file_mapped` can write `tensors` itself, else None: anything
     save_file would refuse or treat specially (not a dict of dense contiguous CPU tensors, shared
@@ -98,7 +101,7 @@ def _mapped_plan(tensors, metadata) -> tuple[bytes, dict[str, tuple]] | None:
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type != "cpu":
             return None
-        if not t.is_contiguous() or str(t.dtype).removeprefix("torch.") not in _TORCH_TO_ST:
+        if not t.is_contiguous() or str(t.dtype).removeprefix("torch.") not in TORCH_TO_CODE:
             return None
         if t.numel():
             areas.append((t.data_ptr(), t.data_ptr() + tensor_nbytes(t)))
@@ -118,8 +121,7 @@ def save_file_mapped(tensors, filename: Path | str, metadata: Mapping[str, str] 
     save_file writes from one thread holding the GIL. Here the file is sized and its blocks
     reserved first (a full disk is then an OSError, not a SIGBUS in the copy), mapped, and each
     tensor is copied in with torch, whose copy runs on every intra-op thread: the page-cache pages
-    are faulted in on all cores. On the 2-vCPU VM, where a fresh page costs the hypervisor a
-    fault (2.2 GB: 6.4 s with one writer), that took 3.4 s; with warm memory 1.4 s against 1.75 s
+    are faulted in on all cores, which matters where a fresh page costs a hypervisor fault
     (bench/README "sixth performance pass"). Tensors save_file would refuse or treat specially go
     to save_file itself, so every error is its own.
     """
@@ -144,7 +146,7 @@ def save_file_mapped(tensors, filename: Path | str, metadata: Mapping[str, str] 
                     base = len(header)
                     for name, (_dtype, _shape, start, end) in layout.items():
                         if end > start:
-                            target[base + start: base + end].copy_(tensors[name].reshape(-1).view(torch.uint8))
+                            target[base + start : base + end].copy_(tensors[name].reshape(-1).view(torch.uint8))
                     del target  # releases the mapping's buffer, so that it can close
         finally:
             os.close(fd)
@@ -156,48 +158,10 @@ def save_file_mapped(tensors, filename: Path | str, metadata: Mapping[str, str] 
 
 # --------------------------------------------------------------------------- streaming writer
 
-# safetensors' `Dtype` enum, in declaration order (its derived `Ord`): save_file lays tensors out by
-# dtype, largest first, then by name. Checked against safetensors 0.8's save_file for every dtype
-# torch can give it (tests/test_dequantize.py); the F6_* types have no torch dtype.
-_ST_DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
-                   "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
-                   "C64", "F64", "I64", "U64")
-_ST_RANK = {name: i for i, name in enumerate(_ST_DTYPE_ORDER)}
-_TORCH_TO_ST = {  # torch dtype name -> safetensors dtype, where one element is one element on disk
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "int32": "I32",
-    "uint32": "U32", "int64": "I64", "uint64": "U64", "float16": "F16", "bfloat16": "BF16",
-    "float32": "F32", "float64": "F64", "complex64": "C64", "float8_e5m2": "F8_E5M2",
-    "float8_e4m3fn": "F8_E4M3", "float8_e8m0fnu": "F8_E8M0", "float8_e4m3fnuz": "F8_E4M3FNUZ",
-    "float8_e5m2fnuz": "F8_E5M2FNUZ",
-}
 
-
-def torch_dtype_of(st_dtype: str):
-    """The torch dtype of a safetensors dtype name ("BF16" -> torch.bfloat16); ValueError if none."""
-    import torch
-
-    for name, st in _TORCH_TO_ST.items():
-        if st == st_dtype:
-            return getattr(torch, name)
-    raise ValueError(f"safetensors dtype {st_dtype} has no torch dtype")
-
-
-def safetensors_dtype(dtype) -> str:
-    """The safetensors name of a torch dtype ("F16" for torch.float16); ValueError if unsupported."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in _TORCH_TO_ST:
-        raise ValueError(f"dtype {name} cannot be written by the streaming safetensors writer")
-    return _TORCH_TO_ST[name]
-
-
-def _element_size(dtype) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def safetensors_layout(entries: Iterable[tuple[str, object, Sequence[int]]],
-                       metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, tuple]]:
+def safetensors_layout(
+    entries: Iterable[tuple[str, object, Sequence[int]]], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple]]:
     """(header, layout) of the safetensors file holding `entries` = (name, torch dtype, shape).
 
     `header` is the whole prefix of the file (u64 length + padded JSON); `layout` maps each name to
@@ -215,7 +179,7 @@ def safetensors_layout(entries: Iterable[tuple[str, object, Sequence[int]]],
         if any(d < 0 for d in shape):
             raise ValueError(f"tensor {name!r} has a negative dimension: {shape}")
         table[name] = (dtype, shape, safetensors_dtype(dtype))
-    order = sorted(table, key=lambda n: (-_ST_RANK[table[n][2]], n))  # str order == UTF-8 byte order
+    order = sorted(table, key=lambda n: (-RANK[table[n][2]], n))  # str order == UTF-8 byte order
     header: dict = {}
     if metadata is not None:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -228,7 +192,7 @@ def safetensors_layout(entries: Iterable[tuple[str, object, Sequence[int]]],
         count = 1
         for d in shape:
             count *= d
-        end = pos + count * _element_size(dtype)
+        end = pos + count * element_size(st)
         header[name] = {"dtype": st, "shape": shape, "data_offsets": [pos, end]}
         layout[name] = (dtype, shape, pos, end)
         pos = end
@@ -242,9 +206,9 @@ class PositionalFile:
 
     Where the filesystem supports it, whole 4 KiB blocks go through O_DIRECT from a page-aligned
     staging buffer, written by a helper thread while the caller computes the next tensor; the
-    few bytes at each end of a write that do not fill a block go through the page cache. On the
-    2-vCPU machine, 2.1 GB buffered + fsync took 4.0 s (2.9 s of it kernel CPU, which competes
-    with the arithmetic); O_DIRECT took 1.5 s (0.3 s CPU). A block is only ever written one way,
+    few bytes at each end of a write that do not fill a block go through the page cache: buffered
+    writes cost kernel CPU that competes with the arithmetic (bench/README, the `dequantize`
+    O_DIRECT line). A block is only ever written one way,
     so the two paths never overlap; `close` waits for every write, and the caller's fsync then
     makes the whole file durable (atomic_dir does). No O_DIRECT (tmpfs, other systems): buffered.
     """
@@ -306,11 +270,11 @@ class PositionalFile:
             self._pwrite_all(self._fd, view, offset)
             return
         self._pwrite_all(self._fd, view[: first - offset], offset)
-        self._pwrite_all(self._fd, view[last - offset:], last)
+        self._pwrite_all(self._fd, view[last - offset :], last)
         for start in range(first, last, self.CHUNK):
             n = min(self.CHUNK, last - start)
             buffer = self._staging()
-            buffer[:n] = view[start - offset: start - offset + n]
+            buffer[:n] = view[start - offset : start - offset + n]
             self._inflight.append((self._pool.submit(self._direct_job, buffer, n, start), buffer))
 
     def close(self, *, wait_errors: bool = True) -> None:
@@ -343,8 +307,12 @@ class ShardWriter:
     writes inside `atomic_dir`, which does).
     """
 
-    def __init__(self, path: Path | str, entries: Iterable[tuple[str, object, Sequence[int]]],
-                 metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path: Path | str,
+        entries: Iterable[tuple[str, object, Sequence[int]]],
+        metadata: Mapping[str, str] | None = None,
+    ):
         if sys.byteorder != "little":
             raise NotImplementedError("the streaming safetensors writer needs a little-endian host")
         self.path = Path(path)
@@ -366,8 +334,10 @@ class ShardWriter:
             raise ValueError(f"{self.path.name}: tensor {name!r} written twice")
         dtype, shape, start, end = self.layout[name]
         if tensor.dtype != dtype or list(tensor.shape) != shape:
-            raise ValueError(f"{self.path.name}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
-                             f"the header says {dtype} {shape}")
+            raise ValueError(
+                f"{self.path.name}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
+                f"the header says {dtype} {shape}"
+            )
         import torch
 
         data = tensor.detach()
@@ -388,8 +358,7 @@ class ShardWriter:
         file.close()
         if self._pending:
             missing = sorted(self._pending)
-            raise ValueError(f"{self.path.name}: {len(missing)} planned tensor(s) never written, "
-                             f"e.g. {missing[0]!r}")
+            raise ValueError(f"{self.path.name}: {len(missing)} planned tensor(s) never written, e.g. {missing[0]!r}")
         actual = os.path.getsize(self.path)
         if actual != self.size:  # cannot happen unless the file was changed under us
             raise OSError(f"{self.path}: {actual} bytes written, expected {self.size}")
@@ -405,9 +374,12 @@ class ShardWriter:
             file.close(wait_errors=False)
 
 
-def write_safetensors_streaming(path: Path | str, entries: Iterable[tuple[str, object, Sequence[int]]],
-                                tensors: Iterable[tuple[str, object]],
-                                metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors_streaming(
+    path: Path | str,
+    entries: Iterable[tuple[str, object, Sequence[int]]],
+    tensors: Iterable[tuple[str, object]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Write `path` from `entries` (name, dtype, shape) and `tensors`, an iterable (say a generator)
     of (name, tensor) consumed one at a time; byte-identical to `save_file` of the same tensors.
 

@@ -16,9 +16,14 @@ import typer
 from qfinal import __version__
 from qfinal.cli.commands import dequantize, diff, load, plan, save, validate
 
-app = typer.Typer(name="qfinal", add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Take a transformers checkpoint the last mile: load, quantize or dequantize, tie, "
-                       "adapt, and prove it correct.")
+app = typer.Typer(
+    name="qfinal",
+    add_completion=True,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Take a transformers checkpoint the last mile: load, quantize or dequantize, tie, "
+    "adapt, and prove it correct.",
+)
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 70
 
@@ -31,8 +36,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
-                                                    help="Show the version and exit.")] = None,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors.")] = False,
 ) -> None:
     if debug:
@@ -146,4 +152,3 @@ def leave(code) -> None:
         except (OSError, ValueError):  # a closed pipe (`qfinal ... | head`): nothing more to say
             pass
     os._exit(code)
-

@@ -9,17 +9,25 @@ import typer
 # Options shared by several commands, declared once.
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")]
 QuantizeOpt = Annotated[Optional[str], typer.Option(help="Quantize on load: none|nf4|fp4|int8.")]
-DoubleQuantOpt = Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant",
-                                                        help="Nested quantization for nf4/fp4.", show_default=False)]
+DoubleQuantOpt = Annotated[
+    Optional[bool],
+    typer.Option("--double-quant/--no-double-quant", help="Nested quantization for nf4/fp4.", show_default=False),
+]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="float16|bfloat16|float32 (default: from config.json).")]
 DeviceMapOpt = Annotated[Optional[str], typer.Option(help="cpu|auto.")]
-MaxMemoryOpt = Annotated[Optional[str], typer.Option(help="Per-device budget for --device-map auto, e.g. 'cpu=2GiB,disk=20GiB'.")]
+MaxMemoryOpt = Annotated[
+    Optional[str], typer.Option(help="Per-device budget for --device-map auto, e.g. 'cpu=2GiB,disk=20GiB'.")
+]
 OffloadOpt = Annotated[Optional[str], typer.Option(help="Folder for disk offload.")]
 AdapterOpt = Annotated[Optional[list[str]], typer.Option("--adapter", help="PEFT adapter folder (repeatable).")]
 MergeOpt = Annotated[bool, typer.Option("--merge", help="Merge the adapters into the base weights.")]
 DequantizeOpt = Annotated[bool, typer.Option("--dequantize", help="Dequantize a bnb checkpoint after loading.")]
-AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt pickle checkpoints "
-                                              "(loaded with torch.load(weights_only=True) only).")]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle", help="Allow .bin/.pt pickle checkpoints (loaded with torch.load(weights_only=True) only)."
+    ),
+]
 JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write the report as JSON to FILE ('-' for stdout).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; rely on the exit code.")]
 StopAfterOpt = Annotated[Optional[str], typer.Option(help="Stop the pipeline after this stage.")]
@@ -36,19 +44,54 @@ def parse_max_memory(text: str | None) -> dict | None:
     for part in text.split(","):
         device, sep, amount = part.partition("=")
         if not sep or not device.strip() or not amount.strip():
-            raise ConfigError(f"cannot parse {part!r}", where="--max-memory",
-                              hint="use DEVICE=SIZE pairs, e.g. cpu=2GiB,disk=20GiB")
+            raise ConfigError(
+                f"cannot parse {part!r}", where="--max-memory", hint="use DEVICE=SIZE pairs, e.g. cpu=2GiB,disk=20GiB"
+            )
         device = device.strip()
         out[int(device) if device.isdigit() else device] = amount.strip()
     return out
 
 
-def load_overrides(quantize, double_quant, dtype, device_map, max_memory, offload_folder, adapter, merge,
-                   dequantize, stop_after=None) -> dict:
-    """CLI flags -> the keyword overrides `qfinal.load` takes (None means: keep the YAML value)."""
-    overrides = dict(quantize=quantize, double_quant=double_quant, dtype=dtype, device_map=device_map,
-                     max_memory=parse_max_memory(max_memory), offload_folder=offload_folder,
-                     stop_after=stop_after, dequantize=dequantize or None)
+# The options that set a field of RunConfig (through config.OVERRIDE_PATHS, or translated by
+# config_overrides); every other option is about this run's inputs and outputs.
+PIPELINE_OPTIONS = (
+    "quantize",
+    "double_quant",
+    "dtype",
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "adapter",
+    "merge",
+    "dequantize",
+    "stop_after",
+)
+
+
+def run_config(config_file: str | None, options: dict):
+    """A command's RunConfig: its YAML file, overridden by the pipeline options it was given
+    (`options` is the command's locals(): the ones in PIPELINE_OPTIONS are taken)."""
+    from qfinal.config import build_config
+
+    given = {name: options[name] for name in PIPELINE_OPTIONS if name in options}
+    return build_config(config_file, **config_overrides(**given))
+
+
+def config_overrides(
+    *,
+    max_memory: str | None = None,
+    adapter: list[str] | None = None,
+    merge: bool = False,
+    dequantize: bool = False,
+    **fields,
+) -> dict:
+    """A command's config options -> the keyword overrides `qfinal.load` takes (None keeps the YAML's).
+
+    `fields` are options named like their config field or like an entry of config.OVERRIDE_PATHS
+    (`quantize` sets `quantize.method`); the rest need translating: `--max-memory cpu=2GiB`,
+    `--adapter DIR` (repeatable) with `--merge`, and `--dequantize` (a flag that cannot say "keep").
+    tests/test_cli_options.py checks every option of every command against RunConfig."""
+    overrides = dict(fields, max_memory=parse_max_memory(max_memory), dequantize=dequantize or None)
     if adapter:
         overrides["adapters"] = [{"path": p, "merge": merge} for p in adapter]
     elif merge:

@@ -25,7 +25,11 @@ def quiet_libraries() -> None:
 
     # bitsandbytes logs that an optional CPU kernel package is absent, on every 4-bit import.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+    # Libraries' warnings (transformers' `is_gradient_checkpointing` FutureWarning on every adapter
+    # load, bnb's cast notices) are noise for qfinal's users: what matters becomes a finding in the
+    # report. --debug lets them through. Code that turns warnings into findings records them itself.
+    if not os.environ.get("QFINAL_DEBUG"):
+        warnings.simplefilter("ignore")
 
     verbosity_set = "TRANSFORMERS_VERBOSITY" in os.environ
     if "transformers" in sys.modules:
@@ -57,30 +61,34 @@ class Output:
 
     @property
     def interactive(self) -> bool:
-        return (not self.quiet and sys.stderr.isatty() and not os.environ.get("CI")
-                and os.environ.get("TERM") != "dumb")
+        """Progress is for a person at a terminal: not in CI, not for a machine reading --json."""
+        return (
+            not self.quiet
+            and not self.json_path
+            and sys.stderr.isatty()
+            and not os.environ.get("CI")
+            and os.environ.get("TERM") != "dumb"
+        )
 
     @contextmanager
-    def stages(self, names: list[str]) -> Iterator:
-        """Yield an on_stage callback; shows a progress bar over the stages on a terminal."""
+    def stages(self, names: list[str]) -> Iterator[Steps | None]:
+        """Yield a Steps callback (None off a terminal): a bar over the steps, and beneath it one over
+        the work inside the current step when the step reports any (tensors read, bytes written)."""
         if not self.interactive:
             yield None
             return
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                      console=self.err, transient=True) as progress:
-            task = progress.add_task("starting", total=len(names))
-            seen: list[str] = []
-
-            def on_stage(name: str) -> None:
-                if seen:
-                    progress.advance(task)
-                seen.append(name)
-                progress.update(task, description=name)
-
-            yield on_stage
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=self.err,
+            transient=True,
+        ) as progress:
+            yield Steps(progress, names)
 
     def report(self, report, *, junit_path: str | None = None, fail_on: str = "error") -> None:
         from qfinal.render.json_report import to_json, write_json
@@ -97,3 +105,30 @@ class Output:
             from qfinal.render.rich_report import render
 
             render(report, self.console)
+
+
+class Steps:
+    """`steps(name)` starts the next step; `steps.within(done, total, what)` shows the work inside it.
+
+    Every update is drawn at once (refresh=True): a step shorter than rich's refresh interval still
+    shows on the terminal."""
+
+    def __init__(self, progress, names: list[str]):
+        self.progress = progress
+        self.task = progress.add_task("starting", total=len(names))
+        self.inner = None
+        self.started = 0
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.progress.advance(self.task)
+        self.started += 1
+        if self.inner is not None:
+            self.progress.remove_task(self.inner)
+            self.inner = None
+        self.progress.update(self.task, description=name, refresh=True)
+
+    def within(self, done: int, total: int | None, what: str = "") -> None:
+        if self.inner is None:
+            self.inner = self.progress.add_task(f"  {what}", total=total)
+        self.progress.update(self.inner, completed=done, total=total, description=f"  {what}", refresh=True)

@@ -11,7 +11,7 @@ Direction follows `qfinal.compare`: **A is the candidate, B the reference**.
 measures what quantizing lost. Values are compared dequantized (bitsandbytes weights through bnb's
 own dequantization, Conv1D weights in Linear layout) unless `raw` is asked for.
 
-The outputs are compared on the fixed probe batch (`qfinal.compare.probe_batch`): a CPU
+The outputs are compared on the fixed probe batch (`qfinal.compare.outputs.probe_batch`): a CPU
 `torch.Generator` seeded 0 draws 2 x 16 token ids uniformly in [0, min(vocab, 32000)), fewer
 positions if the model has fewer; encoder-decoders also get `decoder_input_ids`, the next 2 x 16
 draw; no attention mask. Same config, same tensors, on any machine.
@@ -40,11 +40,11 @@ YAML_SUFFIXES = (".yaml", ".yml")
 class Side:
     """One resolved side: where the model comes from and the config it is loaded with."""
 
-    name: str                 # "A" | "B"
-    argument: str             # as given on the command line
-    source: str               # folder or hub id handed to qfinal.load
+    name: str  # "A" | "B"
+    argument: str  # as given on the command line
+    source: str  # folder or hub id handed to qfinal.load
     config: RunConfig
-    config_file: str | None   # the YAML the config came from (positional or --config-x)
+    config_file: str | None  # the YAML the config came from (positional or --config-x)
 
     @property
     def label(self) -> str:
@@ -55,15 +55,20 @@ class Side:
         return self.source
 
     def describe(self) -> dict:
-        return {"argument": self.argument, "source": self.source, "config_file": self.config_file,
-                "quantize": self.config.quantize.method, "dtype": self.config.dtype}
+        return {
+            "argument": self.argument,
+            "source": self.source,
+            "config_file": self.config_file,
+            "quantize": self.config.quantize.method,
+            "dtype": self.config.dtype,
+        }
 
 
 @dataclass
 class DiffResult:
     report: Report
-    comparison: Any          # qfinal.compare.Comparison
-    tolerances: Any          # qfinal.compare.Tolerances
+    comparison: Any  # qfinal.compare.Comparison
+    tolerances: Any  # qfinal.compare.Tolerances
     sides: tuple[Side, Side]
 
     @property
@@ -74,11 +79,17 @@ class DiffResult:
 # ----------------------------------------------------------------------------------- tolerances
 
 
-def make_tolerances(*, max_abs: float | None = None, rel_error: float | None = None,
-                    logits_max_abs: float | None = None, min_top1: float | None = None,
-                    max_kl: float | None = None, allow_dtype_change: bool = False):
+def make_tolerances(
+    *,
+    max_abs: float | None = None,
+    rel_error: float | None = None,
+    logits_max_abs: float | None = None,
+    min_top1: float | None = None,
+    max_kl: float | None = None,
+    allow_dtype_change: bool = False,
+):
     """Tolerances from the CLI's options (None keeps the exact-equality default), validated."""
-    from qfinal.compare.engine import Tolerances
+    from qfinal.compare.tensors import Tolerances
 
     values = {"max_abs": max_abs, "rel_error": rel_error, "logits_max_abs": logits_max_abs, "max_kl": max_kl}
     for name, value in values.items():
@@ -101,12 +112,12 @@ def _is_yaml(argument: str) -> bool:
 def _validated(data: dict, where: str) -> RunConfig:
     from pydantic import ValidationError
 
-    from qfinal.config import _format_errors
+    from qfinal.config import format_errors
 
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err), where=where, hint="see the config reference in README.md") from None
+        raise ConfigError(format_errors(err), where=where, hint="see the config reference in README.md") from None
 
 
 def _yaml_side(argument: str) -> tuple[str | None, dict]:
@@ -116,8 +127,9 @@ def _yaml_side(argument: str) -> tuple[str | None, dict]:
     source = data.pop("source", None)
     if source is not None:
         if not isinstance(source, str) or not source.strip():
-            raise ConfigError("`source` must be a model folder or a cached hub id (a string)",
-                              where=f"{argument}: source")
+            raise ConfigError(
+                "`source` must be a model folder or a cached hub id (a string)", where=f"{argument}: source"
+            )
         near = path.parent / source
         if not Path(source).is_absolute() and near.exists():
             source = str(near)
@@ -130,16 +142,22 @@ def resolve_sides(a: str, b: str, config_a: str | None = None, config_b: str | N
     for name, arg, cfg_file in (("A", a, config_a), ("B", b, config_b)):
         if _is_yaml(arg):
             if cfg_file:
-                raise ConfigError(f"side {name} is already a config file", where=f"--config-{name.lower()}",
-                                  hint=f"put the options in {arg}, or pass a model folder as {name}")
+                raise ConfigError(
+                    f"side {name} is already a config file",
+                    where=f"--config-{name.lower()}",
+                    hint=f"put the options in {arg}, or pass a model folder as {name}",
+                )
             source, data = _yaml_side(arg)
             parsed[name] = (source, _validated(data, arg), arg)
         else:
             parsed[name] = (arg, build_config(cfg_file) if cfg_file else build_config(None), cfg_file)
     (src_a, cfg_a, file_a), (src_b, cfg_b, file_b) = parsed["A"], parsed["B"]
     if src_a is None and src_b is None:
-        raise ConfigError("neither side names a model", where=f"{a}, {b}",
-                          hint="add `source: <model folder>` to one YAML, or pass a model folder as A or B")
+        raise ConfigError(
+            "neither side names a model",
+            where=f"{a}, {b}",
+            hint="add `source: <model folder>` to one YAML, or pass a model folder as A or B",
+        )
     if src_a is None:
         src_a = src_b
     if src_b is None:
@@ -156,15 +174,26 @@ def _pair(x: str | None, y: str | None) -> str | None:
     return f"{x or '?'} vs {y or '?'}"
 
 
-def diff(a: str, b: str, *, config_a: str | None = None, config_b: str | None = None, tolerances=None,
-         outputs: bool = True, raw: bool = False, allow_pickle: bool = False,
-         on_step: Callable[[str], None] | None = None) -> DiffResult:
+def diff(
+    a: str,
+    b: str,
+    *,
+    config_a: str | None = None,
+    config_b: str | None = None,
+    tolerances=None,
+    outputs: bool = True,
+    raw: bool = False,
+    allow_pickle: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> DiffResult:
     """Load A and B through the pipeline and compare them (A candidate, B reference).
 
     `raw=True` compares the stored state dicts bit for bit (packed bnb data as stored) instead of
     dequantized values. Raises QfinalError (exit 2) when a side cannot be loaded."""
+    from qfinal.compare.models import compare_models
+    from qfinal.compare.outputs import probe_description
+    from qfinal.compare.tensors import Tolerances
     from qfinal.ops.load import load
-    from qfinal.compare.engine import Tolerances, compare_models
     from qfinal.pipeline.context import peak_rss_bytes
 
     tol = tolerances if tolerances is not None else Tolerances()
@@ -176,10 +205,15 @@ def diff(a: str, b: str, *, config_a: str | None = None, config_b: str | None = 
             on_step(f"load {side.name}")
         start = time.perf_counter()
         result = load(side.source, side.config, allow_pickle=allow_pickle, command=f"diff ({side.name})")
-        report.stages.append(StageRecord(name=f"load {side.name}", seconds=round(time.perf_counter() - start, 6),
-                                         peak_rss_bytes=peak_rss_bytes(),
-                                         detail=f"{result.report.model_class}, {result.report.quantization}, "
-                                                f"{result.report.dtype}: {side.label}"))
+        report.stages.append(
+            StageRecord(
+                name=f"load {side.name}",
+                seconds=round(time.perf_counter() - start, 6),
+                peak_rss_bytes=peak_rss_bytes(),
+                detail=f"{result.report.model_class}, {result.report.quantization}, "
+                f"{result.report.dtype}: {side.label}",
+            )
+        )
         results.append(result)
     ra, rb = results
     report.model_class = _pair(ra.report.model_class, rb.report.model_class)
@@ -193,9 +227,12 @@ def diff(a: str, b: str, *, config_a: str | None = None, config_b: str | None = 
 
     for side, result in zip((side_a, side_b), results):
         if any(p.device.type == "meta" for p in result.model.parameters()):
-            raise ConfigError("some weights are on the meta device (offloaded to disk, or the pipeline "
-                              "stopped early); diff needs every weight in memory", where=f"side {side.name}",
-                              hint="load it without offload_folder / stop_after")
+            raise ConfigError(
+                "some weights are on the meta device (offloaded to disk, or the pipeline "
+                "stopped early); diff needs every weight in memory",
+                where=f"side {side.name}",
+                hint="load it without offload_folder / stop_after",
+            )
     if on_step:
         on_step("compare")
     start = time.perf_counter()
@@ -206,25 +243,28 @@ def diff(a: str, b: str, *, config_a: str | None = None, config_b: str | None = 
     counts: dict[str, int] = {}
     for t in comparison.tensors:
         counts[t.status] = counts.get(t.status, 0) + 1
-    report.stages.append(StageRecord(
-        name="compare", seconds=round(time.perf_counter() - start, 6), peak_rss_bytes=peak_rss_bytes(),
-        detail=", ".join(f"{n} {s}" for s, n in sorted(counts.items())) +
-               ("" if comparison.output is None else f"; logits on {comparison.output.positions} positions")))
+    report.stages.append(
+        StageRecord(
+            name="compare",
+            seconds=round(time.perf_counter() - start, 6),
+            peak_rss_bytes=peak_rss_bytes(),
+            detail=", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            + ("" if comparison.output is None else f"; logits on {comparison.output.positions} positions"),
+        )
+    )
     data = comparison.to_json_dict()
-    data.update(within_tolerances=not any(f.severity == "error" and f.check.startswith("diff_") for f in findings),
-                mode="raw" if raw else "dequantized", direction="A is the candidate, B the reference",
-                tolerances=asdict(tol), a=side_a.describe(), b=side_b.describe(), probe=probe_description())
+    data.update(
+        within_tolerances=not any(f.severity == "error" and f.check.startswith("diff_") for f in findings),
+        mode="raw" if raw else "dequantized",
+        direction="A is the candidate, B the reference",
+        tolerances=asdict(tol),
+        a=side_a.describe(),
+        b=side_b.describe(),
+        probe=probe_description(),
+    )
     report.extra["diff"] = data
     del results, ra, rb
     return DiffResult(report=report, comparison=comparison, tolerances=tol, sides=(side_a, side_b))
 
 
-def probe_description() -> dict:
-    from qfinal.compare.engine import PROBE_BATCH, PROBE_LEN, PROBE_MAX_ID, PROBE_SEED
-
-    return {"generator": "torch.Generator (CPU)", "seed": PROBE_SEED, "batch": PROBE_BATCH,
-            "max_length": PROBE_LEN, "token_ids": f"uniform in [0, min(vocab, {PROBE_MAX_ID}))",
-            "attention_mask": None}
-
-
-__all__ = ["Side", "DiffResult", "diff", "resolve_sides", "make_tolerances", "probe_description"]
+__all__ = ["Side", "DiffResult", "diff", "resolve_sides", "make_tolerances"]

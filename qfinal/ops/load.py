@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from qfinal.config import RunConfig, build_config, config_from_dict
+from qfinal.checkpoint.sources import resolve_source
+from qfinal.config import RunConfig, resolve_config
 from qfinal.pipeline.context import Context
 from qfinal.pipeline.runner import run_pipeline
 from qfinal.report import Report
-from qfinal.checkpoint.sources import resolve_source
 
 
 @dataclass
@@ -26,20 +26,22 @@ class Finalized:
         return self.report.ok
 
 
-def resolve_config(config: RunConfig | str | Path | None, overrides: dict) -> RunConfig:
-    if isinstance(config, RunConfig):
-        if overrides:
-            return config_from_dict(config.model_dump(by_alias=True, exclude_unset=True), **overrides)
-        return config
-    return build_config(config, **overrides)
-
-
-def load(source: str | Path, config: RunConfig | str | Path | None = None, *, allow_pickle: bool = False,
-         on_stage: Callable[[str], None] | None = None, command: str = "load", **overrides: Any) -> Finalized:
+def load(
+    source: str | Path,
+    config: RunConfig | str | Path | None = None,
+    *,
+    allow_pickle: bool = False,
+    on_stage: Callable[[str], None] | None = None,
+    command: str = "load",
+    on_progress: Callable[[int, int, str], None] | None = None,
+    **overrides: Any,
+) -> Finalized:
     """Run the pipeline on `source` (a folder, a cached hub id, or "demo").
 
     `config` is a RunConfig or a YAML path; `overrides` use the CLI's option names
     (`quantize="nf4"`, `dtype="bfloat16"`, `adapters=[{"path": ..., "merge": True}]`).
+    `on_stage(name)` is called as each stage starts, `on_progress(done, total, what)` inside the
+    long ones.
 
     >>> result = load("demo", quantize="nf4")          # doctest: +SKIP
     >>> result.report.ok, type(result.model).__name__   # doctest: +SKIP
@@ -48,6 +50,6 @@ def load(source: str | Path, config: RunConfig | str | Path | None = None, *, al
     cfg = resolve_config(config, overrides)
     src = resolve_source(source)
     report = Report(source=src.label, command=command)
-    ctx = Context(source=src, config=cfg, report=report, allow_pickle=allow_pickle)
+    ctx = Context(source=src, config=cfg, report=report, allow_pickle=allow_pickle, on_progress=on_progress)
     run_pipeline(ctx, on_stage=on_stage)
     return Finalized(model=ctx.model, report=report, context=ctx)

@@ -13,13 +13,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from qfinal.checkpoint.sources import resolve_source
 from qfinal.compat import transformers as _hf
-from qfinal.ops.load import resolve_config
-from qfinal.config import RunConfig
+from qfinal.config import RunConfig, resolve_config
 from qfinal.pipeline.context import Context
 from qfinal.pipeline.runner import run_pipeline
 from qfinal.report import Finding, Report
-from qfinal.checkpoint.sources import resolve_source
 
 LARGE_LEAF_SHARE = 0.05  # an unquantized module above this share of the model is called out
 
@@ -96,8 +95,11 @@ def fill_plan(ctx: Context) -> None:
     per_module: dict[str, int] = defaultdict(int)
     for name, nbytes in sizes.items():
         per_module[name.rpartition(".")[0]] += nbytes
-    large = [{"module": m, "bytes": b, "share": round(b / total, 4)} for m, b in sorted(per_module.items())
-             if m not in converted and b / total >= LARGE_LEAF_SHARE]
+    large = [
+        {"module": m, "bytes": b, "share": round(b / total, 4)}
+        for m, b in sorted(per_module.items())
+        if m not in converted and b / total >= LARGE_LEAF_SHARE
+    ]
     report.extra["plan"] = {
         "bytes_per_device": dict(sorted(per_device.items())),
         "total_bytes": sum(sizes.values()),
@@ -105,17 +107,23 @@ def fill_plan(ctx: Context) -> None:
         "layers": _by_layer(report.placement),
     }
     for leaf in large:
-        report.findings.append(Finding(check="plan", severity="info", key=leaf["module"],
-                                       message=f"unquantized, {leaf['bytes']:,} bytes "
-                                               f"({leaf['share']:.0%} of the model)"))
+        report.findings.append(
+            Finding(
+                check="plan",
+                severity="info",
+                key=leaf["module"],
+                message=f"unquantized, {leaf['bytes']:,} bytes ({leaf['share']:.0%} of the model)",
+            )
+        )
 
 
 def _by_layer(placement: dict[str, str]) -> list[dict]:
     rows = []
     for module, device in placement.items():
         match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", module)
-        rows.append({"module": module or "(whole model)", "layer": int(match.group(1)) if match else None,
-                     "device": device})
+        rows.append(
+            {"module": module or "(whole model)", "layer": int(match.group(1)) if match else None, "device": device}
+        )
     return rows
 
 

@@ -11,12 +11,14 @@ max abs difference, in float64, Conv1D originals transposed to Linear layout.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from qfinal.compare.engine import LayerQuality, _jsonable, _num, _quant_kind, quality_by_layer
+from qfinal.checkpoint.reader import TensorReader
+from qfinal.compare.layers import LayerQuality, quality_by_layer
+from qfinal.compare.tensors import format_number, jsonable
+from qfinal.compare.views import quant_kind
 from qfinal.report import Finding
 
 
@@ -34,7 +36,7 @@ class CheckpointTensors(Mapping):
         self.inventory = inventory
         self.folder = Path(folder)
         self.prefix = prefix or ""
-        self._open: OrderedDict[str, object] = OrderedDict()
+        self._reader = TensorReader.for_inventory(inventory, self.folder)
 
     def key_for(self, name: str) -> str | None:
         tensors = self.inventory.tensors
@@ -42,8 +44,8 @@ class CheckpointTensors(Mapping):
             return name
         p = self.prefix
         if p:
-            if name.startswith(p + ".") and name[len(p) + 1:] in tensors:
-                return name[len(p) + 1:]
+            if name.startswith(p + ".") and name[len(p) + 1 :] in tensors:
+                return name[len(p) + 1 :]
             if f"{p}.{name}" in tensors:
                 return f"{p}.{name}"
         return None
@@ -55,19 +57,7 @@ class CheckpointTensors(Mapping):
         key = self.key_for(name)
         if key is None:
             raise KeyError(name)
-        file = self.inventory.tensors[key].file
-        handle = self._open.get(file)
-        if handle is None:
-            from safetensors import safe_open
-
-            while len(self._open) >= 2:
-                _f, old = self._open.popitem(last=False)
-                old.__exit__(None, None, None)
-            handle = safe_open(str(self.folder / file), framework="pt").__enter__()
-            self._open[file] = handle
-        else:
-            self._open.move_to_end(file)
-        return handle.get_tensor(key)
+        return self._reader.get(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.inventory.tensors)
@@ -76,13 +66,11 @@ class CheckpointTensors(Mapping):
         return len(self.inventory.tensors)
 
     def close(self) -> None:
-        while self._open:
-            _f, handle = self._open.popitem()
-            handle.__exit__(None, None, None)
+        self._reader.close()
 
 
 def quantized_modules(model) -> list[str]:
-    return [name for name, mod in model.named_modules() if _quant_kind(mod) is not None]
+    return [name for name, mod in model.named_modules() if quant_kind(mod) is not None]
 
 
 def quality_report(result) -> list[LayerQuality]:
@@ -106,8 +94,9 @@ def quality_report(result) -> list[LayerQuality]:
         missing = [f"{n}.weight" for n in names if f"{n}.weight" not in originals]
         if missing:
             shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-            raise QualityUnavailable(f"the checkpoint holds no tensor named like {len(missing)} quantized "
-                                     f"weight(s): {shown}")
+            raise QualityUnavailable(
+                f"the checkpoint holds no tensor named like {len(missing)} quantized weight(s): {shown}"
+            )
         try:
             return quality_by_layer(originals, model)
         except ValueError as err:
@@ -121,10 +110,15 @@ def summary(rows: list[LayerQuality]) -> str:
     if not finite:
         return f"{len(rows)} quantized module(s)"
     worst = max(rows, key=lambda r: r.rel_error if math.isfinite(r.rel_error) else -1.0)
-    median = finite[len(finite) // 2] if len(finite) % 2 else (finite[len(finite) // 2 - 1] + finite[len(finite) // 2]) / 2
+    median = (
+        finite[len(finite) // 2] if len(finite) % 2 else (finite[len(finite) // 2 - 1] + finite[len(finite) // 2]) / 2
+    )
     quants = ", ".join(sorted({r.quant for r in rows}))
-    return (f"{len(rows)} {quants} module(s) vs the checkpoint's float weights: rel error min {_num(finite[0])}, "
-            f"median {_num(median)}, max {_num(finite[-1])} ({worst.name})")
+    return (
+        f"{len(rows)} {quants} module(s) vs the checkpoint's float weights: "
+        f"rel error min {format_number(finite[0])}, median {format_number(median)}, "
+        f"max {format_number(finite[-1])} ({worst.name})"
+    )
 
 
 def add_quality(result) -> list[LayerQuality]:
@@ -139,38 +133,28 @@ def add_quality(result) -> list[LayerQuality]:
         report.findings.append(Finding(check="quality", severity="warning", message=f"quality not measured: {why}"))
         rows = None
     else:
-        report.extra["quality"] = [_jsonable(asdict(r)) for r in rows]
+        report.extra["quality"] = [jsonable(asdict(r)) for r in rows]
         if not rows:
-            report.findings.append(Finding(check="quality", severity="info",
-                                           message="nothing was quantized: no per-layer quality to measure"))
+            report.findings.append(
+                Finding(
+                    check="quality", severity="info", message="nothing was quantized: no per-layer quality to measure"
+                )
+            )
         else:
             report.findings.append(Finding(check="quality", severity="info", message=summary(rows)))
             for r in rows:
                 if not math.isfinite(r.rel_error):
-                    report.findings.append(Finding(check="quality", severity="warning", key=r.name,
-                                                   message=f"{r.name}: relative error is {r.rel_error}"))
+                    report.findings.append(
+                        Finding(
+                            check="quality",
+                            severity="warning",
+                            key=r.name,
+                            message=f"{r.name}: relative error is {r.rel_error}",
+                        )
+                    )
     if "quality" not in report.checks:
         report.checks = [*report.checks, "quality"]
     return rows or []
 
 
-def write_quality_html(rows: list[LayerQuality], path: str | Path, title: str) -> None:
-    from qfinal.checkpoint.atomic import write_text_atomic
-    from qfinal.render.html import render_html
-
-    write_text_atomic(Path(path).expanduser(), render_html(rows, title))
-
-
-def render_quality(rows: list[LayerQuality], console) -> None:
-    """The per-layer bar chart (nothing when there are no rows)."""
-    if rows:
-        from qfinal.compare.engine import render_rich_bars
-
-        width = max(10, min(40, console.width - 70))
-        render_rich_bars(rows, console, title="Quantization error by layer: ||dequant - original|| / ||original||",
-                         width=width)
-        console.print(summary(rows), highlight=False)
-
-
-__all__ = ["quality_report", "add_quality", "CheckpointTensors", "QualityUnavailable", "summary",
-           "write_quality_html", "render_quality"]
+__all__ = ["quality_report", "add_quality", "CheckpointTensors", "QualityUnavailable", "summary"]

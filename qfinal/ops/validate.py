@@ -18,22 +18,33 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from qfinal.checks import core as checks
-from qfinal.ops.load import resolve_config
-from qfinal.config import RunConfig
+from qfinal.checkpoint.sources import Source, read_config_json, resolve_source
+from qfinal.checks.keys import compile_patterns, dtype_findings, inventory_findings, key_findings
+from qfinal.checks.names import CHECKS, FAST_MODE_CHECKS, HEADER_CHECKS, KEY_CHECKS
+from qfinal.checks.quant import prequantized_modules, quantization_findings
+from qfinal.checks.ties import declared_ties, tie_findings
+from qfinal.config import RunConfig, resolve_config
+from qfinal.formats import is_quant_state_key
 from qfinal.pipeline.context import Context, peak_rss_bytes
 from qfinal.pipeline.runner import run_pipeline
 from qfinal.report import Finding, MismatchedKey, Report, StageRecord
-from qfinal.checkpoint.sources import Source, read_config_json, resolve_source
 
 FAST_STAGES = ("meta_init", "quantizer_preprocess")
-FAST_SKIPS = {"nan_inf": "fast mode never reads tensor data",
-              "meta_tensors": "fast mode only builds the model on the meta device"}
+FAST_SKIPS = {
+    "nan_inf": "fast mode never reads tensor data",
+    "meta_tensors": "fast mode only builds the model on the meta device",
+}
 
 
-def validate(source: str | Path | Source, config: RunConfig | str | Path | None = None, *, fast: bool = False,
-             allow_pickle: bool = False, on_stage: Callable[[str], None] | None = None,
-             **overrides: Any) -> Report:
+def validate(
+    source: str | Path | Source,
+    config: RunConfig | str | Path | None = None,
+    *,
+    fast: bool = False,
+    allow_pickle: bool = False,
+    on_stage: Callable[[str], None] | None = None,
+    **overrides: Any,
+) -> Report:
     """Validate `source`; the report's findings decide the exit code (`report.failing(level)`).
 
     Raises QfinalError (exit 2) only when validation cannot run: a missing path, an unreadable
@@ -41,8 +52,8 @@ def validate(source: str | Path | Source, config: RunConfig | str | Path | None 
     """
     cfg = resolve_config(config, overrides)
     vcfg = cfg.validate_
-    checks.compile_patterns(vcfg.allow_missing, "validate.allow_missing")
-    checks.compile_patterns(vcfg.allow_unexpected, "validate.allow_unexpected")
+    compile_patterns(vcfg.allow_missing, "validate.allow_missing")
+    compile_patterns(vcfg.allow_unexpected, "validate.allow_unexpected")
     ignored = []
     if cfg.stop_after is not None:  # the gate always runs to the end
         ignored.append(f"stop_after: {cfg.stop_after}")
@@ -57,8 +68,8 @@ def validate(source: str | Path | Source, config: RunConfig | str | Path | None 
         if ignored:
             report.extra["ignored_by_validate"] = ignored
         ctx = Context(source=src, config=cfg, report=report, allow_pickle=allow_pickle)
-        ctx.scratch["tolerate_checkpoint_problems"] = True
-        ctx.scratch["validate_command"] = True
+        ctx.tolerate_checkpoint_problems = True
+        ctx.validate_command = True
         return ctx
 
     ctx = fresh()
@@ -66,8 +77,8 @@ def validate(source: str | Path | Source, config: RunConfig | str | Path | None 
     loader_error: Exception | None = None
     refused: Finding | None = None
     if not fast:
-        from qfinal.errors import QfinalError
         from qfinal.checkpoint.inventory import inspect_checkpoint
+        from qfinal.errors import QfinalError
 
         inventory = inspect_checkpoint(src.folder, allow_pickle=allow_pickle, confine_to=src.confine_to)
         why = "the checkpoint files are broken"
@@ -79,7 +90,7 @@ def validate(source: str | Path | Source, config: RunConfig | str | Path | None 
                 # a checkpoint refusal met while loading (a bad pickle, inconsistent quant state):
                 # the header-only checks can still run and report it
                 check = getattr(err, "check", None)
-                if check not in checks.HEADER_CHECKS + checks.KEY_CHECKS:
+                if check not in HEADER_CHECKS + KEY_CHECKS:
                     raise
                 refused = Finding(check=check, severity="error", key=getattr(err, "key", None), message=err.line())
                 why = f"{check}: {err.what}"
@@ -92,8 +103,9 @@ def validate(source: str | Path | Source, config: RunConfig | str | Path | None 
     if cfg.adapters:
         skipped["adapter_coverage"] = "adapters are applied in the full mode only"
     _run_fast(ctx, on_stage, skipped)
-    if refused is not None and not any(f.check == refused.check and f.severity == "error"
-                                       for f in ctx.report.findings):  # unless fast mode said it itself
+    if refused is not None and not any(
+        f.check == refused.check and f.severity == "error" for f in ctx.report.findings
+    ):  # unless fast mode said it itself
         ctx.report.findings.insert(0, refused)
     if loader_error is not None and not ctx.report.failing("error"):
         raise loader_error  # the checkpoint looks fine, so the crash is a bug: keep its traceback
@@ -102,7 +114,7 @@ def validate(source: str | Path | Source, config: RunConfig | str | Path | None 
 
 def _error_line(err: BaseException) -> str:
     """The first line of an exception message, printable."""
-    from qfinal.checkpoint.inventory import escape_key
+    from qfinal.checkpoint.headers import escape_key
 
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
     return escape_key(lines[0])
@@ -115,8 +127,9 @@ def loadable_despite_problems(inventory) -> bool:
     files, bad headers, escaping paths and pickle refusals stop it (disk offload, which trusts the
     index's weight_map, is kept out by the caller)."""
     readable = {e.file for e in inventory.tensors.values()}
-    return bool(readable) and all(p.check == "index_consistency" and p.key is not None and p.file in readable
-                                  for p in inventory.problems)
+    return bool(readable) and all(
+        p.check == "index_consistency" and p.key is not None and p.file in readable for p in inventory.problems
+    )
 
 
 def _run_fast(ctx: Context, on_stage, skipped: dict[str, str]) -> None:
@@ -129,13 +142,18 @@ def _run_fast(ctx: Context, on_stage, skipped: dict[str, str]) -> None:
     findings, not_run = fast_findings(ctx)
     skipped = {**not_run, **skipped}
     ctx.report.findings.extend(findings)
-    ctx.report.checks = [c for c in checks.FAST_MODE_CHECKS if c not in skipped]
-    ctx.report.extra["skipped_checks"] = {c: skipped[c] for c in checks.CHECKS if c in skipped}
+    ctx.report.checks = [c for c in FAST_MODE_CHECKS if c not in skipped]
+    ctx.report.extra["skipped_checks"] = {c: skipped[c] for c in CHECKS if c in skipped}
     errors = sum(f.severity == "error" for f in ctx.report.findings)
     warnings = sum(f.severity == "warning" for f in ctx.report.findings)
-    ctx.report.stages.append(StageRecord(name="validate", seconds=round(time.perf_counter() - start, 6),
-                                         peak_rss_bytes=peak_rss_bytes(),
-                                         detail=f"header-only checks: {errors} error(s), {warnings} warning(s)"))
+    ctx.report.stages.append(
+        StageRecord(
+            name="validate",
+            seconds=round(time.perf_counter() - start, 6),
+            peak_rss_bytes=peak_rss_bytes(),
+            detail=f"header-only checks: {errors} error(s), {warnings} warning(s)",
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- key matching
@@ -145,9 +163,9 @@ def _run_fast(ctx: Context, on_stage, skipped: dict[str, str]) -> None:
 class KeyMatch:
     """The checkpoint's keys matched against the model's, as transformers' loader would match them."""
 
-    expected: dict[str, tuple[int, ...]]               # model key -> shape on meta
+    expected: dict[str, tuple[int, ...]]  # model key -> shape on meta
     ckpt_of: dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key (direct loads)
-    converted: set[str] = field(default_factory=set)   # model keys filled by a weight converter
+    converted: set[str] = field(default_factory=set)  # model keys filled by a weight converter
     missing: set[str] = field(default_factory=set)
     unexpected: set[str] = field(default_factory=set)  # checkpoint keys
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
@@ -164,9 +182,8 @@ def _renamer(model, hf_quantizer, expected: dict) -> Callable[[str], tuple[str, 
 
     Private transformers API (`core_model_loading.rename_source_key`), pinned like the rest of _hf.py.
     """
-    from qfinal.compat.transformers import WeightConverter, WeightRenaming, rename_source_key
-
     from qfinal.compat import transformers as _hf
+    from qfinal.compat.transformers import WeightConverter, WeightRenaming, rename_source_key
 
     mapping = _hf.weight_conversions(model, hf_quantizer) or []
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
@@ -198,7 +215,7 @@ def match_keys(model, hf_quantizer, inventory, quantized_weights: set[str]) -> K
     for key in sorted(tensors):
         renamed, converter = rename(key)
         if renamed in expected:
-            if checks.is_quant_state_key(key):
+            if is_quant_state_key(key):
                 continue  # folded into its weight by the bnb converter; quantization_config checks it
             if converter is not None:
                 first = converter.target_patterns[0]
@@ -213,8 +230,7 @@ def match_keys(model, hf_quantizer, inventory, quantized_weights: set[str]) -> K
                 match.mismatched.append((renamed, shape, expected[renamed]))
         else:
             match.unexpected.add(key)
-    missing = {k for k in expected if k not in match.ckpt_of and k not in match.converted
-               and not checks.is_quant_state_key(k)}
+    missing = {k for k in expected if k not in match.ckpt_of and k not in match.converted and not is_quant_state_key(k)}
 
     # Tying, as transformers' tie_weights does it while loading: one present half fills the other.
     ties = dict(getattr(model, "all_tied_weights_keys", None) or {})
@@ -245,50 +261,43 @@ def match_keys(model, hf_quantizer, inventory, quantized_weights: set[str]) -> K
 # ----------------------------------------------------------------------------- fast findings
 
 
-def _keep_fp32(model) -> set[str]:
-    return set(getattr(model, "_keep_in_fp32_modules", None) or ()) | \
-        set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-
-
-def prequantized_modules(raw_config: dict, report: Report) -> list[str] | None:
-    """Modules whose checkpoint weights must carry bnb quant state: those the quantizer converted,
-    when config.json declares a bitsandbytes quantization_config (a pre-quantized checkpoint)."""
-    qc = raw_config.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes":
-        return None
-    return [c.module for c in report.keys.converted]
-
-
 def fast_findings(ctx: Context) -> tuple[list[Finding], dict[str, str]]:
     """Compare the meta skeleton with the safetensors headers: keys, shapes, dtypes, quant state, ties.
 
     Returns the findings and the checks that could not run, with why.
     """
+    from qfinal.compat.transformers import keep_in_fp32_modules
+
     model, inventory, vcfg, report = ctx.model, ctx.inventory, ctx.config.validate_, ctx.report
     raw = read_config_json(ctx.source.folder)
-    findings = checks.inventory_findings(inventory)
+    findings = inventory_findings(inventory)
     if inventory.format != "safetensors":
         why = "fast mode reads safetensors headers only; pickle weights need the full mode"
         if inventory.files and report.command.endswith("--fast"):
-            findings.append(Finding(check="checkpoint_files", severity="warning",
-                                    message=f"pickle weights: {why} (run without --fast)"))
-        return findings, dict.fromkeys(checks.KEY_CHECKS, why)
+            findings.append(
+                Finding(
+                    check="checkpoint_files", severity="warning", message=f"pickle weights: {why} (run without --fast)"
+                )
+            )
+        return findings, dict.fromkeys(KEY_CHECKS, why)
     if not inventory.tensors:
-        return findings, dict.fromkeys(checks.KEY_CHECKS, "no safetensors header could be read")
+        return findings, dict.fromkeys(KEY_CHECKS, "no safetensors header could be read")
 
     modules = prequantized_modules(raw, report)
     quantized_weights = {f"{c.module}.weight" for c in report.keys.converted}
     match = match_keys(model, ctx.hf_quantizer, inventory, quantized_weights)
-    findings += checks.key_findings(match.missing, match.unexpected, match.mismatched,
-                                    vcfg.allow_missing, vcfg.allow_unexpected, match.unreadable)
-    findings += checks.dtype_findings(raw, inventory, _keep_fp32(model))
-    findings += checks.quantization_findings(raw, inventory, modules, match.present)
+    findings += key_findings(
+        match.missing, match.unexpected, match.mismatched, vcfg.allow_missing, vcfg.allow_unexpected, match.unreadable
+    )
+    findings += dtype_findings(raw, inventory, keep_in_fp32_modules(model))
+    findings += quantization_findings(raw, inventory, modules, match.present)
     shapes = {k: e.shape for k, e in inventory.tensors.items()}
-    findings += checks.tie_findings(checks.declared_ties(model), match.present, shapes=shapes)
+    findings += tie_findings(declared_ties(model), match.present, shapes=shapes)
 
     keys = report.keys
     keys.missing = sorted(match.missing)
     keys.unexpected = sorted(match.unexpected)
-    keys.mismatched = [MismatchedKey(key=k, checkpoint_shape=list(a), model_shape=list(b))
-                       for k, a, b in sorted(match.mismatched)]
+    keys.mismatched = [
+        MismatchedKey(key=k, checkpoint_shape=list(a), model_shape=list(b)) for k, a, b in sorted(match.mismatched)
+    ]
     return findings, {}

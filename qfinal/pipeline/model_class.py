@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
+from qfinal.compat.transformers import auto_model_class
 from qfinal.errors import ConfigError, SourceError
-
-TASK_MAPPINGS = {
-    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING",
-    "masked-lm": "MODEL_FOR_MASKED_LM_MAPPING",
-    "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING",
-    "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING",
-    "token-classification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING",
-    "question-answering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING",
-    "base": "MODEL_MAPPING",
-}
 
 
 def resolve_model_class(hf_config, model_class: str | None, task: str | None, where: str):
@@ -21,23 +12,33 @@ def resolve_model_class(hf_config, model_class: str | None, task: str | None, wh
     if model_class:
         cls = getattr(transformers, model_class, None)
         if cls is None or not hasattr(cls, "from_pretrained"):
-            raise ConfigError(f"unknown model class {model_class!r}", where="model_class",
-                              hint="use a transformers class name such as LlamaForCausalLM")
+            raise ConfigError(
+                f"unknown model class {model_class!r}",
+                where="model_class",
+                hint="use a transformers class name such as LlamaForCausalLM",
+            )
         return cls
     if task:
-        mapping = getattr(transformers, TASK_MAPPINGS[task])
         try:
-            return mapping[type(hf_config)]
+            return auto_model_class(task, hf_config)
         except KeyError:
-            raise ConfigError(f"model type {hf_config.model_type!r} has no {task} class", where="task",
-                              hint="pick another task or set model_class") from None
+            raise ConfigError(
+                f"model type {hf_config.model_type!r} has no {task} class",
+                where="task",
+                hint="pick another task or set model_class",
+            ) from None
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures:
-        raise SourceError("config.json has no 'architectures', so the model class is unknown", where=where,
-                          hint="set `task:` (e.g. causal-lm) or `model_class:` in the config")
+        raise SourceError(
+            "config.json has no 'architectures', so the model class is unknown",
+            where=where,
+            hint="set `task:` (e.g. causal-lm) or `model_class:` in the config",
+        )
     cls = getattr(transformers, architectures[0], None)
     if cls is None:
-        raise SourceError(f"architecture {architectures[0]!r} is not a transformers class", where=where,
-                          hint="custom-code models need `trust_remote_code: true` in the config, "
-                               "or set model_class")
+        raise SourceError(
+            f"architecture {architectures[0]!r} is not a transformers class",
+            where=where,
+            hint="custom-code models need `trust_remote_code: true` in the config, or set model_class",
+        )
     return cls

@@ -14,8 +14,16 @@ from qfinal.errors import ConfigError
 from qfinal.pipeline.context import Context, Stage, peak_rss_bytes
 from qfinal.report import StageRecord
 
-STAGE_NAMES = ("meta_init", "quantizer_preprocess", "checkpoint_dispatch", "postprocess",
-               "tie_weights", "adapter_load", "runtime", "validate")
+STAGE_NAMES = (
+    "meta_init",
+    "quantizer_preprocess",
+    "checkpoint_dispatch",
+    "postprocess",
+    "tie_weights",
+    "adapter_load",
+    "runtime",
+    "validate",
+)
 
 
 def default_stages() -> list[Stage]:
@@ -24,8 +32,9 @@ def default_stages() -> list[Stage]:
     return [cls() for cls in STAGES]
 
 
-def run_pipeline(ctx: Context, stages: list[Stage] | None = None,
-                 on_stage: Callable[[str], None] | None = None) -> Context:
+def run_pipeline(
+    ctx: Context, stages: list[Stage] | None = None, on_stage: Callable[[str], None] | None = None
+) -> Context:
     if ctx.prescan is None and (stages is None or any(s.name == "validate" for s in stages)):
         from qfinal.checkpoint.prescan import start_for
 
@@ -38,8 +47,7 @@ def run_pipeline(ctx: Context, stages: list[Stage] | None = None,
         names = [s.name for s in stages]
         stop_after = ctx.config.stop_after
         if stop_after is not None and stop_after not in names:
-            raise ConfigError(f"unknown stage {stop_after!r}", where="stop_after",
-                              hint="one of: " + ", ".join(names))
+            raise ConfigError(f"unknown stage {stop_after!r}", where="stop_after", hint="one of: " + ", ".join(names))
         for stage in stages:
             stage.check(ctx.config)
         _run_stages(ctx, stages, stop_after, on_stage)
@@ -50,13 +58,15 @@ def run_pipeline(ctx: Context, stages: list[Stage] | None = None,
     return ctx
 
 
-def _run_stages(ctx: Context, stages: list[Stage], stop_after: str | None,
-                on_stage: Callable[[str], None] | None) -> None:
+def _run_stages(
+    ctx: Context, stages: list[Stage], stop_after: str | None, on_stage: Callable[[str], None] | None
+) -> None:
     reached_end = False
     for stage in stages:
         if reached_end:
-            ctx.report.stages.append(StageRecord(name=stage.name, status="not reached",
-                                                 detail=f"stopped after {stop_after}"))
+            ctx.report.stages.append(
+                StageRecord(name=stage.name, status="not reached", detail=f"stopped after {stop_after}")
+            )
             continue
         if on_stage:
             on_stage(stage.name)
@@ -64,12 +74,23 @@ def _run_stages(ctx: Context, stages: list[Stage], stop_after: str | None,
         try:
             outcome = stage.run(ctx)
         except BaseException:
-            ctx.report.stages.append(StageRecord(name=stage.name, status="failed",
-                                                 seconds=time.perf_counter() - start,
-                                                 peak_rss_bytes=peak_rss_bytes()))
+            ctx.report.stages.append(
+                StageRecord(
+                    name=stage.name,
+                    status="failed",
+                    seconds=time.perf_counter() - start,
+                    peak_rss_bytes=peak_rss_bytes(),
+                )
+            )
             raise
-        ctx.report.stages.append(StageRecord(name=stage.name, status=outcome.status,
-                                             seconds=round(time.perf_counter() - start, 6),
-                                             peak_rss_bytes=peak_rss_bytes(), detail=outcome.detail))
+        ctx.report.stages.append(
+            StageRecord(
+                name=stage.name,
+                status=outcome.status,
+                seconds=round(time.perf_counter() - start, 6),
+                peak_rss_bytes=peak_rss_bytes(),
+                detail=outcome.detail,
+            )
+        )
         if stage.name == stop_after:
             reached_end = True

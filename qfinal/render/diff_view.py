@@ -9,12 +9,18 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from qfinal.compare.engine import Comparison, Tolerances, TensorDiff, _num, _tensor_fails
+from qfinal.compare.tensors import Comparison, TensorDiff, Tolerances, format_number, tensor_fails
 from qfinal.report import Report
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
-STATUS_STYLE = {"identical": "green", "different": "yellow", "dtype": "yellow", "shape": "bold red",
-                "only_a": "bold red", "only_b": "bold red"}
+STATUS_STYLE = {
+    "identical": "green",
+    "different": "yellow",
+    "dtype": "yellow",
+    "shape": "bold red",
+    "only_a": "bold red",
+    "only_b": "bold red",
+}
 
 
 def _shape(s) -> str:
@@ -37,8 +43,11 @@ def worst_tensors(comparison: Comparison, tolerances: Tolerances, top: int) -> l
 
 def _verdict(report: Report, comparison: Comparison) -> Text:
     if not report.ok:
-        return Text("DIFFERENT", "bold red") if any(
-            f.severity == "error" and f.check.startswith("diff_") for f in report.findings) else Text("FAILED", "bold red")
+        return (
+            Text("DIFFERENT", "bold red")
+            if any(f.severity == "error" and f.check.startswith("diff_") for f in report.findings)
+            else Text("FAILED", "bold red")
+        )
     if comparison.identical():
         return Text("IDENTICAL", "bold green")
     return Text("WITHIN TOLERANCES", "bold green")
@@ -50,7 +59,7 @@ CHART_ROWS = 60
 def error_chart(comparison: Comparison, rows: int = CHART_ROWS):
     """The relative error of every differing tensor, in checkpoint (so layer) order, as bars: where
     along the depth of the model the difference sits. Long lists keep the largest errors."""
-    from qfinal.compare.engine import rich_bars_table
+    from qfinal.render.bars import rich_bars_table
 
     differing = [t for t in comparison.tensors if not t.bit_identical and t.rel_error is not None]
     shown = differing
@@ -58,28 +67,47 @@ def error_chart(comparison: Comparison, rows: int = CHART_ROWS):
         largest = sorted(differing, key=lambda t: 0.0 if math.isnan(t.rel_error) else t.rel_error, reverse=True)
         keep = {id(t) for t in largest[:rows]}
         shown = [t for t in differing if id(t) in keep]
-    title = "Relative error by layer (" + (f"the {rows} largest of {len(differing)}" if len(shown) < len(differing)
-                                           else f"{len(differing)} differing tensor(s)") + ")"
+    title = (
+        "Relative error by layer ("
+        + (
+            f"the {rows} largest of {len(differing)}"
+            if len(shown) < len(differing)
+            else f"{len(differing)} differing tensor(s)"
+        )
+        + ")"
+    )
     return rich_bars_table(shown, title=title, width=20)
 
 
 def build(report: Report, comparison: Comparison, tolerances: Tolerances, *, top: int = 15) -> Group:
     parts: list = []
     data = report.extra.get("diff", {})
-    head = Text.assemble(("qfinal ", "bold"), ("diff", "bold cyan"), "  ", ("A ", "bold"),
-                         data.get("a", {}).get("argument", "?"), "  vs  ", ("B ", "bold"),
-                         data.get("b", {}).get("argument", "?"),
-                         f"  ({report.model_class or '?'}; quantization {report.quantization}; "
-                         f"dtype {report.dtype or '?'}; {data.get('mode', 'dequantized')} values)")
+    head = Text.assemble(
+        ("qfinal ", "bold"),
+        ("diff", "bold cyan"),
+        "  ",
+        ("A ", "bold"),
+        data.get("a", {}).get("argument", "?"),
+        "  vs  ",
+        ("B ", "bold"),
+        data.get("b", {}).get("argument", "?"),
+        f"  ({report.model_class or '?'}; quantization {report.quantization}; "
+        f"dtype {report.dtype or '?'}; {data.get('mode', 'dequantized')} values)",
+    )
     parts.append(head)
-    parts.append(Text("A is the candidate, B the reference: rel error = ||A−B|| / ||B||, KL = KL(p_B ‖ p_A).",
-                      style="dim"))
+    parts.append(
+        Text("A is the candidate, B the reference: rel error = ||A−B|| / ||B||, KL = KL(p_B ‖ p_A).", style="dim")
+    )
 
     counts: dict[str, int] = {}
     for t in comparison.tensors:
         counts[t.status] = counts.get(t.status, 0) + 1
-    parts.append(Text(f"{len(comparison.tensors)} tensors: " +
-                      ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in sorted(counts.items()))))
+    parts.append(
+        Text(
+            f"{len(comparison.tensors)} tensors: "
+            + ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in sorted(counts.items()))
+        )
+    )
 
     rows = worst_tensors(comparison, tolerances, top)
     if rows:
@@ -94,12 +122,19 @@ def build(report: Report, comparison: Comparison, tolerances: Tolerances, *, top
             table.add_column(col, justify="right", no_wrap=True)
         table.add_column("", no_wrap=True)
         for t in rows:
-            ok = not _tensor_fails(t, tolerances)
-            table.add_row(Text(t.name), Text(t.status.replace("_", " "), STATUS_STYLE.get(t.status, "")),
-                          _pair(_shape(t.shape_a) + (" (T)" if t.aligned == "a" else ""),
-                                _shape(t.shape_b) + (" (T)" if t.aligned == "b" else "")),
-                          _pair(t.dtype_a or "-", t.dtype_b or "-"), _num(t.max_abs), _num(t.rel_error),
-                          Text("ok", "green") if ok else Text("FAIL", "bold red"))
+            ok = not tensor_fails(t, tolerances)
+            table.add_row(
+                Text(t.name),
+                Text(t.status.replace("_", " "), STATUS_STYLE.get(t.status, "")),
+                _pair(
+                    _shape(t.shape_a) + (" (T)" if t.aligned == "a" else ""),
+                    _shape(t.shape_b) + (" (T)" if t.aligned == "b" else ""),
+                ),
+                _pair(t.dtype_a or "-", t.dtype_b or "-"),
+                format_number(t.max_abs),
+                format_number(t.rel_error),
+                Text("ok", "green") if ok else Text("FAIL", "bold red"),
+            )
         parts.append(table)
         parts.append(error_chart(comparison))
     else:
@@ -114,46 +149,71 @@ def build(report: Report, comparison: Comparison, tolerances: Tolerances, *, top
         def row(name, value, tol_text, ok):
             table.add_row(name, value, tol_text, Text("ok", "green") if ok else Text("BEYOND", "bold red"))
 
-        row("logits max abs", _num(o.logits_max_abs), f"<= {_num(tolerances.logits_max_abs)}",
-            o.logits_max_abs <= tolerances.logits_max_abs)
+        row(
+            "logits max abs",
+            format_number(o.logits_max_abs),
+            f"<= {format_number(tolerances.logits_max_abs)}",
+            o.logits_max_abs <= tolerances.logits_max_abs,
+        )
         kl_ok = tolerances.max_kl is None or o.kl_divergence <= tolerances.max_kl
-        row("KL(p_B ‖ p_A) mean", _num(o.kl_divergence),
-            "not judged" if tolerances.max_kl is None else f"<= {_num(tolerances.max_kl)}", kl_ok)
-        row("top-1 agreement", f"{o.top1_agreement:.4f}", f">= {tolerances.min_top1:g}",
-            o.top1_agreement >= tolerances.min_top1)
+        row(
+            "KL(p_B ‖ p_A) mean",
+            format_number(o.kl_divergence),
+            "not judged" if tolerances.max_kl is None else f"<= {format_number(tolerances.max_kl)}",
+            kl_ok,
+        )
+        row(
+            "top-1 agreement",
+            f"{o.top1_agreement:.4f}",
+            f">= {tolerances.min_top1:g}",
+            o.top1_agreement >= tolerances.min_top1,
+        )
         parts.append(table)
     elif comparison.output_note:
         parts.append(Text(f"Outputs not compared: {comparison.output_note}", "yellow"))
 
     # Findings that the tables above do not already show: the sides' own load findings, key lists.
-    shown = [f for f in report.findings if f.severity != "info"
-             and not (f.check in ("diff_tensors", "diff_logits"))
-             and not (f.check == "diff_keys" and f.key is not None)]
+    shown = [
+        f
+        for f in report.findings
+        if f.severity != "info"
+        and f.check not in ("diff_tensors", "diff_logits")
+        and not (f.check == "diff_keys" and f.key is not None)
+    ]
     if shown:
         table = Table(title="Findings", title_justify="left")
         for col in ("severity", "check", "key", "message"):
             table.add_column(col)
         for f in shown[:25]:
-            table.add_row(Text(f.severity, SEVERITY_STYLE[f.severity]), f.check,
-                          escape(ascii(f.key)[1:-1]) if f.key else "-", escape(f.message))
+            table.add_row(
+                Text(f.severity, SEVERITY_STYLE[f.severity]),
+                f.check,
+                escape(ascii(f.key)[1:-1]) if f.key else "-",
+                escape(f.message),
+            )
         if len(shown) > 25:
             table.add_row(f"… {len(shown) - 25} more (see --json)", "", "", "")
         parts.append(table)
 
     errors = sum(f.severity == "error" for f in report.findings)
     warnings = sum(f.severity == "warning" for f in report.findings)
-    tol_text = ("exact equality" if tolerances == Tolerances() else
-                f"max abs {_num(tolerances.max_abs)}, rel error {_num(tolerances.rel_error)}, logits max abs "
-                f"{_num(tolerances.logits_max_abs)}, top-1 >= {tolerances.min_top1:g}"
-                + ("" if tolerances.max_kl is None else f", KL <= {_num(tolerances.max_kl)}")
-                + (", dtype changes allowed" if tolerances.allow_dtype_change else ""))
-    parts.append(Text.assemble(_verdict(report, comparison), f"  tolerances: {tol_text}; "
-                               f"{errors} error(s), {warnings} warning(s)"))
+    tol_text = (
+        "exact equality"
+        if tolerances == Tolerances()
+        else f"max abs {format_number(tolerances.max_abs)}, rel error {format_number(tolerances.rel_error)}, "
+        f"logits max abs {format_number(tolerances.logits_max_abs)}, top-1 >= {tolerances.min_top1:g}"
+        + ("" if tolerances.max_kl is None else f", KL <= {format_number(tolerances.max_kl)}")
+        + (", dtype changes allowed" if tolerances.allow_dtype_change else "")
+    )
+    parts.append(
+        Text.assemble(
+            _verdict(report, comparison), f"  tolerances: {tol_text}; {errors} error(s), {warnings} warning(s)"
+        )
+    )
     return Group(*parts)
 
 
-def render(report: Report, comparison: Comparison, tolerances: Tolerances, console: Console, *,
-           top: int = 15) -> None:
+def render(report: Report, comparison: Comparison, tolerances: Tolerances, console: Console, *, top: int = 15) -> None:
     console.print(build(report, comparison, tolerances, top=top))
 
 

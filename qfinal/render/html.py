@@ -12,10 +12,10 @@ import math
 from collections.abc import Sequence
 from html import escape
 
-from qfinal.compare.engine import Comparison, LayerQuality, TensorDiff, _num, module_type_of, parse_layer
+from qfinal.compare.layers import LayerQuality, module_type_of, parse_layer
+from qfinal.compare.tensors import Comparison, TensorDiff, format_number
 
-PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
-           "#9c755f", "#bab0ac"]
+PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem;color:#222}
@@ -69,10 +69,14 @@ def svg_chart(rows: list[_Row], *, width: int = 860, bar_h: int = 14, label_w: i
     plot_w = width - label_w - 90
     top_pad = 18
     height = top_pad + len(rows) * bar_h + 6
-    out = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-           f'aria-label="relative error by layer and module type">']
-    out.append(f'<text x="{label_w}" y="12">0</text>'
-               f'<text x="{label_w + plot_w}" y="12" text-anchor="end">{escape(_num(top))}</text>')
+    out = [
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="relative error by layer and module type">'
+    ]
+    out.append(
+        f'<text x="{label_w}" y="12">0</text>'
+        f'<text x="{label_w + plot_w}" y="12" text-anchor="end">{escape(format_number(top))}</text>'
+    )
     group, band = None, 0
     for i, r in enumerate(rows):
         y = top_pad + i * bar_h
@@ -86,11 +90,13 @@ def svg_chart(rows: list[_Row], *, width: int = 860, bar_h: int = 14, label_w: i
         else:
             w, fill = (plot_w * r.value / top if top > 0 else 0.0), color[r.mtype]
         label = r.label if len(r.label) <= 48 else "…" + r.label[-47:]
-        tip = f"{r.label}: rel error {_num(r.value)}"
-        out.append(f'<g><title>{escape(tip)}</title>'
-                   f'<text x="{label_w - 6}" y="{y + bar_h - 3}" text-anchor="end">{escape(label)}</text>'
-                   f'<rect x="{label_w}" y="{y + 2}" width="{w:.2f}" height="{bar_h - 4}" fill="{fill}"/>'
-                   f'<text x="{label_w + w + 4:.2f}" y="{y + bar_h - 3}">{escape(_num(r.value))}</text></g>')
+        tip = f"{r.label}: rel error {format_number(r.value)}"
+        out.append(
+            f"<g><title>{escape(tip)}</title>"
+            f'<text x="{label_w - 6}" y="{y + bar_h - 3}" text-anchor="end">{escape(label)}</text>'
+            f'<rect x="{label_w}" y="{y + 2}" width="{w:.2f}" height="{bar_h - 4}" fill="{fill}"/>'
+            f'<text x="{label_w + w + 4:.2f}" y="{y + bar_h - 3}">{escape(format_number(r.value))}</text></g>'
+        )
     out.append(f'<line x1="{label_w}" y1="{top_pad}" x2="{label_w}" y2="{height - 6}" stroke="#888"/>')
     out.append("</svg>")
     legend = "".join(f'<span><i style="background:{color[t]}"></i>{escape(t)}</span>' for t in types)
@@ -99,7 +105,7 @@ def svg_chart(rows: list[_Row], *, width: int = 860, bar_h: int = 14, label_w: i
 
 def _cell(x, num=False) -> str:
     if num:
-        return f'<td class="num">{escape(_num(x))}</td>'
+        return f'<td class="num">{escape(format_number(x))}</td>'
     return f"<td>{escape('' if x is None else str(x))}</td>"
 
 
@@ -107,29 +113,38 @@ def _comparison_body(c: Comparison) -> str:
     counts: dict[str, int] = {}
     for t in c.tensors:
         counts[t.status] = counts.get(t.status, 0) + 1
-    verdict = ('<p class="ok">Identical: every tensor bit-identical.</p>' if c.identical()
-               else '<p class="bad">Not identical.</p>')
+    verdict = (
+        '<p class="ok">Identical: every tensor bit-identical.</p>'
+        if c.identical()
+        else '<p class="bad">Not identical.</p>'
+    )
     parts = [verdict, "<h2>Summary</h2><table><tr><th>status</th><th>tensors</th></tr>"]
     parts += [f"<tr>{_cell(k)}{_cell(v)}</tr>" for k, v in sorted(counts.items())]
     parts.append("</table>")
     if c.output is not None:
         o = c.output
-        parts.append("<h2>Outputs on the probe batch (A = candidate, B = reference)</h2><table>"
-                     f"<tr><th>logits max abs</th>{_cell(o.logits_max_abs, True)}</tr>"
-                     f"<tr><th>KL(p_B || p_A), mean per position</th>{_cell(o.kl_divergence, True)}</tr>"
-                     f"<tr><th>top-1 agreement</th><td class=\"num\">{o.top1_agreement:.4f}</td></tr>"
-                     f"<tr><th>positions</th>{_cell(o.positions, True)}</tr></table>")
+        parts.append(
+            "<h2>Outputs on the probe batch (A = candidate, B = reference)</h2><table>"
+            f"<tr><th>logits max abs</th>{_cell(o.logits_max_abs, True)}</tr>"
+            f"<tr><th>KL(p_B || p_A), mean per position</th>{_cell(o.kl_divergence, True)}</tr>"
+            f'<tr><th>top-1 agreement</th><td class="num">{o.top1_agreement:.4f}</td></tr>'
+            f"<tr><th>positions</th>{_cell(o.positions, True)}</tr></table>"
+        )
     elif c.output_note:
         parts.append(f"<p>Outputs not compared: {escape(c.output_note)}</p>")
     parts.append("<h2>Relative error by layer and module type</h2>")
     parts.append(svg_chart(_rows_from(c)))
-    parts.append("<h2>Tensors</h2><table><tr><th>name</th><th>status</th><th>shape A</th><th>shape B</th>"
-                 "<th>dtype A</th><th>dtype B</th><th>max abs</th><th>rel error</th></tr>")
+    parts.append(
+        "<h2>Tensors</h2><table><tr><th>name</th><th>status</th><th>shape A</th><th>shape B</th>"
+        "<th>dtype A</th><th>dtype B</th><th>max abs</th><th>rel error</th></tr>"
+    )
     for t in c.tensors:
         cls = "" if t.status == "identical" else ' class="bad"'
-        parts.append(f"<tr{cls}>{_cell(t.name)}{_cell(t.status)}{_cell(_shape(t.shape_a))}"
-                     f"{_cell(_shape(t.shape_b))}{_cell(t.dtype_a)}{_cell(t.dtype_b)}"
-                     f"{_cell(t.max_abs, True)}{_cell(t.rel_error, True)}</tr>")
+        parts.append(
+            f"<tr{cls}>{_cell(t.name)}{_cell(t.status)}{_cell(_shape(t.shape_a))}"
+            f"{_cell(_shape(t.shape_b))}{_cell(t.dtype_a)}{_cell(t.dtype_b)}"
+            f"{_cell(t.max_abs, True)}{_cell(t.rel_error, True)}</tr>"
+        )
     parts.append("</table>")
     return "\n".join(parts)
 
@@ -140,14 +155,22 @@ def _shape(s) -> str:
 
 def _quality_body(rows: Sequence[LayerQuality]) -> str:
     finite = [r.rel_error for r in rows if math.isfinite(r.rel_error)]
-    summary = (f"<p>{len(rows)} quantized modules; rel error mean {escape(_num(sum(finite) / len(finite)))}, "
-               f"max {escape(_num(max(finite)))}.</p>" if finite else f"<p>{len(rows)} quantized modules.</p>")
+    summary = (
+        f"<p>{len(rows)} quantized modules; rel error mean {escape(format_number(sum(finite) / len(finite)))}, "
+        f"max {escape(format_number(max(finite)))}.</p>"
+        if finite
+        else f"<p>{len(rows)} quantized modules.</p>"
+    )
     parts = [summary, "<h2>Relative error by layer and module type</h2>", svg_chart(_rows_from(rows))]
-    parts.append("<h2>Modules</h2><table><tr><th>module</th><th>layer</th><th>type</th><th>quant</th>"
-                 "<th>shape</th><th>max abs</th><th>rel error</th></tr>")
+    parts.append(
+        "<h2>Modules</h2><table><tr><th>module</th><th>layer</th><th>type</th><th>quant</th>"
+        "<th>shape</th><th>max abs</th><th>rel error</th></tr>"
+    )
     for r in rows:
-        parts.append(f"<tr>{_cell(r.name)}{_cell(r.layer)}{_cell(r.module_type)}{_cell(r.quant)}"
-                     f"{_cell(_shape(r.shape))}{_cell(r.max_abs, True)}{_cell(r.rel_error, True)}</tr>")
+        parts.append(
+            f"<tr>{_cell(r.name)}{_cell(r.layer)}{_cell(r.module_type)}{_cell(r.quant)}"
+            f"{_cell(_shape(r.shape))}{_cell(r.max_abs, True)}{_cell(r.rel_error, True)}</tr>"
+        )
     parts.append("</table>")
     return "\n".join(parts)
 
@@ -164,5 +187,7 @@ def render_html(comparison_or_quality: Comparison | Sequence[LayerQuality], titl
     else:
         raise TypeError(f"render_html expects a Comparison or a list of LayerQuality, got {type(obj).__name__}")
     t = escape(title)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{t}</title><style>{CSS}</style></head>\n<body><h1>{t}</h1>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{t}</title><style>{CSS}</style></head>\n<body><h1>{t}</h1>\n{body}\n</body></html>\n"
+    )

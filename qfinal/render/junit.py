@@ -46,13 +46,24 @@ def to_junit(report: Report, fail_on: Severity = "error") -> str:
     skipped = {c: why for c, why in (report.extra.get("skipped_checks") or {}).items() if c not in ran}
     classname = "qfinal." + report.command.replace(" --", ".").replace(" ", ".")
     seconds = sum(s.seconds for s in report.stages)
-    suite = ET.Element("testsuite", name=classname, tests=str(len(ran) + len(skipped)),
-                       failures="0", errors="0", skipped=str(len(skipped)), time=f"{seconds:.3f}",
-                       timestamp=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-                       hostname=_xml_text(socket.gethostname() or "localhost"))
+    suite = ET.Element(
+        "testsuite",
+        name=classname,
+        tests=str(len(ran) + len(skipped)),
+        failures="0",
+        errors="0",
+        skipped=str(len(skipped)),
+        time=f"{seconds:.3f}",
+        timestamp=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        hostname=_xml_text(socket.gethostname() or "localhost"),
+    )
     props = ET.SubElement(suite, "properties")
-    for name, value in (("source", report.source), ("model_class", report.model_class or ""),
-                        ("quantization", report.quantization), ("fail_on", fail_on)):
+    for name, value in (
+        ("source", report.source),
+        ("model_class", report.model_class or ""),
+        ("quantization", report.quantization),
+        ("fail_on", fail_on),
+    ):
         ET.SubElement(props, "property", name=name, value=_xml_text(str(value)))
     failures = 0
     for check in ran:
@@ -61,8 +72,9 @@ def to_junit(report: Report, fail_on: Severity = "error") -> str:
         if failing:
             failures += 1
             first = failing[0]
-            summary = f"{check}: {len(failing)} finding(s); first: " + (f"{first.key}: " if first.key else "") + \
-                first.message
+            summary = (
+                f"{check}: {len(failing)} finding(s); first: " + (f"{first.key}: " if first.key else "") + first.message
+            )
             failure = ET.SubElement(case, "failure", message=_xml_text(summary[:MAX_MESSAGE]), type=check)
             failure.text = _lines(failing)
         failing_ids = {id(f) for f in failing}
@@ -73,8 +85,15 @@ def to_junit(report: Report, fail_on: Severity = "error") -> str:
         case = ET.SubElement(suite, "testcase", classname=classname, name=check, time="0")
         ET.SubElement(case, "skipped", message=_xml_text(str(why)))
     suite.set("failures", str(failures))
-    suites = ET.Element("testsuites", name="qfinal", tests=suite.get("tests"), failures=str(failures),
-                        errors="0", skipped=str(len(skipped)), time=suite.get("time"))
+    suites = ET.Element(
+        "testsuites",
+        name="qfinal",
+        tests=suite.get("tests"),
+        failures=str(failures),
+        errors="0",
+        skipped=str(len(skipped)),
+        time=suite.get("time"),
+    )
     suites.append(suite)
     ET.indent(suites)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"

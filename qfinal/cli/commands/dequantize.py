@@ -13,7 +13,9 @@ def dequantize(
     dtype: Annotated[str, typer.Option(help="float16|bfloat16|float32.")] = "float16",
     max_shard_size: ShardOpt = "2GB",
     verify: Annotated[bool, typer.Option("--verify", help="Reload OUT with plain transformers and compare.")] = False,
-    force: ForceOpt = False, json: JsonOpt = None, quiet: QuietOpt = False,
+    force: ForceOpt = False,
+    json: JsonOpt = None,
+    quiet: QuietOpt = False,
 ) -> int:
     """Stream a bnb checkpoint back to plain fp16/bf16/fp32 safetensors, shard by shard."""
     from qfinal.errors import ConfigError
@@ -22,12 +24,23 @@ def dequantize(
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"unknown dtype {dtype!r}", where="--dtype", hint="use float16, bfloat16 or float32")
     parse_size(max_shard_size)  # refuse a bad size before torch is imported
-    from qfinal.ops.dequantize import run_dequantize
     from qfinal.cli.output import Output, quiet_libraries
+    from qfinal.ops.dequantize import run_dequantize
 
     output = Output(json_path=json, quiet=quiet)
     quiet_libraries()
-    report = run_dequantize(source, out, dtype=dtype, max_shard_size=max_shard_size, verify=verify, force=force,
-                            progress_console=output.err if output.interactive else None)
+    steps = ["dequantize", "verify"] if verify else ["dequantize"]
+    with output.stages(steps) as on_step:
+        progress = (lambda done, total: on_step.within(done, total, "tensors written")) if on_step else None
+        report = run_dequantize(
+            source,
+            out,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            verify=verify,
+            force=force,
+            on_step=on_step,
+            progress=progress,
+        )
     output.report(report)
     raise typer.Exit(0 if report.ok else 1)

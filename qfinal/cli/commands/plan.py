@@ -4,24 +4,38 @@ from typing import Annotated
 
 import typer
 
-from qfinal.cli.options import (ConfigOpt, DeviceMapOpt, DoubleQuantOpt, DtypeOpt, JsonOpt, MaxMemoryOpt, OffloadOpt,
-                   QuantizeOpt, QuietOpt, load_overrides)
+from qfinal.cli.options import (
+    ConfigOpt,
+    DeviceMapOpt,
+    DoubleQuantOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxMemoryOpt,
+    OffloadOpt,
+    QuantizeOpt,
+    QuietOpt,
+    run_config,
+)
 
 
 def plan(
     source: Annotated[str, typer.Argument(help="Model folder, a hub id in the local cache, or 'demo'.")],
-    config: ConfigOpt = None, quantize: QuantizeOpt = None, double_quant: DoubleQuantOpt = None,
-    dtype: DtypeOpt = None, device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None,
-    offload_folder: OffloadOpt = None, json: JsonOpt = None, quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+    quantize: QuantizeOpt = None,
+    double_quant: DoubleQuantOpt = None,
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
+    json: JsonOpt = None,
+    quiet: QuietOpt = False,
 ) -> int:
     """What a load would do and cost, reading no tensor data (same as `load --dry-run`)."""
-    from qfinal.config import build_config
     from qfinal.cli.output import Output, quiet_libraries
     from qfinal.ops.plan import plan as run_plan
 
     out = Output(json_path=json, quiet=quiet)
-    cfg = build_config(config, **load_overrides(quantize, double_quant, dtype, device_map, max_memory,
-                                                offload_folder, None, False, False))
+    cfg = run_config(config, locals())
     quiet_libraries()
     report = run_plan(source, cfg)
     out.report(report)

@@ -4,7 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from qfinal.cli.options import AllowPickleOpt, ConfigOpt, JsonOpt, QuietOpt
+from qfinal.cli.options import AdapterOpt, AllowPickleOpt, ConfigOpt, JsonOpt, MergeOpt, QuietOpt, run_config
 
 
 def validate(
@@ -13,10 +13,17 @@ def validate(
     fast: Annotated[bool, typer.Option("--fast", help="Headers and index only; never read tensor data.")] = False,
     json: JsonOpt = None,
     junit: Annotated[Optional[str], typer.Option("--junit", help="Write JUnit XML to FILE.")] = None,
-    fail_on: Annotated[Optional[str], typer.Option(
-        help="error|warning: the lowest severity that fails (default: validate.fail_on, else error).",
-        show_default=False)] = None,
-    allow_pickle: AllowPickleOpt = False, quiet: QuietOpt = False,
+    fail_on: Annotated[
+        Optional[str],
+        typer.Option(
+            help="error|warning: the lowest severity that fails (default: validate.fail_on, else error).",
+            show_default=False,
+        ),
+    ] = None,
+    adapter: AdapterOpt = None,
+    merge: MergeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    quiet: QuietOpt = False,
 ) -> int:
     """Check SOURCE and exit 1 when a finding at or above --fail-on stands (a CI gate).
 
@@ -24,18 +31,18 @@ def validate(
     option cannot be used. Checkpoint defects (missing shards, bad headers, index disagreements)
     are failed checks, exit 1.
     """
-    from qfinal.config import build_config
-    from qfinal.errors import ConfigError
     from qfinal.checkpoint.sources import resolve_source
+    from qfinal.errors import ConfigError
 
     if fail_on is not None and fail_on not in ("error", "warning"):
         raise ConfigError(f"unknown level {fail_on!r}", where="--fail-on", hint="use error or warning")
-    cfg = build_config(config)
+    cfg = run_config(config, locals())
     level = fail_on or cfg.validate_.fail_on
     src = resolve_source(source)  # a missing path fails before torch is imported
 
     from qfinal.cli.output import Output, quiet_libraries
-    from qfinal.ops.validate import FAST_STAGES, validate as run_validate
+    from qfinal.ops.validate import FAST_STAGES
+    from qfinal.ops.validate import validate as run_validate
 
     out = Output(json_path=json, quiet=quiet)
     quiet_libraries()

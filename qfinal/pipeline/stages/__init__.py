@@ -9,5 +9,4 @@ from qfinal.pipeline.stages.runtime import Runtime
 from qfinal.pipeline.stages.tie_weights import TieWeights
 from qfinal.pipeline.stages.validate import Validate
 
-STAGES = [MetaInit, QuantizerPreprocess, CheckpointDispatch, Postprocess, TieWeights, AdapterLoad,
-          Runtime, Validate]
+STAGES = [MetaInit, QuantizerPreprocess, CheckpointDispatch, Postprocess, TieWeights, AdapterLoad, Runtime, Validate]

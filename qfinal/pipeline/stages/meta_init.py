@@ -4,81 +4,66 @@ from __future__ import annotations
 
 import copy
 
+from qfinal.checkpoint.inventory import inspect_checkpoint
 from qfinal.compat import transformers as _hf
 from qfinal.errors import SourceError
-from qfinal.pipeline.model_class import resolve_model_class
+from qfinal.formats.bnb import BITSANDBYTES
 from qfinal.pipeline.context import Context, Outcome
-from qfinal.formats.bnb import bnb_config_for
-from qfinal.checkpoint.inventory import inspect_checkpoint
-from qfinal.checkpoint.sources import read_config_json
+from qfinal.pipeline.model_class import resolve_model_class
 from qfinal.pipeline.stages.base import BaseStage
 
 
-def load_hf_config(folder, trust_remote_code: bool):
+def load_hf_config(folder, raw: dict, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    raw = read_config_json(folder)
     if "model_type" not in raw:
-        raise SourceError("config.json has no 'model_type'", where=str(folder / "config.json"),
-                          hint="regenerate it with save_pretrained")
+        raise SourceError(
+            "config.json has no 'model_type'",
+            where=str(folder / "config.json"),
+            hint="regenerate it with save_pretrained",
+        )
     try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code,
-                                          local_files_only=True)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
     except ValueError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SourceError(f"config.json cannot be read by transformers: {first}",
-                          where=str(folder / "config.json"),
-                          hint="check model_type; custom code needs trust_remote_code: true") from None
+        raise SourceError(
+            f"config.json cannot be read by transformers: {first}",
+            where=str(folder / "config.json"),
+            hint="check model_type; custom code needs trust_remote_code: true",
+        ) from None
 
 
 class MetaInit(BaseStage):
     name = "meta_init"
-
-    @staticmethod
-    def _build(ctx: Context, hf_config, dtype, is_quantized: bool):
-        """The skeleton, with the requested attention implementation when it is available here.
-
-        Like `from_pretrained(attn_implementation=...)`, the request is set on the config before
-        the model is built; transformers refuses one it cannot run (flash-attn not installed, no
-        GPU), and then qfinal builds with the default and records the fallback as a finding.
-        """
-        requested = ctx.config.runtime.attn_implementation
-        if requested is None:
-            return _hf.build_skeleton(ctx.model_class, hf_config, dtype, is_quantized)
-        default = hf_config._attn_implementation
-        hf_config._attn_implementation = requested
-        try:
-            return _hf.build_skeleton(ctx.model_class, hf_config, dtype, is_quantized)
-        except (ImportError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            ctx.scratch["attn_fallback"] = reason
-            hf_config._attn_implementation = default
-            return _hf.build_skeleton(ctx.model_class, hf_config, dtype, is_quantized)
 
     def run(self, ctx: Context) -> Outcome:
         import torch
 
         folder = ctx.source.folder
         cfg = ctx.config
-        hf_config = load_hf_config(folder, cfg.trust_remote_code)
+        hf_config = load_hf_config(folder, ctx.config_json(), cfg.trust_remote_code)
         ctx.model_class = resolve_model_class(hf_config, cfg.model_class, cfg.task, str(folder / "config.json"))
         ctx.inventory = inspect_checkpoint(folder, allow_pickle=ctx.allow_pickle, confine_to=ctx.source.confine_to)
-        if not ctx.scratch.get("tolerate_checkpoint_problems"):
+        if not ctx.tolerate_checkpoint_problems:
             ctx.inventory.raise_for_problems()
 
         device_map = _hf.check_and_set_device_map(cfg.device_map)
-        quantization_config = bnb_config_for(cfg.quantize)
-        hf_quantizer, hf_config, device_map = _hf.get_hf_quantizer(
-            hf_config, quantization_config, device_map, True, {})
+        quantization_config = BITSANDBYTES.quantizer_config(cfg.quantize)
+        hf_quantizer, hf_config, device_map = _hf.get_hf_quantizer(hf_config, quantization_config, device_map, True, {})
         files = [str(p) for p in ctx.inventory.files]
         dtype = cfg.dtype if cfg.dtype != "auto" else "auto"
-        hf_config, dtype = _hf.resolve_dtype(dtype, files, hf_config, ctx.inventory.sharded_metadata,
-                                             None, True, hf_quantizer)
+        hf_config, dtype = _hf.resolve_dtype(
+            dtype, files, hf_config, ctx.inventory.sharded_metadata, None, True, hf_quantizer
+        )
         hf_config.name_or_path = str(folder)
         hf_config = copy.deepcopy(hf_config)
 
         ctx.hf_config, ctx.hf_quantizer, ctx.device_map, ctx.dtype = hf_config, hf_quantizer, device_map, dtype
-        ctx.model = self._build(ctx, hf_config, dtype, hf_quantizer is not None)
+        # Like `from_pretrained(attn_implementation=...)`: set before the model is built; one
+        # transformers cannot run here falls back to the default, recorded as a finding by runtime.
+        ctx.model, ctx.attn_fallback = _hf.build_skeleton_with_attention(
+            ctx.model_class, hf_config, dtype, hf_quantizer is not None, cfg.runtime.attn_implementation
+        )
         ctx.original_classes = {n: type(m).__name__ for n, m in ctx.model.named_modules()}
 
         report = ctx.report
@@ -88,5 +73,8 @@ class MetaInit(BaseStage):
         n_params = sum(p.numel() for p in ctx.model.parameters())
         on_meta = all(p.device == torch.device("meta") for p in ctx.model.parameters())
         where = "meta" if on_meta else "materialized"
-        return Outcome("ran", f"{ctx.model_class.__name__}, {n_params:,} parameters on {where}, "
-                              f"{len(files)} {ctx.inventory.format} file(s)")
+        return Outcome(
+            "ran",
+            f"{ctx.model_class.__name__}, {n_params:,} parameters on {where}, "
+            f"{len(files)} {ctx.inventory.format} file(s)",
+        )

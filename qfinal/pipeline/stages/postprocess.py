@@ -28,17 +28,19 @@ class Postprocess(BaseStage):
             if ctx.config.dequantize:
                 from qfinal.errors import CheckpointError
 
-                raise CheckpointError("dequantize: the checkpoint is not bitsandbytes-quantized",
-                                      where=str(ctx.source.folder / "config.json"),
-                                      hint="dequantize reads nf4/fp4/int8 checkpoints; drop dequantize")
+                raise CheckpointError(
+                    "dequantize: the checkpoint is not bitsandbytes-quantized",
+                    where=str(ctx.source.folder / "config.json"),
+                    hint="dequantize reads nf4/fp4/int8 checkpoints; drop dequantize",
+                )
             return Outcome("nothing to do", "model in eval mode; no quantizer to finalize")
         model.hf_quantizer = q
         q.postprocess_model(model)
         if not ctx.config.dequantize:
             return Outcome("ran", "quantizer finalized; model in eval mode")
-        from qfinal.formats.bnb import dequantize_in_memory
+        from qfinal.formats.bnb import BITSANDBYTES
 
-        detail = dequantize_in_memory(model, ctx.dtype, ctx.original_classes)
+        detail = BITSANDBYTES.dequantize_in_memory(model, ctx.dtype, ctx.original_classes)
         ctx.hf_quantizer = None
         ctx.dequantized = True
         ctx.report.quantization = "none (dequantized)"

@@ -4,26 +4,33 @@ from __future__ import annotations
 
 from collections import Counter
 
+from qfinal.formats.bnb import BITSANDBYTES
 from qfinal.pipeline.context import Context, Outcome
-from qfinal.formats.bnb import converted_and_skipped, describe_method
-from qfinal.report import ConvertedModule, SkippedModule
 from qfinal.pipeline.stages.base import BaseStage
+from qfinal.report import ConvertedModule, SkippedModule
 
 
 class QuantizerPreprocess(BaseStage):
     name = "quantizer_preprocess"
 
     def run(self, ctx: Context) -> Outcome:
-        ctx.report.quantization = describe_method(ctx.hf_quantizer)
+        ctx.report.quantization = BITSANDBYTES.describe_method(ctx.hf_quantizer)
         if ctx.hf_quantizer is None:
             status = "skipped by request" if ctx.config.quantize.method == "none" else "nothing to do"
             return Outcome(status, "no quantization requested and the checkpoint is not quantized")
         from qfinal.compat import transformers as _hf
 
-        _hf.quantizer_preprocess(ctx.hf_quantizer, ctx.model, ctx.model_class, ctx.dtype, ctx.device_map,
-                                 [str(p) for p in ctx.inventory.files])
-        converted, skipped = converted_and_skipped(ctx.model, ctx.original_classes, ctx.hf_quantizer,
-                                                   ctx.config.quantize.skip_modules)
+        _hf.quantizer_preprocess(
+            ctx.hf_quantizer,
+            ctx.model,
+            ctx.model_class,
+            ctx.dtype,
+            ctx.device_map,
+            [str(p) for p in ctx.inventory.files],
+        )
+        converted, skipped = BITSANDBYTES.converted_and_skipped(
+            ctx.model, ctx.original_classes, ctx.hf_quantizer, ctx.config.quantize.skip_modules
+        )
         ctx.report.keys.converted = [ConvertedModule.model_validate(c) for c in converted]
         ctx.report.keys.skipped = [SkippedModule.model_validate(s) for s in skipped]
         counts = Counter(f"{c['from']}->{c['to']}" for c in converted)

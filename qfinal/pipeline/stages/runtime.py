@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import time
 
+from qfinal.adapters.peft_model import base_model_of, is_peft_model, train_adapters
+from qfinal.compat import transformers as _hf
 from qfinal.pipeline.context import Context, Outcome
-from qfinal.report import Finding
 from qfinal.pipeline.stages.base import BaseStage
+from qfinal.report import Finding
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -24,16 +26,6 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, total
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def freeze_for_adapter_training(model) -> None:
-    """Only LoRA (and modules_to_save) parameters train; the base stays frozen."""
-    for name, p in model.named_parameters():
-        p.requires_grad_(("lora_" in name) or ("modules_to_save" in name))
-
-
 def attention_in_use(model) -> str | None:
     """The attention implementation the model's attention modules will dispatch to.
 
@@ -41,12 +33,12 @@ def attention_in_use(model) -> str | None:
     module holding a config is read, not just the top-level one: a sub-config left on another
     implementation shows up as "mixed: ..." (naming the odd modules) instead of passing unseen.
     """
-    top = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    top = _hf.attn_implementation(getattr(model, "config", None))
     odd: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         if not name.lower().endswith(("attn", "attention")):
             continue
-        used = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        used = _hf.attn_implementation(getattr(module, "config", None))
         if used is not None and used != top:
             odd.setdefault(used, []).append(name)
     if not odd:
@@ -68,8 +60,8 @@ class Runtime(BaseStage):
             notes.append("eval mode, dropout off")
         else:
             model.train()
-            if _is_peft(model):
-                freeze_for_adapter_training(model)
+            if is_peft_model(model):
+                train_adapters(model)
                 notes.append("train mode, base frozen, adapters trainable")
             else:
                 notes.append("train mode")
@@ -79,19 +71,28 @@ class Runtime(BaseStage):
         used = attention_in_use(model)
         ctx.report.extra["attn_implementation"] = used
         if rt.attn_implementation is not None:
-            fallback = ctx.scratch.get("attn_fallback")
+            fallback = ctx.attn_fallback
             if used == rt.attn_implementation:
-                findings.append(Finding(check="attn_implementation", severity="info",
-                                        message=f"requested {rt.attn_implementation}, in use"))
+                findings.append(
+                    Finding(
+                        check="attn_implementation",
+                        severity="info",
+                        message=f"requested {rt.attn_implementation}, in use",
+                    )
+                )
             else:
                 why = f" ({fallback})" if fallback else ""
-                findings.append(Finding(check="attn_implementation", severity="warning",
-                                        message=f"requested {rt.attn_implementation} but the model runs {used}"
-                                                f"{why}"))
+                findings.append(
+                    Finding(
+                        check="attn_implementation",
+                        severity="warning",
+                        message=f"requested {rt.attn_implementation} but the model runs {used}{why}",
+                    )
+                )
         notes.append(f"attention {used}")
 
         if rt.gradient_checkpointing:
-            base = model.get_base_model() if _is_peft(model) else model
+            base = base_model_of(model)
             if not base.is_activation_checkpointing:
                 base.activation_checkpointing_enable()
             notes.append("gradient checkpointing on")
@@ -101,10 +102,12 @@ class Runtime(BaseStage):
             model.compile(mode=rt.compile.mode)
             model._qfinal_compiled = True
             if rt.compile.warmup:
-                from qfinal.compare.engine import bnb_cpu_repack_disabled, probe_batch
                 import torch
 
-                with torch.no_grad(), bnb_cpu_repack_disabled(model):
+                from qfinal.compare.outputs import probe_batch
+                from qfinal.compat.bitsandbytes import cpu_repack_disabled
+
+                with torch.no_grad(), cpu_repack_disabled(model):
                     model(**probe_batch(model))
             seconds = time.perf_counter() - start
             ctx.report.extra["compile_seconds"] = round(seconds, 3)

@@ -5,10 +5,11 @@ Disk/CPU offload hooks are attached after tying, so accelerate sees the ties it 
 
 from __future__ import annotations
 
+from qfinal.adapters.peft_model import base_model_of
 from qfinal.compat import transformers as _hf
 from qfinal.pipeline.context import Context, Outcome
+from qfinal.pipeline.stages.base import BaseStage
 from qfinal.report import TiedKey
-from qfinal.pipeline.stages.base import BaseStage, unwrap
 
 
 def audit_ties(model, offload_index: dict | None = None) -> list[TiedKey]:
@@ -17,19 +18,21 @@ def audit_ties(model, offload_index: dict | None = None) -> list[TiedKey]:
 
     Offloaded halves share storage only if accelerate's offload index sends both names to the same
     bytes; an offloaded pair with no index entry counts as shared only if it is one Parameter."""
-    from qfinal.checks.core import declared_ties, same_tensor
+    from qfinal.checks.ties import declared_ties, same_tensor
 
-    model = unwrap(model)
-    return [TiedKey(target=t.target, source=t.source,
-                    shared=bool(same_tensor(model, t.target, t.source, offload_index)))
-            for t in declared_ties(model) if t.requested]
+    model = base_model_of(model)
+    return [
+        TiedKey(target=t.target, source=t.source, shared=bool(same_tensor(model, t.target, t.source, offload_index)))
+        for t in declared_ties(model)
+        if t.requested
+    ]
 
 
 class TieWeights(BaseStage):
     name = "tie_weights"
 
     def run(self, ctx: Context) -> Outcome:
-        model, info = unwrap(ctx.model), ctx.loading_info
+        model, info = base_model_of(ctx.model), ctx.loading_info
         if ctx.config.tie_weights:
             _hf.tie_and_adjust(model, info)
         else:
@@ -41,8 +44,9 @@ class TieWeights(BaseStage):
         hooked = ""
         if device_map is not None and (len(set(device_map.values())) > 1 or "disk" in device_map.values()):
             if not getattr(model, "_qfinal_dispatched", False):  # a second run must not hook twice
-                _hf.accelerate_dispatch(model, ctx.hf_quantizer, device_map, ctx.config.offload_folder,
-                                        ctx.disk_offload_index, False)
+                _hf.accelerate_dispatch(
+                    model, ctx.hf_quantizer, device_map, ctx.config.offload_folder, ctx.disk_offload_index, False
+                )
                 model._qfinal_dispatched = True
             hooked = "; offload hooks attached"
         keys.tied = audit_ties(model, ctx.disk_offload_index)  # after dispatch: what the forward will use

@@ -1,0 +1,66 @@
+"""Every bitsandbytes internal qfinal relies on, in one place.
+
+bitsandbytes has no public API to undo its CPU-kernel weight repacking or to keep a forward from
+doing it; qfinal needs both so that measuring a model never modifies it. Keeping the private names
+here means a bitsandbytes upgrade breaks one module.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+def loaded_bitsandbytes():
+    """bitsandbytes, only if something already imported it: a module cannot be a bnb layer
+    otherwise, and importing it for a plain model is slow (its torch.compile'd ops)."""
+    return sys.modules.get("bitsandbytes")
+
+
+def undo_cpu_packing(module) -> None:
+    """Bring a Linear4bit whose weight bnb repacked for its AVX512-BF16 CPU kernel back to the
+    standard packed format, in place, with bnb's own inverse -- exactly what bnb's
+    `_save_to_state_dict` (so `model.state_dict()` and `save_pretrained`) does. `dequantize_4bit` is
+    only defined on the standard format."""
+    w = module.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
+
+
+@contextmanager
+def cpu_repack_disabled(model) -> Iterator[None]:
+    """Forward passes inside this block leave bitsandbytes 4-bit weights as they are.
+
+    bitsandbytes >= 0.48 repacks a Linear4bit's weight on its first eval forward on a CPU with
+    AVX512-BF16, rounding absmax to bfloat16 (and dropping double quantization); the next
+    `state_dict()` converts back and re-quantizes, so a forward would change what `save` persists and
+    the logits of later forwards. qfinal measures, so it must not modify: this turns the repacking off
+    (bnb then dequantizes and matmuls in the standard format) and restores the flags afterwards.
+    Weights already repacked before the block stay repacked."""
+    bnb = loaded_bitsandbytes()
+    saved = []
+    if bnb is not None:
+        for mod in model.modules():
+            if isinstance(mod, bnb.nn.Linear4bit) and getattr(mod, "support_avx512bf16_for_cpu", False):
+                saved.append(mod)
+                mod.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for mod in saved:
+            mod.support_avx512bf16_for_cpu = True
+
+
+def unpack_quant_state(blob) -> dict:
+    """The dict packed into a stored `quant_state.bitsandbytes__nf4|fp4` tensor (shape, quant_type,
+    dtype, blocksize, ...), read with bnb's own `unpack_tensor_to_dict` helper."""
+    from bitsandbytes.utils import unpack_tensor_to_dict
+
+    return unpack_tensor_to_dict(blob)
+
+
+__all__ = ["loaded_bitsandbytes", "undo_cpu_packing", "cpu_repack_disabled", "unpack_quant_state"]

@@ -1,0 +1,178 @@
+"""What a quantization format is to qfinal: one object per format, registered in `qfinal.formats`.
+
+A format answers, for its own checkpoints and models: is this config.json mine (`detect`); are
+the stored quant-state tensors consistent with it (`quant_state_findings`, headers only); which
+stored tensors are quant state; how one weight is rebuilt from its stored tensors (streaming
+`dequantize`); how a loaded model is dequantized in memory; and what transformers' quantizer is
+told and did. Adding a format is one module implementing this class plus one line in the registry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from qfinal.report import Finding
+
+MAX_LISTED = 8  # keys named inline in one finding message
+
+
+def listing(keys: Iterable[str], limit: int = MAX_LISTED) -> str:
+    """`keys` for a finding message: the first `limit`, then how many more."""
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", … (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What a checkpoint's quantization_config says, as `qfinal dequantize` reports it."""
+
+    method: str  # "nf4" | "fp4" | "int8" for bitsandbytes
+    double_quant: bool = False  # nested quantization of the scales
+
+    @property
+    def label(self) -> str:
+        return self.method + ("+double_quant" if self.double_quant else "")
+
+
+@dataclass
+class StoredWeight:
+    """One quantized weight among a checkpoint's tensors, and the tensors it is rebuilt from."""
+
+    name: str  # the weight's key in the plain checkpoint
+    kind: str  # the format's own label for how it is stored ("4bit", "int8")
+    parts: dict[str, str]  # role -> stored key
+    shape: list[int]  # the dequantized shape, in the module's layout
+
+
+Read = Callable[[str], object]  # stored key -> tensor
+
+
+class QuantFormat(ABC):
+    """One quantization format. `name` is config.json's `quantization_config.quant_method`."""
+
+    name: str
+    quantized_classes: tuple[str, ...] = ()  # module classes transformers' quantizer swaps in
+
+    # ------------------------------------------------------------------ config.json and headers
+
+    @abstractmethod
+    def detect(self, raw_config: dict) -> bool:
+        """True when config.json's quantization_config is this format's."""
+
+    @abstractmethod
+    def scheme(self, raw_config: dict, where: str) -> Scheme:
+        """The stored scheme; CheckpointError when the quantization_config cannot be read."""
+
+    @abstractmethod
+    def is_quant_state_key(self, key: str) -> bool:
+        """True for a stored tensor that is quant state beside a weight, not a weight itself."""
+
+    def packed_weight_keys(self, tensors: Iterable[str]) -> set[str]:
+        """Stored keys of quantized weights (their dtype is the storage's, not the model's)."""
+        return set()
+
+    @abstractmethod
+    def quant_state_findings(
+        self, raw_config: dict, inventory, quantized_modules: Iterable[str] | None, key_of: Callable[[str], str | None]
+    ) -> list[Finding]:
+        """quantization_config findings for a checkpoint whose config.json `detect`s as this format."""
+
+    # ------------------------------------------------------------------ streaming dequantize
+
+    @abstractmethod
+    def find_weights(
+        self, headers: dict[str, tuple[str, list[int]]], read: Read, scheme: Scheme, where: str
+    ) -> list[StoredWeight]:
+        """Every quantized weight of a checkpoint from its headers (key -> (dtype code, shape))."""
+
+    @abstractmethod
+    def dequantize(self, weight: StoredWeight, read: Read, where: str):
+        """`weight` rebuilt from its stored tensors, exactly as transformers' dequantize() does it,
+        in the format's own result dtype (the caller casts)."""
+
+    # ------------------------------------------------------------------ a loaded model
+
+    def loaded_method(self, model) -> str | None:
+        """The method of a model holding this format's quantized parameters, else None."""
+        return None
+
+    def state_tensors(self, model) -> Iterator[tuple[str, object]]:
+        """(name, tensor) for quant state a loaded model holds outside its parameters and buffers."""
+        return iter(())
+
+    def holds_packed_data(self, tensor) -> bool:
+        """True for a tensor holding packed codes, whose bytes are not values."""
+        return False
+
+    def dequantize_in_memory(self, model, dtype, original_classes: dict[str, str]) -> str:
+        """transformers' `dequantize(dtype)`, then what it leaves undone: Conv1D layout and a single dtype.
+
+        transformers turns every quantized module into an nn.Linear (so GPT-2's Conv1D weights come
+        back transposed) and leaves embeddings, norms and biases in the load dtype; the result could
+        not be saved as a checkpoint of the original architecture. Here both are mended.
+        """
+        model.dequantize(dtype=dtype)
+        restored = restore_conv1d(model, original_classes)
+        cast = cast_floating(model, dtype)
+        for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+            if getattr(model, attr, False):
+                setattr(model, attr, False)
+        model.config.dtype = dtype
+        return (
+            f"dequantized to {str(dtype).removeprefix('torch.')}; {restored} Conv1D layout(s) restored, "
+            f"{cast} other tensor(s) cast"
+        )
+
+    # ------------------------------------------------------------------ transformers' quantizer
+
+    @abstractmethod
+    def quantizer_config(self, q):
+        """The transformers quantization config for qfinal's `quantize:` options, None for none."""
+
+    @abstractmethod
+    def describe_method(self, hf_quantizer) -> str:
+        """The method a transformers quantizer applies, as the report names it."""
+
+    @abstractmethod
+    def converted_and_skipped(
+        self, model, original_classes: dict[str, str], hf_quantizer, user_skips
+    ) -> tuple[list[dict], list[dict]]:
+        """The modules the quantizer swapped (from/to class) and those it kept, with why."""
+
+
+def restore_conv1d(model, original_classes: dict[str, str]) -> int:
+    """Put back the Conv1D modules dequantize() turned into nn.Linear, weights in [in, out] again."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    restored = 0
+    for name, module in list(model.named_modules()):
+        if original_classes.get(name) == "Conv1D" and isinstance(module, torch.nn.Linear):
+            conv = Conv1D(module.out_features, module.in_features)
+            conv.weight = torch.nn.Parameter(module.weight.detach().t().contiguous())
+            if module.bias is not None:
+                conv.bias = module.bias
+            model.set_submodule(name, conv)
+            restored += 1
+    return restored
+
+
+def cast_floating(model, dtype) -> int:
+    """Cast every floating parameter and persistent buffer to `dtype`; how many were cast.
+
+    Non-persistent buffers (RoPE inv_freq) stay as from_pretrained builds them, or the logits
+    would differ from a reload of the saved folder."""
+    cast = 0
+    persistent = set(model.state_dict(keep_vars=True))
+    seen = set()
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name not in persistent or id(tensor) in seen or tensor.device.type == "meta":
+            continue
+        seen.add(id(tensor))
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
+            cast += 1
+    return cast
