@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 Severity = Literal["error", "warning", "info"]
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
@@ -77,6 +78,24 @@ class AdapterRecord(BaseModel):
     modules_to_save: list[str] = []
 
 
+class ReportExtra(TypedDict, total=False):
+    """What a command adds beyond the common fields, each key declared here: a key not declared is
+    dropped from the JSON (tests/test_report.py checks that every key qfinal writes is declared)."""
+
+    parameters: dict[str, int]  # runtime: {"trainable": n, "total": n}
+    attn_implementation: str | None  # runtime: what the attention modules dispatch to
+    compile_seconds: float  # runtime, with runtime.compile
+    skipped_checks: dict[str, str]  # validate: check -> why it did not run
+    fail_on: str  # validate: the level that fails
+    full_mode: str  # validate: why the full checks could not run (header-only instead)
+    ignored_by_validate: list[str]  # validate: config settings the gate overrides (stop_after, enabled: false)
+    save: dict[str, Any]  # save: out, writer, copied side files, files
+    dequantize: dict[str, Any]  # dequantize: out, files, total_bytes
+    diff: dict[str, Any]  # diff: sides, tolerances, probe, the per-tensor table, html
+    plan: dict[str, Any]  # plan: bytes per device, large unquantized leaves, placement by module
+    quality: list[dict[str, Any]]  # load --quality: one row per quantized module
+
+
 class Report(BaseModel):
     source: str
     command: str = "load"
@@ -90,7 +109,7 @@ class Report(BaseModel):
     placement: dict[str, str] = {}
     checks: list[str] = []
     findings: list[Finding] = []
-    extra: dict = {}
+    extra: ReportExtra = {}
 
     def failing(self, fail_on: Severity = "error") -> list[Finding]:
         level = SEVERITY_RANK[fail_on]

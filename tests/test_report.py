@@ -278,3 +278,29 @@ def test_stage_details_and_findings_read_whole_at_80_columns(checkpoints, width)
     for stage in report.stages:
         assert re.sub(r"\s+", " ", stage.detail) in flat, stage.detail
     assert "a long message that explains what went wrong and what to do about it" in flat
+
+
+def test_every_extra_key_qfinal_writes_is_declared():
+    """Report.extra is a declared TypedDict: an undeclared key would silently vanish from the JSON."""
+    import ast
+
+    from qfinal.report import ReportExtra
+
+    used = set()
+    for path in (Path(__file__).resolve().parents[1] / "qfinal").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Subscript)
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "extra"
+                and isinstance(node.slice, ast.Constant)
+            ):
+                used.add(node.slice.value)
+    assert len(used) >= 10
+    assert used - set(ReportExtra.__annotations__) == set()
+    from qfinal.report import Report
+
+    report = Report(source="x")
+    report.extra["save"] = {"out": "o"}
+    report.extra["not_declared"] = 1
+    assert report.to_json_dict()["extra"] == {"save": {"out": "o"}}  # why declaring matters

@@ -61,13 +61,13 @@ def validate(
     if not vcfg.enabled:
         ignored.append("validate.enabled: false")
     src = source if isinstance(source, Source) else resolve_source(source)
-    read_config_json(src.folder)  # no or broken config.json: exit 2 before any work
+    raw = read_config_json(src.folder)  # no or broken config.json: exit 2 before any work
 
     def fresh() -> Context:
         report = Report(source=src.label, command="validate --fast" if fast else "validate")
         if ignored:
             report.extra["ignored_by_validate"] = ignored
-        ctx = Context(source=src, config=cfg, report=report, allow_pickle=allow_pickle)
+        ctx = Context(source=src, config=cfg, report=report, allow_pickle=allow_pickle, parsed_config_json=raw)
         ctx.tolerate_checkpoint_problems = True
         ctx.validate_command = True
         return ctx
@@ -269,7 +269,7 @@ def fast_findings(ctx: Context) -> tuple[list[Finding], dict[str, str]]:
     from qfinal.compat.transformers import keep_in_fp32_modules
 
     model, inventory, vcfg, report = ctx.model, ctx.inventory, ctx.config.validate_, ctx.report
-    raw = read_config_json(ctx.source.folder)
+    raw = ctx.config_json()
     findings = inventory_findings(inventory)
     if inventory.format != "safetensors":
         why = "fast mode reads safetensors headers only; pickle weights need the full mode"

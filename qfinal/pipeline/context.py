@@ -72,13 +72,13 @@ class Context:
     # postprocess / adapter_load
     dequantized: bool = False  # the bnb modules were turned back into plain ones
     prescan: Prescan | None = None  # the NaN scan of the files, running while torch imports
-    _config_json: dict | None = field(default=None, repr=False)
+    parsed_config_json: dict | None = field(default=None, repr=False)  # see config_json()
 
     def config_json(self) -> dict:
         """The source's config.json, parsed once per run however many stages and checks read it."""
-        if self._config_json is None:
-            self._config_json = read_config_json(self.source.folder)
-        return self._config_json
+        if self.parsed_config_json is None:
+            self.parsed_config_json = read_config_json(self.source.folder)
+        return self.parsed_config_json
 
 
 class Stage(Protocol):

@@ -24,11 +24,10 @@ def refuse_inconsistent_quant_state(ctx: Context) -> None:
     if ctx.inventory.format != "safetensors":
         return
     from qfinal.checkpoint.headers import checkpoint_error
-    from qfinal.checkpoint.sources import read_config_json
     from qfinal.checks.keys import checkpoint_lookup
     from qfinal.checks.quant import prequantized_modules, quantization_findings
 
-    raw = read_config_json(ctx.source.folder)
+    raw = ctx.config_json()
     lookup = checkpoint_lookup(ctx.inventory.tensors, ctx.model.base_model_prefix)
     errors = [
         f

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from qfinal.adapters.peft_model import base_model_of
-from qfinal.checkpoint.sources import read_config_json
 from qfinal.checks.keys import checkpoint_lookup, dtype_findings, inventory_findings, key_findings
 from qfinal.checks.names import CHECKS, FULL_MODE_CHECKS
 from qfinal.checks.nan import nan_findings
@@ -31,7 +30,7 @@ class Validate(BaseStage):
         # Under unmerged adapters ctx.model is a PeftModel, whose names carry a prefix; the LoRA layers
         # live inside the base model, so its parameters are checked too.
         model, report, info, inventory = base_model_of(ctx.model), ctx.report, ctx.loading_info, ctx.inventory
-        raw = read_config_json(ctx.source.folder)
+        raw = ctx.config_json()
         skipped: dict[str, str] = {}
         findings = key_findings(
             info.missing_keys, info.unexpected_keys, info.mismatched_keys, vcfg.allow_missing, vcfg.allow_unexpected
