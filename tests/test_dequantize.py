@@ -602,6 +602,7 @@ def test_source_reads_with_pread(checkpoints, monkeypatch):
     import safetensors
 
     from qfinal.checkpoint.sources import resolve_source
+    from qfinal.ops.dequantize_plan import SourceReader
 
     resolved = resolve_source(checkpoints.quantized("gpt2", "nf4"))  # built before the spy
     backends = []
@@ -612,7 +613,7 @@ def test_source_reads_with_pread(checkpoints, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(safetensors, "safe_open", spy)
-    src = dq._Source(resolved.folder, resolved.confine_to)
+    src = SourceReader(resolved.folder, resolved.confine_to)
     try:
         for key in list(src.headers)[:3]:
             src.get(key)

@@ -24,14 +24,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import builders  # noqa: E402
 
-from qfinal.checkpoint.headers import (  # noqa: E402
-    TensorEntry,
-    escape_key,
-    is_pickle_file,
-    read_safetensors_header,
-    safe_torch_load,
-)
+from qfinal.checkpoint.headers import TensorEntry, escape_key, read_safetensors_header  # noqa: E402
 from qfinal.checkpoint.inventory import CheckpointInventory, Problem, inspect_checkpoint, resolve_inside  # noqa: E402
+from qfinal.checkpoint.pickles import is_pickle_file, safe_torch_load  # noqa: E402
 from qfinal.errors import CheckpointError, SourceError  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

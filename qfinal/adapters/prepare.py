@@ -93,9 +93,10 @@ def check_adapter_configs(adapters, *, quant: str | None, requantize: bool) -> N
         folder = Path(spec.path).expanduser()
         try:
             config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             continue
-        if not isinstance(config, dict) or config.get("peft_type") not in known_peft_types():
+        peft_type = config.get("peft_type") if isinstance(config, dict) else None
+        if not isinstance(peft_type, str) or peft_type not in known_peft_types():
             continue
         name = spec.name or name_for(AdapterSpec(path=spec.path), folder)
         error = adapter_refusal(
@@ -143,8 +144,10 @@ def _read_config(folder: Path, spec: AdapterSpec) -> dict:
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, huge ints
         raise CheckpointError(f"{CONFIG_NAME} is not valid JSON ({exc})", where=str(config_path)) from None
+    except RecursionError:
+        raise CheckpointError(f"{CONFIG_NAME} is nested too deeply", where=str(config_path)) from None
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise CheckpointError(
             f"{CONFIG_NAME} has no peft_type", where=str(config_path), hint="is this a PEFT adapter folder?"
@@ -153,7 +156,26 @@ def _read_config(folder: Path, spec: AdapterSpec) -> dict:
         raise CheckpointError(
             f"unknown peft_type '{config['peft_type']}' for this peft version", where=str(config_path)
         )
+    _check_field_types(config, config_path)
     return config
+
+
+def _check_field_types(config: dict, config_path: Path) -> None:
+    """The fields qfinal reads itself (coverage, the report) must have peft's types."""
+    for key in ("target_modules", "exclude_modules"):  # a regex, or a list of names
+        value = config.get(key)
+        if not (value is None or isinstance(value, str) or _names(value)):
+            raise CheckpointError(
+                f"{key} must be a regex or a list of module names, not {type(value).__name__}",
+                where=str(config_path),
+            )
+    for key in ("task_type", "base_model_name_or_path"):
+        if not isinstance(config.get(key), (str, type(None))):
+            raise CheckpointError(f"{key} must be a string, not {type(config[key]).__name__}", where=str(config_path))
+
+
+def _names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def read_tensors(folder: Path, spec: AdapterSpec, allow_pickle: bool) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from qfinal.checkpoint import interrupts
 from qfinal.errors import OutputError
 
 
@@ -41,11 +42,17 @@ def _fsync_dir(path: Path) -> None:
 
 @contextmanager
 def _sigterm_as_exception() -> Iterator[None]:
-    """SIGTERM normally kills the process without unwinding; make it unwind so temp files go."""
+    """SIGTERM normally kills the process without unwinding; make it unwind so temp files go.
+
+    Only where qfinal is a library: the `qfinal` process handles SIGTERM and SIGINT without
+    unwinding (`interrupts`), which an exception raised at any bytecode cannot do safely."""
 
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
+    if interrupts.active():
+        yield
+        return
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
@@ -68,7 +75,15 @@ def check_output_dir(out: Path, force: bool) -> None:
     if parent.exists() and not parent.is_dir():
         raise OutputError("parent is not a folder", where=str(parent), hint="choose another output path")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        with interrupts.critical():  # an interrupt removes the folders made here, if still empty
+            missing = []
+            for folder in (parent, *parent.parents):
+                if folder.exists():
+                    break
+                missing.append(folder)
+            parent.mkdir(parents=True, exist_ok=True)
+            if missing:
+                interrupts.on_interrupt(lambda: interrupts.remove_empty_folders(missing))
     except OSError as err:
         raise OutputError(
             f"cannot create the parent folder ({err.strerror})", where=str(parent), hint="choose a writable location"
@@ -122,23 +137,30 @@ def atomic_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out` in one rename."""
     out = Path(out)
     check_output_dir(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qfinal-tmp-", dir=out.resolve().parent))
+    with interrupts.critical():  # an interrupt from here on removes the folder
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qfinal-tmp-", dir=out.resolve().parent))
+        undo = interrupts.on_interrupt(lambda: interrupts.remove(tmp))
     try:
         with _sigterm_as_exception():
             yield tmp
             _wait_early_syncs(tmp, raise_errors=True)
             _fsync_tree(tmp)  # what was not flushed early, and the folders; quick for flushed files
-            if out.exists():
-                backup = tmp.with_name(tmp.name + "-old")
-                os.rename(out, backup)
+            with interrupts.critical():
+                backup = None
+                if out.exists():
+                    backup = tmp.with_name(tmp.name + "-old")
+                    os.rename(out, backup)
                 os.rename(tmp, out)
+                interrupts.forget(undo)
+                keep_backup = interrupts.published(out, backup)  # the CLI: kept until it exits
+            if backup is not None and not keep_backup:
                 shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.rename(tmp, out)
             _fsync_dir(out.resolve().parent)
     except BaseException as err:
         _wait_early_syncs(tmp, raise_errors=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+        with interrupts.critical():
+            shutil.rmtree(tmp, ignore_errors=True)
+            interrupts.forget(undo)
         failed = _write_failure(err)
         if failed:
             raise OutputError(
@@ -179,24 +201,48 @@ def atomic_file(path: Path, mode: str = "w") -> Iterator:
     parent = path.resolve().parent
     if not parent.is_dir():
         raise OutputError("folder does not exist", where=str(parent), hint="create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    with interrupts.critical():  # an interrupt from here on removes the file
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        undo = interrupts.on_interrupt(lambda: interrupts.remove(Path(tmp)))
     try:
         with _sigterm_as_exception(), os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with interrupts.critical():
+            backup = _kept_aside(path, tmp) if interrupts.active() else None
+            os.replace(tmp, path)
+            interrupts.forget(undo)
+            interrupts.published(path, backup)
     except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        with interrupts.critical():
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            interrupts.forget(undo)
         failed = _write_failure(err)
         if failed:  # as atomic_dir does: the destination's fault, not a qfinal bug
             raise OutputError(
                 f"cannot write the file: {failed[0]}; any previous file is unchanged", where=str(path), hint=failed[1]
             ) from None
         raise
+
+
+def _kept_aside(path: Path, tmp: str) -> Path | None:
+    """A copy of the file `path` that the CLI puts back if it is interrupted before it exits (a
+    hard link where it can); None when there is none to keep (an interrupt only removes the new file)."""
+    if not os.path.lexists(path):
+        return None
+    backup = Path(f"{tmp}-old")
+    try:
+        os.link(path, backup, follow_symlinks=False)
+    except OSError:
+        try:
+            shutil.copy2(path, backup, follow_symlinks=False)
+        except OSError:
+            return None
+    return backup
 
 
 def write_text_atomic(path: Path, text: str) -> None:

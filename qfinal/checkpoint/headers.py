@@ -1,17 +1,16 @@
-"""Reading one weight file as untrusted input: a safetensors header, or a pickle, never run.
+"""Reading one safetensors header as untrusted input; the tensor data is never read.
 
 `read_safetensors_header` validates a header the way the safetensors crate does and also refuses
-duplicate tensor names, which safetensors silently collapses to the last one; `is_pickle_file`
-tells pickle weights by name or content; `safe_torch_load` loads them with
-torch.load(weights_only=True). Each raises the first problem as a `CheckpointError` that names the
-file, the tensor and what to do (`checkpoint_error`); `inventory.inspect_checkpoint` collects them.
+duplicate tensor names, which safetensors silently collapses to the last one; a pickle under a
+.safetensors name is told by its content and refused. Each raises the first problem as a
+`CheckpointError` that names the file, the tensor and what to do (`checkpoint_error`);
+`inventory.inspect_checkpoint` collects them. Pickle weights themselves are `checkpoint.pickles`'.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ from qfinal.errors import CheckpointError
 # Same limit as the safetensors crate (`MAX_HEADER_SIZE`): larger headers are refused unread.
 MAX_HEADER_SIZE = 100_000_000
 _USIZE_LIMIT = 2**64  # shape dims and offsets are usize in the safetensors crate
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _KEY_MAX = 200
 
 HINTS = {
@@ -112,10 +110,10 @@ def strict_json_loads(text: str, object_pairs_hook=_strict_pairs):
     return json.loads(text, object_pairs_hook=object_pairs_hook, parse_constant=_reject_constant)
 
 
-# ----------------------------------------------------------------------------- pickle sniffing
+# ----------------------------------------------------------------------------- content sniffing
 
 
-def _signature(head: bytes) -> str | None:
+def file_signature(head: bytes) -> str | None:
     """'pickle' or 'zip' when the first bytes say so (pickle protocol 2-5 opcode, zip local header)."""
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "pickle"
@@ -124,7 +122,8 @@ def _signature(head: bytes) -> str | None:
     return None
 
 
-def _zip_holds_pickle(path: Path) -> bool:
+def zip_holds_pickle(path: Path) -> bool:
+    """Whether a zip archive is torch.save's format (it holds a data.pkl)."""
     try:
         with zipfile.ZipFile(path) as zf:
             return any(n == "data.pkl" or n.endswith("/data.pkl") for n in zf.namelist())
@@ -132,36 +131,12 @@ def _zip_holds_pickle(path: Path) -> bool:
         return False
 
 
-def _plausible_safetensors(head: bytes, size: int) -> bool:
+def plausible_safetensors(head: bytes, size: int) -> bool:
     """A header length that fits the file and the limit: then it is read as safetensors."""
     if len(head) < 8:
         return False
     n = int.from_bytes(head[:8], "little")
     return n <= MAX_HEADER_SIZE and n <= size - 8
-
-
-def is_pickle_file(path: Path) -> bool:
-    """True for pickle weights, by extension or by content signature.
-
-    Signatures: pickle protocol opcode \\x80 + protocol 2..5 at the start (unless the first 8
-    bytes also make a plausible safetensors header length: \\x80\\x02 + six zero bytes is a valid
-    640-byte header), or a zip whose entries include */data.pkl (torch.save's zip format).
-    """
-    path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            size = os.fstat(f.fileno()).st_size
-    except OSError:
-        return False
-    sig = _signature(head)
-    if sig == "pickle":
-        return not _plausible_safetensors(head, size)
-    if sig == "zip":
-        return _zip_holds_pickle(path)
-    return False
 
 
 # ----------------------------------------------------------------------------- headers
@@ -229,9 +204,9 @@ def _read_raw_header(path: Path, name: str) -> tuple[bytes, int]:
                 raise checkpoint_error("file is empty", file=name)
             if len(head) < 8:
                 raise checkpoint_error(f"file is {len(head)} bytes, shorter than the 8-byte header length", file=name)
-            if not _plausible_safetensors(head, size):
-                sig = _signature(head)
-                if sig == "pickle" or (sig == "zip" and _zip_holds_pickle(path)):
+            if not plausible_safetensors(head, size):
+                sig = file_signature(head)
+                if sig == "pickle" or (sig == "zip" and zip_holds_pickle(path)):
                     raise checkpoint_error(
                         "is a pickle (torch.save) file, not safetensors; refused: qfinal "
                         "reads .safetensors files only as safetensors",
@@ -375,56 +350,3 @@ def _entry(key: str, info, name: str, data_size: int) -> TensorEntry:
             f"({data_size} bytes): file truncated or offsets wrong"
         )
     return TensorEntry(name=key, dtype=dtype, shape=shape_t, start=start, end=end, file=name)
-
-
-# ----------------------------------------------------------------------------- pickle loading
-
-
-def safe_torch_load(path: Path) -> dict:
-    """Load pickle weights with torch.load(weights_only=True), which refuses arbitrary globals.
-
-    Any refusal or read failure becomes a CheckpointError: the file is untrusted input, so a
-    failure is the file's fault, not a qfinal bug. The result must be a str -> Tensor dict.
-    """
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    name = path.name
-    hint = "convert the checkpoint to safetensors in a trusted environment, or get a safetensors copy"
-    try:
-        use_mmap = zipfile.is_zipfile(path)  # mmap needs the zip format
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+?)(?: was|\s|$)", str(err))
-        detail = f" (it imports {escape_key(found.group(1)[:200])})" if found else ""
-        raise checkpoint_error(
-            f"refused: pickle would run code or build objects that "
-            f"torch.load(weights_only=True) does not allow{detail}",
-            file=name,
-            check="pickle_refused",
-            hint=hint,
-        ) from None
-    except Exception as err:  # noqa: BLE001 - any failure to parse untrusted bytes is the file's fault
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise checkpoint_error(
-            f"cannot be loaded by torch.load ({type(err).__name__}: {escape_key(first)})",
-            file=name,
-            check="pickle_refused",
-            hint=hint,
-        ) from None
-    if not isinstance(obj, dict):
-        raise checkpoint_error(
-            f"holds a {type(obj).__name__}, not a state dict of tensors", file=name, check="pickle_refused", hint=hint
-        )
-    for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise checkpoint_error(
-                f"state dict entry is a {type(value).__name__}, not a tensor",
-                file=name,
-                key=str(key),
-                check="pickle_refused",
-                hint=hint,
-            )
-    return obj

@@ -81,9 +81,13 @@ def read_config_json(folder: Path) -> dict:
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, ValueError) as err:  # ValueError: JSONDecodeError, ints over the digit limit
         raise SourceError(
             f"config.json is not valid JSON ({err})", where=str(path), hint="repair or regenerate config.json"
+        ) from None
+    except RecursionError:
+        raise SourceError(
+            "config.json is nested too deeply", where=str(path), hint="repair or regenerate config.json"
         ) from None
     if not isinstance(data, dict):
         raise SourceError("config.json must hold a JSON object", where=str(path))

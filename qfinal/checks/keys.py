@@ -68,50 +68,8 @@ def key_findings(
     unreadable = unreadable or {}
     allowed_missing = compile_patterns(allow_missing, "validate.allow_missing")
     allowed_unexpected = compile_patterns(allow_unexpected, "validate.allow_unexpected")
-    out = []
-    for key in sorted(missing):
-        if key in unreadable:
-            out.append(
-                Finding(
-                    check="missing_keys",
-                    severity="info",
-                    key=key,
-                    message=f"the index puts it in '{unreadable[key]}', which could not be read "
-                    "(reported by the checkpoint-level check)",
-                )
-            )
-        elif allowed_missing(key):
-            out.append(
-                Finding(
-                    check="missing_keys",
-                    severity="info",
-                    key=key,
-                    message="not in the checkpoint; allowed by validate.allow_missing",
-                )
-            )
-        else:
-            out.append(
-                Finding(
-                    check="missing_keys",
-                    severity="error",
-                    key=key,
-                    message="not in the checkpoint: transformers initializes it at random",
-                )
-            )
-    for key in sorted(unexpected):
-        allowed = allowed_unexpected(key)
-        out.append(
-            Finding(
-                check="unexpected_keys",
-                severity="info" if allowed else "error",
-                key=key,
-                message=(
-                    "in the checkpoint but not in the model; allowed by validate.allow_unexpected"
-                    if allowed
-                    else "in the checkpoint but not in the model: it is ignored"
-                ),
-            )
-        )
+    out = [_missing_finding(key, unreadable, allowed_missing) for key in sorted(missing)]
+    out += [_unexpected_finding(key, allowed_unexpected(key)) for key in sorted(unexpected)]
     for key, ckpt_shape, model_shape in sorted(mismatched, key=lambda m: m[0]):
         out.append(
             Finding(
@@ -123,6 +81,43 @@ def key_findings(
             )
         )
     return out
+
+
+def _missing_finding(key: str, unreadable: dict[str, str], allowed: Callable[[str], bool]) -> Finding:
+    if key in unreadable:
+        return Finding(
+            check="missing_keys",
+            severity="info",
+            key=key,
+            message=f"the index puts it in '{unreadable[key]}', which could not be read "
+            "(reported by the checkpoint-level check)",
+        )
+    if allowed(key):
+        return Finding(
+            check="missing_keys",
+            severity="info",
+            key=key,
+            message="not in the checkpoint; allowed by validate.allow_missing",
+        )
+    return Finding(
+        check="missing_keys",
+        severity="error",
+        key=key,
+        message="not in the checkpoint: transformers initializes it at random",
+    )
+
+
+def _unexpected_finding(key: str, allowed: bool) -> Finding:
+    return Finding(
+        check="unexpected_keys",
+        severity="info" if allowed else "error",
+        key=key,
+        message=(
+            "in the checkpoint but not in the model; allowed by validate.allow_unexpected"
+            if allowed
+            else "in the checkpoint but not in the model: it is ignored"
+        ),
+    )
 
 
 def inventory_findings(inventory) -> list[Finding]:
@@ -146,22 +141,44 @@ def dtype_findings(raw_config: dict, inventory, keep_fp32: Iterable[str] = ()) -
     """
     declared, field = _declared_dtype(raw_config)
     if declared is None or declared == "auto":
-        return [
-            Finding(
-                check="dtype_consistency",
-                severity="info",
-                message="config.json declares no dtype; transformers loads in float32 unless told",
-            )
-        ]
+        return [_dtype_finding("info", "config.json declares no dtype; transformers loads in float32 unless told")]
     if not isinstance(declared, str):
         return [
-            Finding(
-                check="dtype_consistency",
-                severity="info",
-                message=f"config.json {field} is a {type(declared).__name__} (per sub-model); not checked",
-            )
+            _dtype_finding("info", f"config.json {field} is a {type(declared).__name__} (per sub-model); not checked")
         ]
     declared = declared.removeprefix("torch.")
+    counts = _floating_by_dtype(inventory, keep_fp32)
+    total = sum(len(v) for v in counts.values())
+    matching = len(counts.get(declared, []))
+    if not total:
+        return [_dtype_finding("info", f"config dtype {declared}; the checkpoint holds no floating tensor to compare")]
+    if matching == total:
+        return [_dtype_finding("info", f"config dtype {declared} matches all {total} floating tensor(s)")]
+    found = ", ".join(f"{len(n)} {d}" for d, n in sorted(counts.items()))
+    key = f"config.json:{field}"
+    if not matching:
+        return [
+            _dtype_finding(
+                "error",
+                f"config.json says {declared} but the floating tensors are {found}: "
+                "dtype=auto would cast every weight on load",
+                key,
+            )
+        ]
+    others = sorted(n for d, names in counts.items() if d != declared for n in names)
+    return [
+        _dtype_finding(
+            "warning",
+            f"config.json says {declared} but {len(others)} of {total} floating tensor(s) are "
+            f"not ({found}): {listing(others)}",
+            key,
+        )
+    ]
+
+
+def _floating_by_dtype(inventory, keep_fp32: Iterable[str]) -> dict[str, list[str]]:
+    """dtype -> names of the floating tensors the dtype check judges (quant state, packed weights and
+    `_keep_in_fp32_modules` left out)."""
     keep_fp32 = tuple(keep_fp32 or ())
     packed = packed_weight_keys(inventory.tensors)
     counts: dict[str, list[str]] = {}
@@ -171,43 +188,8 @@ def dtype_findings(raw_config: dict, inventory, keep_fp32: Iterable[str] = ()) -
         if keep_fp32 and any(k in name for k in keep_fp32):
             continue
         counts.setdefault(MODEL_FLOATS[entry.dtype], []).append(name)
-    total = sum(len(v) for v in counts.values())
-    matching = len(counts.get(declared, []))
-    if not total:
-        return [
-            Finding(
-                check="dtype_consistency",
-                severity="info",
-                message=f"config dtype {declared}; the checkpoint holds no floating tensor to compare",
-            )
-        ]
-    if matching == total:
-        return [
-            Finding(
-                check="dtype_consistency",
-                severity="info",
-                message=f"config dtype {declared} matches all {total} floating tensor(s)",
-            )
-        ]
-    found = ", ".join(f"{len(n)} {d}" for d, n in sorted(counts.items()))
-    key = f"config.json:{field}"
-    if not matching:
-        return [
-            Finding(
-                check="dtype_consistency",
-                severity="error",
-                key=key,
-                message=f"config.json says {declared} but the floating tensors are {found}: "
-                "dtype=auto would cast every weight on load",
-            )
-        ]
-    others = sorted(n for d, names in counts.items() if d != declared for n in names)
-    return [
-        Finding(
-            check="dtype_consistency",
-            severity="warning",
-            key=key,
-            message=f"config.json says {declared} but {len(others)} of {total} floating tensor(s) are "
-            f"not ({found}): {listing(others)}",
-        )
-    ]
+    return counts
+
+
+def _dtype_finding(severity: str, message: str, key: str | None = None) -> Finding:
+    return Finding(check="dtype_consistency", severity=severity, key=key, message=message)

@@ -111,7 +111,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def console() -> None:
-    """The `qfinal` console script (and `python -m qfinal`): `main()`, then `leave()`."""
+    """The `qfinal` console script (and `python -m qfinal`): `main()`, then `leave()`.
+
+    SIGINT and SIGTERM are handled from here on (`python -m qfinal`: from before this module is
+    imported): undo what was written, exit 130, without unwinding (checkpoint/interrupts.py)."""
+    from qfinal.checkpoint.interrupts import install
+
+    install()
     try:
         main()
     except SystemExit as done:
@@ -137,6 +143,9 @@ def leave(code) -> None:
     elif not isinstance(code, int):
         sys.stderr.write(f"{code}\n")
         code = 1
+    from qfinal.checkpoint.interrupts import finish
+
+    finish(code)  # what was published stays; a signal from now on exits with `code`
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
     if "torch" not in sys.modules or run_exit_handlers is None:
         sys.exit(code)

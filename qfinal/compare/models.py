@@ -68,10 +68,19 @@ def compare_models(
     is identical without being read (save: the qfinal reload maps the files the transformers
     reload was compared from).
     """
-    from qfinal.checkpoint.residency import FileViews
-
     ma, la = _side(a, dequantize, dtype)
     mb, lb = _side(b, dequantize, dtype)
+    diffs = _tensor_diffs(ma, mb, la, lb, same_file_bytes)
+    output, note = None, None
+    if outputs and is_model(a) and is_model(b):
+        output, note = _outputs(a, b, probe, reference_logits)
+    return Comparison(tensors=diffs, output=output, output_note=note)
+
+
+def _tensor_diffs(ma, mb, la: Layout | None, lb: Layout | None, same_file_bytes) -> list[TensorDiff]:
+    """One `TensorDiff` per name of either side, reading one pair of tensors at a time."""
+    from qfinal.checkpoint.residency import FileViews
+
     diffs = []
     views = FileViews() if same_file_bytes else None
     try:
@@ -100,22 +109,21 @@ def compare_models(
     finally:
         if views is not None:
             views.close()
+    return diffs
 
-    output, note = None, None
-    if outputs and is_model(a) and is_model(b):
-        if probe is None:
-            va, vb = vocab_size(a), vocab_size(b)
-            probe = probe_batch(b if va is None or (vb is not None and vb < va) else a)
-        if not (accepts(a, probe) and accepts(b, probe)):
-            note = f"a model's forward does not accept the probe inputs ({', '.join(probe)})"
-        else:
-            lga = probe_logits(a, probe)
-            lgb = reference_logits if reference_logits is not None else probe_logits(b, probe)
-            if lga.shape != lgb.shape:
-                note = f"logits shapes differ: {tuple(lga.shape)} vs {tuple(lgb.shape)}"
-            else:
-                output = output_metrics(lga, lgb)
-    return Comparison(tensors=diffs, output=output, output_note=note)
+
+def _outputs(a, b, probe: dict | None, reference_logits: torch.Tensor | None):
+    """(output metrics, None), or (None, why the outputs could not be compared)."""
+    if probe is None:
+        va, vb = vocab_size(a), vocab_size(b)
+        probe = probe_batch(b if va is None or (vb is not None and vb < va) else a)
+    if not (accepts(a, probe) and accepts(b, probe)):
+        return None, f"a model's forward does not accept the probe inputs ({', '.join(probe)})"
+    lga = probe_logits(a, probe)
+    lgb = reference_logits if reference_logits is not None else probe_logits(b, probe)
+    if lga.shape != lgb.shape:
+        return None, f"logits shapes differ: {tuple(lga.shape)} vs {tuple(lgb.shape)}"
+    return output_metrics(lga, lgb), None
 
 
 __all__ = ["compare_models"]

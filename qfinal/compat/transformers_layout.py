@@ -79,11 +79,13 @@ def conv1d_layout(folder: Path, where: str, config: dict | None = None):
         raise CheckpointError(
             f"config.json cannot be parsed by transformers ({first})", where=str(folder / "config.json")
         ) from None
-    archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
+    archs = getattr(config, "architectures", None)
+    listed = isinstance(archs, (list, tuple)) and len(archs) > 0  # a bare string is no list of names
+    name = archs[0] if listed else archs
+    cls = getattr(transformers, name, None) if listed and isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise CheckpointError(
-            f"model class {archs[0] if archs else None!r} is not in transformers",
+            f"model class {name!r} is not in transformers",
             where=where,
             hint="config.json 'architectures' must name a transformers model class; "
             "it decides each weight's layout (Linear or Conv1D)",

@@ -10,8 +10,9 @@ from typing import Iterable, Iterator
 
 from qfinal.formats.base import QuantFormat
 from qfinal.formats.bnb import BITSANDBYTES
+from qfinal.formats.fp8 import FP8
 
-_BUILT_IN: list[QuantFormat] = [BITSANDBYTES]
+_BUILT_IN: list[QuantFormat] = [BITSANDBYTES, FP8]
 FORMATS: dict[str, QuantFormat] = {f.name: f for f in _BUILT_IN}  # quant_method -> format
 
 

@@ -56,6 +56,11 @@ class QuantFormat(ABC):
     name: str
     quantized_classes: tuple[str, ...] = ()  # module classes transformers' quantizer swaps in
 
+    def load_refusal(self, raw_config: dict) -> str | None:
+        """Why the pipeline must not load a checkpoint in this format (transformers would load it
+        wrong here, or cannot), or None when it loads it faithfully."""
+        return None
+
     # ------------------------------------------------------------------ config.json and headers
 
     @abstractmethod

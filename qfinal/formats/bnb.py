@@ -8,6 +8,7 @@ transformers' `dequantize_and_replace`, so it equals `model.dequantize(dtype)` b
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Iterator
 
 from qfinal.errors import CheckpointError
@@ -140,6 +141,10 @@ def _module_problems(
             problems.append((weight, f"quantized module {module} lacks its quant state: {listing(lacking, 5)}"))
         elif wants_8bit and tensors[ckpt].dtype != "I8":
             problems.append((weight, f"8-bit weight stored as {tensors[ckpt].dtype}, not I8"))
+        elif wants_8bit and (len(tensors[ckpt].shape) != 2 or tensors[base + ".SCB"].shape != tensors[ckpt].shape[:1]):
+            problems.append((weight, f"8-bit weight {list(tensors[ckpt].shape)} and its SCB do not match"))
+        elif wants_4bit and (problem := _stored_4bit_problem(tensors, ckpt, kind, ".nested_absmax" in need)):
+            problems.append((weight, f"quantized module {module}: {problem}"))
     ckpt_weights = {key_of(w) for w in weights} - {None}
     stray = sorted(k for k, (b, _) in states.items() if b not in ckpt_weights)
     if stray:
@@ -151,6 +156,22 @@ def _module_problems(
             )
         )
     return problems
+
+
+def _stored_4bit_problem(tensors, ckpt: str, kind: str, double: bool) -> str | None:
+    """From the headers alone: the dtypes bitsandbytes writes, a 16-entry code table, and an absmax
+    count that some blocksize explains for the packed size (the blob, tensor data, says which)."""
+    blob = f"{ckpt}.quant_state.bitsandbytes__{kind}"
+    expected = {ckpt + ".absmax": "U8" if double else "F32", ckpt + ".quant_map": "F32", blob: "U8"}
+    wrong = [f"{k.rsplit('.', 1)[-1]} is {tensors[k].dtype}" for k, dt in expected.items() if tensors[k].dtype != dt]
+    if wrong:
+        return ", ".join(wrong) + " (bitsandbytes writes " + "/".join(expected.values()) + ")"
+    if math.prod(tensors[ckpt + ".quant_map"].shape) != 16:
+        return f"quant_map has {math.prod(tensors[ckpt + '.quant_map'].shape)} entries, not 16"
+    blocks, most = math.prod(tensors[ckpt + ".absmax"].shape), 2 * tensors[ckpt].nbytes  # values packed
+    if not any((blocks - 1) * bs < most and blocks * bs >= max(most - 7, 1) for bs in _BLOCKSIZES):
+        return f"{blocks} absmax value(s) cannot cover {most} packed 4-bit values"
+    return None
 
 
 # --------------------------------------------------------------------------- stored weights
@@ -180,11 +201,58 @@ def _find_4bit(headers: dict, read: Read, where: str) -> list[StoredWeight]:
             raise CheckpointError(f"unreadable 4-bit quant state ({err})", where=f"{where}: {key}") from None
         if blob.get("quant_type") not in ("nf4", "fp4"):
             raise CheckpointError(f"unknown quant_type {blob.get('quant_type')!r}", where=f"{where}: {key}")
+        problem = _four_bit_problem(blob, headers, parts)
+        if problem:
+            raise CheckpointError(f"4-bit quant state does not fit its weight: {problem}", where=f"{where}: {key}")
         found.append(StoredWeight(base, "4bit", parts, shape))
     return found
 
 
-def _find_int8(headers: dict) -> list[StoredWeight]:
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bnb's dequantize_4bit / dequantize_blockwise
+_STORAGE_BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4}  # bnb_4bit_quant_storage
+
+
+def _four_bit_problem(blob: dict, headers: dict, parts: dict[str, str]) -> str | None:
+    """What keeps bitsandbytes from dequantizing this weight, or None. Its kernels index the packed
+    data, absmax and the code tables by the blob's shape and blocksize without a check: a short
+    tensor there is an out-of-bounds read (garbage, or a crash), so each size is checked here."""
+    shape, blocksize = blob.get("shape"), blob.get("blocksize")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        return f"shape {shape!r} is not a list of sizes"
+    if type(blocksize) is not int or blocksize not in _BLOCKSIZES:
+        return f"blocksize {blocksize!r} is not one of {_BLOCKSIZES}"
+    if blob.get("dtype") not in ("float16", "bfloat16", "float32"):
+        return f"dtype {blob.get('dtype')!r} is not float16, bfloat16 or float32"
+    n = math.prod(shape)
+    blocks = -(-n // blocksize)
+    packed_state = next(role for role in parts if role.startswith("quant_state."))
+    if headers[parts[packed_state]][0] != "U8":
+        return f"{packed_state} is {headers[parts[packed_state]][0]}, not U8"
+    storage = _STORAGE_BYTES.get(headers[parts["weight"]][0])
+    if storage is None:
+        return f"packed weight is {headers[parts['weight']][0]}, not a bnb_4bit_quant_storage dtype"
+    need = {"weight": (tuple(_STORAGE_BYTES), -(-n // (2 * storage))), "quant_map": (("F32",), 16)}
+    if "nested_absmax" in parts:
+        nested = blob.get("nested_blocksize")
+        if type(nested) is not int or nested not in _BLOCKSIZES or blob.get("nested_dtype") != "float32":
+            return f"nested_blocksize {nested!r} / nested_dtype {blob.get('nested_dtype')!r} are not bnb's"
+        if not isinstance(blob.get("nested_offset"), (int, float)) or "nested_quant_map" not in parts:
+            return "double quantization without nested_offset or nested_quant_map"
+        need.update(
+            absmax=(("U8",), blocks),
+            nested_absmax=(("F32",), -(-blocks // nested)),
+            nested_quant_map=(("F32",), 256),
+        )
+    else:
+        need["absmax"] = (("F32",), blocks)
+    for role, (dtypes, numel) in need.items():
+        dtype, dims = headers[parts[role]]
+        if dtype not in dtypes or math.prod(dims) != numel:
+            return f"{role} is {dtype} {list(dims)}, expected {'/'.join(dtypes)} with {numel} element(s)"
+    return None
+
+
+def _find_int8(headers: dict, where: str) -> list[StoredWeight]:
     """int8 weights: <owner>.weight (int8) + <owner>.SCB (+ <owner>.weight_format)."""
     found = []
     for key in sorted(headers):
@@ -192,8 +260,13 @@ def _find_int8(headers: dict) -> list[StoredWeight]:
             continue
         owner = key[: -len(".weight")]
         scb = next((k for k in (f"{owner}.SCB", f"{key}.SCB") if k in headers), None)
-        if scb is None:
-            continue
+        if scb is None or headers[scb][0] != "F32":
+            continue  # find_weights refuses the int8 weight left without its state
+        shape = list(headers[key][1])
+        if len(shape) != 2 or list(headers[scb][1]) != shape[:1]:
+            raise CheckpointError(
+                f"int8 weight {shape} and SCB {list(headers[scb][1])} do not match", where=f"{where}: {key}"
+            )
         parts = {"weight": key, "SCB": scb}
         fmt = next((k for k in (f"{owner}.weight_format", f"{key}.weight_format") if k in headers), None)
         if fmt is not None:
@@ -230,9 +303,15 @@ class BitsAndBytes(QuantFormat):
 
     def scheme(self, raw_config: dict, where: str) -> Scheme:
         qc = raw_config["quantization_config"]
-        if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
+        eight = qc.get("load_in_8bit") or qc.get("_load_in_8bit")
+        four = qc.get("load_in_4bit") or qc.get("_load_in_4bit")
+        if eight and four:
+            raise CheckpointError(
+                "bitsandbytes quantization_config sets both load_in_4bit and load_in_8bit", where=where
+            )
+        if eight:
             return Scheme("int8")
-        if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
+        if four:
             qtype = qc.get("bnb_4bit_quant_type", "fp4")
             if qtype not in ("nf4", "fp4"):
                 raise CheckpointError(f"unknown bnb_4bit_quant_type {qtype!r}", where=where)
@@ -279,8 +358,22 @@ class BitsAndBytes(QuantFormat):
 
     def find_weights(self, headers: dict, read: Read, scheme: Scheme, where: str) -> list[StoredWeight]:
         by_name = {w.name: w for w in _find_4bit(headers, read, where)}
-        by_name.update((w.name, w) for w in _find_int8(headers))
+        by_name.update((w.name, w) for w in _find_int8(headers, where))
         found = list(by_name.values())
+        consumed = {key for w in found for key in w.parts.values()}
+        # left over: state that belongs to no weight, or packed / int8 data without its state; as
+        # plain tensors they would be copied through and the "dequantized" checkpoint broken
+        stray = sorted(
+            k
+            for k, (dtype, _) in headers.items()
+            if k not in consumed and (self.is_quant_state_key(k) or (dtype in ("I8", "U8") and k.endswith(".weight")))
+        )
+        if stray:
+            raise CheckpointError(
+                f"{len(stray)} quantized tensor(s) without a complete quant state: {listing(stray, 3)}",
+                where=where,
+                hint="re-export the quantized checkpoint",
+            )
         kinds = {w.kind for w in found}
         expected = "int8" if scheme.method == "int8" else "4bit"
         if not found:

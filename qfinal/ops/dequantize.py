@@ -13,7 +13,8 @@ nn.Linear layout so the saved folder would not load. This works on the files ins
   are written as soon as it is computed (`writer.write_safetensors_streaming`), so peak memory is
   one output tensor plus the source tensors it is made of. The files are `save_file`'s, byte for byte.
 
-The proof that OUT is right (`--verify`) is `ops.dequantize_verify`.
+What to write is planned from the headers in `ops.dequantize_plan`; the proof that OUT is right
+(`--verify`) is `ops.dequantize_verify`.
 """
 
 from __future__ import annotations
@@ -29,13 +30,9 @@ import torch
 
 from qfinal.checkpoint import writer as _shards
 from qfinal.checkpoint.atomic import atomic_dir, check_output_dir
-from qfinal.checkpoint.dtypes import torch_dtype_of
-from qfinal.checkpoint.reader import TensorReader
 from qfinal.checkpoint.sources import read_config_json, resolve_source
-from qfinal.checks.keys import checkpoint_lookup
 from qfinal.errors import CheckpointError, ConfigError, OutputError
-from qfinal.formats import format_for
-from qfinal.formats.base import QuantFormat, Scheme, StoredWeight
+from qfinal.ops.dequantize_plan import PlanItem, SourceReader, plan_items, stored_format
 from qfinal.report import Report
 from qfinal.sizes import parse_size
 
@@ -78,140 +75,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def stored_format(config: dict, where: str) -> tuple[QuantFormat, Scheme]:
-    """The format and scheme config.json declares; CheckpointError if qfinal cannot dequantize it."""
-    fmt = format_for(config)
-    if fmt is None:
-        qc = config.get("quantization_config")
-        found = qc.get("quant_method") if isinstance(qc, dict) else None
-        what = "checkpoint is not bitsandbytes-quantized" + (
-            f" (quantization_config.quant_method is {found!r})"
-            if found
-            else " (config.json has no quantization_config)"
-        )
-        raise CheckpointError(what, where=where, hint="dequantize only reads bnb nf4/fp4/int8 checkpoints")
-    return fmt, fmt.scheme(config, where)
-
-
-# --------------------------------------------------------------------------- reading the source
-
-
-class _Source(TensorReader):
-    """Key -> file map and headers of a safetensors checkpoint; tensors are read with pread (each
-    owns the bytes read for it, and no touched input page stays mapped), at most two files open."""
-
-    def __init__(self, folder: Path, confine_to: Path):
-        self.folder = folder
-        self.confine_to = confine_to
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-                raise CheckpointError(f"unreadable safetensors index ({err})", where=str(index)) from None
-            files = sorted(set(weight_map.values()))
-        elif (folder / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise CheckpointError(
-                "no safetensors weights (model.safetensors or its index)",
-                where=str(folder),
-                hint="dequantize reads safetensors checkpoints written by save_pretrained",
-            )
-        self.paths = [self._confined(name) for name in files]  # sorted: the order tensors are read in
-        key_file: dict[str, Path] = {}
-        self.headers: dict[str, tuple[str, list[int]]] = {}
-        for path in self.paths:
-            self._read_header(path, key_file)
-        super().__init__(key_file, max_open=2, backend="pread")  # `self.files`: key -> file
-
-    def _read_header(self, path: Path, key_file: dict[str, Path]) -> None:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, "pt", backend="pread") as fh:
-                for key in fh.keys():
-                    if key in key_file:
-                        raise CheckpointError(f"tensor {key!r} is stored in two files", where=str(path))
-                    sl = fh.get_slice(key)
-                    key_file[key] = path
-                    self.headers[key] = (sl.get_dtype(), list(sl.get_shape()))
-        except CheckpointError:
-            raise
-        except Exception as err:  # safetensors raises SafetensorError / OSError
-            raise CheckpointError(f"cannot read safetensors file ({err})", where=str(path)) from None
-
-    def _confined(self, name: str) -> Path:
-        path = self.folder / name
-        if not path.is_file():
-            raise CheckpointError("weight file named in the index is missing", where=str(path))
-        if not path.resolve().is_relative_to(self.confine_to):
-            raise CheckpointError(
-                "weight file resolves outside the model folder",
-                where=str(path),
-                hint="refusing to read files outside the checkpoint",
-            )
-        return path
-
-
-# --------------------------------------------------------------------------- planning
-
-
-@dataclass
-class _Item:
-    name: str  # output tensor name
-    kind: str  # "copy", or the format's kind of stored weight
-    parts: dict[str, str]  # role -> source key
-    shape: list[int]  # output shape (checkpoint layout)
-    dtype: torch.dtype  # output dtype
-    transpose: bool = False  # Conv1D: dequantized [out, in] -> stored [in, out]
-    fmt: QuantFormat | None = None  # the format that dequantizes it (None: a copy)
-    weight: StoredWeight | None = None  # what the format rebuilds it from
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def _weight_item(
-    weight: StoredWeight, fmt: QuantFormat, dtype: torch.dtype, in_conv1d, in_shapes, shapes, where: str
-) -> _Item:
-    """The output item of one quantized weight, in the checkpoint's layout (Conv1D: [in, out])."""
-    item = _Item(weight.name, weight.kind, weight.parts, list(weight.shape), dtype, fmt=fmt, weight=weight)
-    if in_conv1d(item.name.rsplit(".", 1)[0]) is not None:
-        if len(item.shape) != 2:
-            raise CheckpointError(f"Conv1D weight {item.name!r} has shape {item.shape}", where=where)
-        item.transpose = True
-        item.shape = [item.shape[1], item.shape[0]]
-    known = in_shapes(item.name)
-    if known is not None and shapes[known] != item.shape:
-        raise CheckpointError(
-            f"dequantized {item.name!r} would have shape {item.shape}, the model expects {shapes[known]}", where=where
-        )
-    return item
-
-
-def _plan(
-    src: _Source, dtype: torch.dtype, fmt: QuantFormat, scheme: Scheme, conv1d, shapes, prefix: str, where: str
-) -> list[_Item]:
-    in_conv1d, in_shapes = checkpoint_lookup(conv1d, prefix), checkpoint_lookup(shapes, prefix)
-    weights = fmt.find_weights(src.headers, src.get, scheme, where)
-    consumed = {key for w in weights for key in w.parts.values()}
-    items = [_weight_item(w, fmt, dtype, in_conv1d, in_shapes, shapes, where) for w in weights]
-
-    # Everything else passes through (floating tensors cast to dtype).
-    for key in sorted(set(src.headers) - consumed):
-        st_dtype, shape = src.headers[key]
-        try:
-            torch_dtype = torch_dtype_of(st_dtype)
-        except ValueError:
-            raise CheckpointError(f"unsupported tensor dtype {st_dtype}", where=f"{where}: {key}") from None
-        out_dtype = dtype if torch_dtype.is_floating_point else torch_dtype
-        items.append(_Item(key, "copy", {"tensor": key}, list(shape), out_dtype))
-
-    # Output order: source file order, then name, so input files are read one after another.
-    file_rank = {path: i for i, path in enumerate(src.paths)}
-    return sorted(items, key=lambda it: (file_rank[src.files[next(iter(it.parts.values()))]], it.name))
+# --------------------------------------------------------------------------- computing tensors
 
 
 class _Scratch:
@@ -230,7 +94,7 @@ class _Scratch:
         return self._bytes[:nbytes].view(dtype).view(shape)
 
 
-def _cast(value: torch.Tensor, item: _Item, scratch: _Scratch | None) -> torch.Tensor:
+def _cast(value: torch.Tensor, item: PlanItem, scratch: _Scratch | None) -> torch.Tensor:
     """`value` (transposed for Conv1D) as `item.dtype`, contiguous: bit for bit
     `value.to(dtype).t().contiguous()`, as the cast is element-wise; in `scratch` when given."""
     if item.transpose:
@@ -244,7 +108,7 @@ def _cast(value: torch.Tensor, item: _Item, scratch: _Scratch | None) -> torch.T
     return scratch.take(item.shape, item.dtype).copy_(value)
 
 
-def _materialize(item: _Item, src: _Source, where: str, scratch: _Scratch | None = None) -> torch.Tensor:
+def _materialize(item: PlanItem, src: SourceReader, where: str, scratch: _Scratch | None = None) -> torch.Tensor:
     """The output tensor for `item`. With `scratch`, the result may live in its buffer: valid only
     until the next call."""
     if item.kind == "copy":
@@ -299,7 +163,7 @@ def _copy_small_files(folder: Path, confine_to: Path, tmp: Path) -> list[str]:
     return copied
 
 
-def _shard(items: list[_Item], max_bytes: int, result: DequantizeResult):
+def _shard(items: list[PlanItem], max_bytes: int, result: DequantizeResult):
     """(shards of items, their file names, weight map); fills the result's lists and byte count."""
     by_name = {item.name: item for item in items}
     shards = [
@@ -317,14 +181,19 @@ def _shard(items: list[_Item], max_bytes: int, result: DequantizeResult):
 
 
 def _write(
-    tmp: Path, src: _Source, sharded, result: DequantizeResult, where: str, progress: Callable[[int, int], None] | None
+    tmp: Path,
+    src: SourceReader,
+    sharded,
+    result: DequantizeResult,
+    where: str,
+    progress: Callable[[int, int], None] | None,
 ) -> None:
     """The shards (and index) of OUT, each tensor computed only when the writer asks for it."""
     shards, names, weight_map = sharded
     total, done = sum(len(shard) for shard in shards), 0
     scratch = _Scratch()
 
-    def computed(shard: list[_Item]):
+    def computed(shard: list[PlanItem]):
         nonlocal done
         for item in shard:
             tensor = _materialize(item, src, where, scratch)
@@ -379,9 +248,9 @@ def dequantize_checkpoint(
 
     inspect_checkpoint(folder, confine_to=resolved.confine_to).raise_for_problems()
     conv1d, shapes, prefix = conv1d_layout(folder, where, config)
-    src = _Source(folder, resolved.confine_to)
+    src = SourceReader(folder, resolved.confine_to)
     try:
-        items = _plan(src, dtype, fmt, scheme, conv1d, shapes, prefix, where)
+        items = plan_items(src, dtype, fmt, scheme, conv1d, shapes, prefix, where)
         result = DequantizeResult(
             out=out, dtype=dtype_name(dtype), quant_method=scheme.method, double_quant=scheme.double_quant
         )

@@ -53,52 +53,56 @@ def compare_state_dicts(
 ) -> list[Finding]:
     """Keys, bit-exact values and dtypes of OUT (`got`) against the reference (`want`), through the
     shared engine (`qfinal.compare.tensors.compare_tensors`): one error finding per offending key."""
-    from qfinal.compare.tensors import compare_tensors, format_number
+    from qfinal.compare.tensors import compare_tensors
 
     diffs = compare_tensors(got, want)
-    findings = []
+    return _key_findings(diffs, len(got)) + _dtype_findings(got, dtype) + _value_findings(diffs)
+
+
+def _key_findings(diffs, count: int) -> list[Finding]:
+    """An error per key on one side only; one info line when the names agree."""
     missing = sorted(t.name for t in diffs if t.status == "only_b")
     extra = sorted(t.name for t in diffs if t.status == "only_a")
-    for key in missing:
-        findings.append(
-            Finding(
-                check="dequantize_keys",
-                severity="error",
-                key=key,
-                message="in the dequantized reference but not in OUT",
-            )
+    findings = [
+        Finding(check="dequantize_keys", severity="error", key=key, message=message)
+        for keys, message in (
+            (missing, "in the dequantized reference but not in OUT"),
+            (extra, "in OUT but not in the dequantized reference"),
         )
-    for key in extra:
-        findings.append(
-            Finding(
-                check="dequantize_keys",
-                severity="error",
-                key=key,
-                message="in OUT but not in the dequantized reference",
-            )
-        )
+        for key in keys
+    ]
     if not missing and not extra:
         findings.append(
-            Finding(
-                check="dequantize_keys", severity="info", message=f"{len(got)} tensors, same names as the reference"
-            )
+            Finding(check="dequantize_keys", severity="info", message=f"{count} tensors, same names as the reference")
         )
+    return findings
+
+
+def _dtype_findings(got: dict[str, torch.Tensor], dtype: torch.dtype) -> list[Finding]:
     bad_dtype = [k for k, t in got.items() if t.is_floating_point() and t.dtype != dtype]
-    for key in bad_dtype:
-        findings.append(
-            Finding(
-                check="dequantize_dtype",
-                severity="error",
-                key=key,
-                message=f"{dtype_name(got[key].dtype)}, expected {dtype_name(dtype)}",
-            )
+    findings = [
+        Finding(
+            check="dequantize_dtype",
+            severity="error",
+            key=key,
+            message=f"{dtype_name(got[key].dtype)}, expected {dtype_name(dtype)}",
         )
+        for key in bad_dtype
+    ]
     if not bad_dtype:
         findings.append(
             Finding(check="dequantize_dtype", severity="info", message=f"all floating tensors are {dtype_name(dtype)}")
         )
+    return findings
+
+
+def _value_findings(diffs) -> list[Finding]:
+    """An error per tensor on both sides that is not bit-identical, saying how it differs."""
+    from qfinal.compare.tensors import format_number
+
     both = sorted((t for t in diffs if t.status not in ("only_a", "only_b")), key=lambda t: t.name)
     differ = [t for t in both if not t.bit_identical]
+    findings = []
     for t in differ:
         if t.status == "shape":
             detail = f"shape {list(t.shape_a)} vs reference {list(t.shape_b)}"
@@ -157,42 +161,10 @@ def verify_dequantized(source: Path | str, out: Path, dtype: torch.dtype | str) 
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         raise SourceError("config.json names no transformers model class", where=str(out))
-    findings: list[Finding] = []
 
     model, info = cls.from_pretrained(out, output_loading_info=True)
     model.eval()
-    problems = {
-        k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
-    }
-    for kind, keys in problems.items():
-        for key in keys:
-            findings.append(
-                Finding(
-                    check="dequantize_keys",
-                    severity="error",
-                    key=str(key),
-                    message=f"plain from_pretrained reports it in {kind}",
-                )
-            )
-    if not problems:
-        findings.append(
-            Finding(
-                check="dequantize_keys",
-                severity="info",
-                message="OUT loads with plain from_pretrained: no missing, unexpected or mismatched keys",
-            )
-        )
-    if "quantization_config" in config or config.get("dtype") != dtype_name(dtype):
-        findings.append(
-            Finding(
-                check="dequantize_dtype",
-                severity="error",
-                key="config.json",
-                message=f"config.json dtype is {config.get('dtype')!r}, expected "
-                f"{dtype_name(dtype)!r}, and it must hold no quantization_config",
-            )
-        )
-
+    findings = _loading_findings(info) + _config_findings(config, dtype)
     reference = cls.from_pretrained(resolved.folder).eval()
     reference.dequantize(torch.float32)
     findings += compare_state_dicts(model.state_dict(), reference_state_dict(reference, model, dtype), dtype)
@@ -207,6 +179,47 @@ def verify_dequantized(source: Path | str, out: Path, dtype: torch.dtype | str) 
         got = logits(model)
     findings.append(compare_logits(got, want, dtype))
     return findings
+
+
+def _loading_findings(info: dict) -> list[Finding]:
+    """What plain `from_pretrained` reported while loading OUT: an error per key it complained of."""
+    problems = {
+        k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+    }
+    findings = [
+        Finding(
+            check="dequantize_keys",
+            severity="error",
+            key=str(key),
+            message=f"plain from_pretrained reports it in {kind}",
+        )
+        for kind, keys in problems.items()
+        for key in keys
+    ]
+    if not problems:
+        findings.append(
+            Finding(
+                check="dequantize_keys",
+                severity="info",
+                message="OUT loads with plain from_pretrained: no missing, unexpected or mismatched keys",
+            )
+        )
+    return findings
+
+
+def _config_findings(config: dict, dtype: torch.dtype) -> list[Finding]:
+    """OUT's config.json must declare `dtype` and hold no quantization_config."""
+    if "quantization_config" not in config and config.get("dtype") == dtype_name(dtype):
+        return []
+    return [
+        Finding(
+            check="dequantize_dtype",
+            severity="error",
+            key="config.json",
+            message=f"config.json dtype is {config.get('dtype')!r}, expected "
+            f"{dtype_name(dtype)!r}, and it must hold no quantization_config",
+        )
+    ]
 
 
 def compare_logits(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> Finding:

@@ -190,17 +190,30 @@ def diff(
 
     `raw=True` compares the stored state dicts bit for bit (packed bnb data as stored) instead of
     dequantized values. Raises QfinalError (exit 2) when a side cannot be loaded."""
-    from qfinal.compare.models import compare_models
-    from qfinal.compare.outputs import probe_description
     from qfinal.compare.tensors import Tolerances
-    from qfinal.ops.load import load
-    from qfinal.pipeline.context import peak_rss_bytes
 
     tol = tolerances if tolerances is not None else Tolerances()
     side_a, side_b = resolve_sides(a, b, config_a, config_b)
     report = Report(source=f"{side_a.label} vs {side_b.label}", command="diff")
+    results = _load_sides(report, (side_a, side_b), allow_pickle, on_step)
+    ra, rb = results
+    _merge_side_reports(report, (side_a, side_b), results)
+    _require_in_memory((side_a, side_b), results)
+    if on_step:
+        on_step("compare")
+    comparison, findings = _compare(report, ra.model, rb.model, tol, raw=raw, outputs=outputs)
+    report.extra["diff"] = _diff_data(comparison, findings, tol, raw, (side_a, side_b))
+    del results, ra, rb
+    return DiffResult(report=report, comparison=comparison, tolerances=tol, sides=(side_a, side_b))
+
+
+def _load_sides(report: Report, sides: tuple[Side, Side], allow_pickle: bool, on_step) -> list:
+    """Each side through the pipeline, one stage record each; QfinalError when a side cannot load."""
+    from qfinal.ops.load import load
+    from qfinal.pipeline.context import peak_rss_bytes
+
     results = []
-    for side in (side_a, side_b):
+    for side in sides:
         if on_step:
             on_step(f"load {side.name}")
         start = time.perf_counter()
@@ -215,17 +228,25 @@ def diff(
             )
         )
         results.append(result)
+    return results
+
+
+def _merge_side_reports(report: Report, sides: tuple[Side, Side], results: list) -> None:
+    """The sides' model class, quantization and dtype ("x vs y" where they differ), and the
+    non-info findings of each side's own load, prefixed with the side's name."""
     ra, rb = results
     report.model_class = _pair(ra.report.model_class, rb.report.model_class)
     report.quantization = _pair(ra.report.quantization, rb.report.quantization) or "none"
     report.dtype = _pair(ra.report.dtype, rb.report.dtype)
     report.trust_remote_code = ra.report.trust_remote_code or rb.report.trust_remote_code
-    for side, result in zip((side_a, side_b), results):
+    for side, result in zip(sides, results):
         for f in result.report.findings:
             if f.severity != "info":
                 report.findings.append(f.model_copy(update={"message": f"{side.name}: {f.message}"}))
 
-    for side, result in zip((side_a, side_b), results):
+
+def _require_in_memory(sides: tuple[Side, Side], results: list) -> None:
+    for side, result in zip(sides, results):
         if any(p.device.type == "meta" for p in result.model.parameters()):
             raise ConfigError(
                 "some weights are on the meta device (offloaded to disk, or the pipeline "
@@ -233,10 +254,15 @@ def diff(
                 where=f"side {side.name}",
                 hint="load it without offload_folder / stop_after",
             )
-    if on_step:
-        on_step("compare")
+
+
+def _compare(report: Report, model_a, model_b, tol, *, raw: bool, outputs: bool):
+    """The comparison and its findings, both added to the report with the "compare" stage record."""
+    from qfinal.compare.models import compare_models
+    from qfinal.pipeline.context import peak_rss_bytes
+
     start = time.perf_counter()
-    comparison = compare_models(ra.model, rb.model, dequantize=not raw, outputs=outputs)
+    comparison = compare_models(model_a, model_b, dequantize=not raw, outputs=outputs)
     findings = comparison.findings("diff", tol)
     report.findings.extend(findings)
     report.checks = sorted({f.check for f in findings})
@@ -252,19 +278,24 @@ def diff(
             + ("" if comparison.output is None else f"; logits on {comparison.output.positions} positions"),
         )
     )
+    return comparison, findings
+
+
+def _diff_data(comparison, findings: list, tol, raw: bool, sides: tuple[Side, Side]) -> dict:
+    """`report.extra["diff"]`: the per-tensor table, the verdict, the mode, both sides and the probe."""
+    from qfinal.compare.outputs import probe_description
+
     data = comparison.to_json_dict()
     data.update(
         within_tolerances=not any(f.severity == "error" and f.check.startswith("diff_") for f in findings),
         mode="raw" if raw else "dequantized",
         direction="A is the candidate, B the reference",
         tolerances=asdict(tol),
-        a=side_a.describe(),
-        b=side_b.describe(),
+        a=sides[0].describe(),
+        b=sides[1].describe(),
         probe=probe_description(),
     )
-    report.extra["diff"] = data
-    del results, ra, rb
-    return DiffResult(report=report, comparison=comparison, tolerances=tol, sides=(side_a, side_b))
+    return data
 
 
 __all__ = ["Side", "DiffResult", "diff", "resolve_sides", "make_tolerances"]

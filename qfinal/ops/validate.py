@@ -50,16 +50,7 @@ def validate(
     Raises QfinalError (exit 2) only when validation cannot run: a missing path, an unreadable
     config.json, a bad config or allow-list pattern.
     """
-    cfg = resolve_config(config, overrides)
-    vcfg = cfg.validate_
-    compile_patterns(vcfg.allow_missing, "validate.allow_missing")
-    compile_patterns(vcfg.allow_unexpected, "validate.allow_unexpected")
-    ignored = []
-    if cfg.stop_after is not None:  # the gate always runs to the end
-        ignored.append(f"stop_after: {cfg.stop_after}")
-        cfg = cfg.model_copy(update={"stop_after": None})
-    if not vcfg.enabled:
-        ignored.append("validate.enabled: false")
+    cfg, ignored = _gate_config(config, overrides)
     src = source if isinstance(source, Source) else resolve_source(source)
     raw = read_config_json(src.folder)  # no or broken config.json: exit 2 before any work
 
@@ -74,42 +65,77 @@ def validate(
 
     ctx = fresh()
     skipped = dict(FAST_SKIPS)
-    loader_error: Exception | None = None
-    refused: Finding | None = None
+    full = _FullMode()  # fast mode: no full-mode outcome to report
     if not fast:
-        from qfinal.checkpoint.inventory import inspect_checkpoint
-        from qfinal.errors import QfinalError
-
-        inventory = inspect_checkpoint(src.folder, allow_pickle=allow_pickle, confine_to=src.confine_to)
-        why = "the checkpoint files are broken"
-        if not inventory.problems or (loadable_despite_problems(inventory) and not cfg.offload_folder):
-            try:
-                run_pipeline(ctx, on_stage=on_stage)  # the Validate stage reports any problems too
-                return ctx.report
-            except QfinalError as err:
-                # a checkpoint refusal met while loading (a bad pickle, inconsistent quant state):
-                # the header-only checks can still run and report it
-                check = getattr(err, "check", None)
-                if check not in HEADER_CHECKS + KEY_CHECKS:
-                    raise
-                refused = Finding(check=check, severity="error", key=getattr(err, "key", None), message=err.line())
-                why = f"{check}: {err.what}"
-            except Exception as err:  # noqa: BLE001 - kept only if the headers explain it, else re-raised
-                loader_error = err
-                why = f"the loader failed on this checkpoint ({type(err).__name__}: {_error_line(err)})"
-            ctx = fresh()
-        ctx.report.extra["full_mode"] = f"not possible: {why}; header-only checks were run instead"
-        skipped = {c: f"the model was not loaded: {why}" for c in FAST_SKIPS}
+        full = _try_full_mode(ctx, src, cfg, allow_pickle, on_stage)
+        if full.done:
+            return ctx.report
+        ctx = fresh()
+        ctx.report.extra["full_mode"] = f"not possible: {full.why}; header-only checks were run instead"
+        skipped = {c: f"the model was not loaded: {full.why}" for c in FAST_SKIPS}
     if cfg.adapters:
         skipped["adapter_coverage"] = "adapters are applied in the full mode only"
     _run_fast(ctx, on_stage, skipped)
+    refused = full.refused
     if refused is not None and not any(
         f.check == refused.check and f.severity == "error" for f in ctx.report.findings
     ):  # unless fast mode said it itself
         ctx.report.findings.insert(0, refused)
-    if loader_error is not None and not ctx.report.failing("error"):
-        raise loader_error  # the checkpoint looks fine, so the crash is a bug: keep its traceback
+    if full.loader_error is not None and not ctx.report.failing("error"):
+        raise full.loader_error  # the checkpoint looks fine, so the crash is a bug: keep its traceback
     return ctx.report
+
+
+def _gate_config(config, overrides: dict) -> tuple[RunConfig, list[str]]:
+    """The config the gate runs with (always to the end) and the settings it overrides, named; a bad
+    allow-list pattern is a ConfigError before any work."""
+    cfg = resolve_config(config, overrides)
+    vcfg = cfg.validate_
+    compile_patterns(vcfg.allow_missing, "validate.allow_missing")
+    compile_patterns(vcfg.allow_unexpected, "validate.allow_unexpected")
+    ignored = []
+    if cfg.stop_after is not None:  # the gate always runs to the end
+        ignored.append(f"stop_after: {cfg.stop_after}")
+        cfg = cfg.model_copy(update={"stop_after": None})
+    if not vcfg.enabled:
+        ignored.append("validate.enabled: false")
+    return cfg, ignored
+
+
+@dataclass
+class _FullMode:
+    """How the full mode went: `done` (its report stands), or why the header-only checks run instead."""
+
+    done: bool = False
+    why: str = "the checkpoint files are broken"
+    refused: Finding | None = None  # a checkpoint refusal met while loading, reported by the gate
+    loader_error: Exception | None = None  # a crash, re-raised unless the headers explain it
+
+
+def _try_full_mode(ctx: Context, src: Source, cfg: RunConfig, allow_pickle: bool, on_stage) -> _FullMode:
+    """Run the whole pipeline into `ctx` when the checkpoint files allow it."""
+    from qfinal.checkpoint.inventory import inspect_checkpoint
+    from qfinal.errors import QfinalError
+
+    inventory = inspect_checkpoint(src.folder, allow_pickle=allow_pickle, confine_to=src.confine_to)
+    full = _FullMode()
+    if inventory.problems and not (loadable_despite_problems(inventory) and not cfg.offload_folder):
+        return full
+    try:
+        run_pipeline(ctx, on_stage=on_stage)  # the Validate stage reports any problems too
+        full.done = True
+    except QfinalError as err:
+        # a checkpoint refusal met while loading (a bad pickle, inconsistent quant state):
+        # the header-only checks can still run and report it
+        check = getattr(err, "check", None)
+        if check not in HEADER_CHECKS + KEY_CHECKS:
+            raise
+        full.refused = Finding(check=check, severity="error", key=getattr(err, "key", None), message=err.line())
+        full.why = f"{check}: {err.what}"
+    except Exception as err:  # noqa: BLE001 - kept only if the headers explain it, else re-raised
+        full.loader_error = err
+        full.why = f"the loader failed on this checkpoint ({type(err).__name__}: {_error_line(err)})"
+    return full
 
 
 def _error_line(err: BaseException) -> str:

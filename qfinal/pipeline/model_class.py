@@ -34,10 +34,12 @@ def resolve_model_class(hf_config, model_class: str | None, task: str | None, wh
             where=where,
             hint="set `task:` (e.g. causal-lm) or `model_class:` in the config",
         )
-    cls = getattr(transformers, architectures[0], None)
-    if cls is None:
+    listed = isinstance(architectures, (list, tuple))  # a bare string is not a list of class names
+    name = architectures[0] if listed else architectures
+    cls = getattr(transformers, name, None) if listed and isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise SourceError(
-            f"architecture {architectures[0]!r} is not a transformers class",
+            f"architecture {name!r} is not a transformers model class",
             where=where,
             hint="custom-code models need `trust_remote_code: true` in the config, or set model_class",
         )

@@ -42,11 +42,57 @@ def refuse_inconsistent_quant_state(ctx: Context) -> None:
             check="quantization_config",
             hint="run `qfinal validate --fast` for every problem; re-export the quantized checkpoint",
         )
+    _refuse_unusable_stored_weights(ctx, raw)
+
+
+def _refuse_unusable_stored_weights(ctx: Context, raw: dict) -> None:
+    """Each stored weight as `qfinal dequantize` reads it (its small quant-state blobs read): state
+    transformers cannot unpack leaves the weight to a random init of packed bytes (a crash), and
+    state that does not fit the weight makes bitsandbytes read out of bounds."""
+    from qfinal.checkpoint.headers import checkpoint_error
+    from qfinal.checkpoint.reader import TensorReader
+    from qfinal.errors import CheckpointError
+    from qfinal.formats import format_for
+
+    fmt = format_for(raw)
+    if fmt is None:
+        return
+    where = str(ctx.source.folder)
+    headers = {key: (entry.dtype, list(entry.shape)) for key, entry in ctx.inventory.tensors.items()}
+    reader = TensorReader.for_inventory(ctx.inventory, max_open=0)
+    try:
+        fmt.find_weights(headers, reader.get, fmt.scheme(raw, where), where)
+    except CheckpointError as err:  # named as the header checks name theirs: validate reports it
+        raise checkpoint_error(
+            f"the {fmt.name} checkpoint cannot be loaded: {err.what}",
+            file=err.where,
+            check="quantization_config",
+            hint="re-export the quantized checkpoint",
+        ) from None
+    finally:
+        reader.close()
 
 
 def _quantizes_on_load(ctx: Context) -> bool:
     q = ctx.hf_quantizer
     return q is not None and not q.pre_quantized and ctx.inventory.format == "safetensors"
+
+
+def refuse_what_transformers_loads_wrong(ctx: Context) -> None:
+    """Before any weight is read: a format whose checkpoints transformers would load wrong here is
+    refused with the reason (header-only `validate --fast` and `plan` never get this far)."""
+    from qfinal.errors import CheckpointError
+    from qfinal.formats import format_for
+
+    fmt = format_for(ctx.config_json())
+    refusal = fmt.load_refusal(ctx.config_json()) if fmt is not None else None
+    if refusal:
+        raise CheckpointError(
+            f"{fmt.name} checkpoint: {refusal}",
+            where=str(ctx.source.folder / "config.json"),
+            hint="write a plain checkpoint with `qfinal dequantize SRC OUT` and load OUT; "
+            "`qfinal validate --fast` checks this one",
+        )
 
 
 class CheckpointDispatch(BaseStage):
@@ -83,6 +129,7 @@ class CheckpointDispatch(BaseStage):
             ) from None
 
     def run(self, ctx: Context) -> Outcome:
+        refuse_what_transformers_loads_wrong(ctx)
         cfg = ctx.config
         model = ctx.model
         device_map = ctx.device_map
@@ -116,7 +163,7 @@ class CheckpointDispatch(BaseStage):
         if ctx.inventory.format == "pickle":
             # transformers' torch.load(weights_only=True) raises UnpicklingError on a payload; check each
             # file first so the refusal is a CheckpointError that names the file.
-            from qfinal.checkpoint.headers import safe_torch_load
+            from qfinal.checkpoint.pickles import safe_torch_load
 
             for path in ctx.inventory.files:
                 safe_torch_load(path)

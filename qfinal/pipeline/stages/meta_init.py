@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 from qfinal.checkpoint.inventory import inspect_checkpoint
 from qfinal.compat import transformers as _hf
-from qfinal.errors import SourceError
+from qfinal.errors import QfinalError, SourceError
 from qfinal.formats.bnb import BITSANDBYTES
 from qfinal.pipeline.context import Context, Outcome
 from qfinal.pipeline.model_class import resolve_model_class
@@ -22,14 +23,29 @@ def load_hf_config(folder, raw: dict, trust_remote_code: bool):
             where=str(folder / "config.json"),
             hint="regenerate it with save_pretrained",
         )
-    try:
+    with config_json_at_fault(
+        folder,
+        "config.json cannot be read by transformers",
+        "check model_type; custom code needs trust_remote_code: true",
+    ):
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
-    except ValueError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+@contextmanager
+def config_json_at_fault(folder, what: str, hint: str = "check the values config.json sets"):
+    """transformers interpreting an untrusted config.json (AutoConfig, the quantizer, the model's
+    __init__): whatever it raises is the file's fault, exit 2 naming it, as in
+    `compat.transformers_layout.conv1d_layout`. qfinal's own refusals pass through."""
+    try:
+        yield
+    except QfinalError:
+        raise
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise SourceError(
-            f"config.json cannot be read by transformers: {first}",
+            f"{what}: {first}",
             where=str(folder / "config.json"),
-            hint="check model_type; custom code needs trust_remote_code: true",
+            hint=hint,
         ) from None
 
 
@@ -49,7 +65,10 @@ class MetaInit(BaseStage):
 
         device_map = _hf.check_and_set_device_map(cfg.device_map)
         quantization_config = BITSANDBYTES.quantizer_config(cfg.quantize)
-        hf_quantizer, hf_config, device_map = _hf.get_hf_quantizer(hf_config, quantization_config, device_map, True, {})
+        with config_json_at_fault(folder, "transformers cannot use its quantization_config"):
+            hf_quantizer, hf_config, device_map = _hf.get_hf_quantizer(
+                hf_config, quantization_config, device_map, True, {}
+            )
         files = [str(p) for p in ctx.inventory.files]
         dtype = cfg.dtype if cfg.dtype != "auto" else "auto"
         hf_config, dtype = _hf.resolve_dtype(
@@ -61,9 +80,10 @@ class MetaInit(BaseStage):
         ctx.hf_config, ctx.hf_quantizer, ctx.device_map, ctx.dtype = hf_config, hf_quantizer, device_map, dtype
         # Like `from_pretrained(attn_implementation=...)`: set before the model is built; one
         # transformers cannot run here falls back to the default, recorded as a finding by runtime.
-        ctx.model, ctx.attn_fallback = _hf.build_skeleton_with_attention(
-            ctx.model_class, hf_config, dtype, hf_quantizer is not None, cfg.runtime.attn_implementation
-        )
+        with config_json_at_fault(folder, f"transformers cannot build {ctx.model_class.__name__} from it"):
+            ctx.model, ctx.attn_fallback = _hf.build_skeleton_with_attention(
+                ctx.model_class, hf_config, dtype, hf_quantizer is not None, cfg.runtime.attn_implementation
+            )
         ctx.original_classes = {n: type(m).__name__ for n, m in ctx.model.named_modules()}
 
         report = ctx.report

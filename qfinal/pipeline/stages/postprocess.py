@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qfinal.errors import SourceError
 from qfinal.pipeline.context import Context, Outcome
 from qfinal.pipeline.stages.base import BaseStage
 
@@ -11,7 +12,15 @@ def load_generation_config(model, folder) -> None:
         return
     from transformers import GenerationConfig
 
-    model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # an untrusted file transformers cannot parse: its fault, exit 2
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise SourceError(
+            f"generation_config.json cannot be read by transformers: {first}",
+            where=str(folder / "generation_config.json"),
+            hint="repair it, or delete it to use the defaults from config.json",
+        ) from None
 
 
 class Postprocess(BaseStage):
