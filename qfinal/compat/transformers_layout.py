@@ -79,11 +79,8 @@ def conv1d_layout(folder: Path, where: str, config: dict | None = None):
         raise CheckpointError(
             f"config.json cannot be parsed by transformers ({first})", where=str(folder / "config.json")
         ) from None
-    archs = getattr(config, "architectures", None)
-    listed = isinstance(archs, (list, tuple)) and len(archs) > 0  # a bare string is no list of names
-    name = archs[0] if listed else archs
-    cls = getattr(transformers, name, None) if listed and isinstance(name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+    name, cls = architecture_class(config)
+    if cls is None:
         raise CheckpointError(
             f"model class {name!r} is not in transformers",
             where=where,
@@ -99,3 +96,15 @@ def conv1d_layout(folder: Path, where: str, config: dict | None = None):
     shapes = {name: list(t.shape) for name, t in model.state_dict().items()}
     prefix = getattr(model, "base_model_prefix", "") or ""
     return conv1d, shapes, prefix
+
+
+def architecture_class(config) -> tuple[object, type | None]:
+    """(what config.json's `architectures[0]` says, the transformers model class of that name or
+    None): a bare string, a number or a non-model attribute of transformers names no class."""
+    import transformers
+
+    archs = getattr(config, "architectures", None)
+    listed = isinstance(archs, (list, tuple)) and len(archs) > 0
+    name = archs[0] if listed else archs
+    cls = getattr(transformers, name, None) if listed and isinstance(name, str) else None
+    return name, cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None

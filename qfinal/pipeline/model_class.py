@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qfinal.compat.transformers import auto_model_class
+from qfinal.compat.transformers_layout import architecture_class
 from qfinal.errors import ConfigError, SourceError
 
 
@@ -34,10 +35,8 @@ def resolve_model_class(hf_config, model_class: str | None, task: str | None, wh
             where=where,
             hint="set `task:` (e.g. causal-lm) or `model_class:` in the config",
         )
-    listed = isinstance(architectures, (list, tuple))  # a bare string is not a list of class names
-    name = architectures[0] if listed else architectures
-    cls = getattr(transformers, name, None) if listed and isinstance(name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+    name, cls = architecture_class(hf_config)
+    if cls is None:
         raise SourceError(
             f"architecture {name!r} is not a transformers model class",
             where=where,
