@@ -179,6 +179,50 @@ def write_nf4(folder: Path, source: Path) -> str:
     return f"nf4, {logical_bytes(folder) / 1e9:.2f} GB on disk"
 
 
+FP8_BLOCK = 128
+
+
+def write_fp8(folder: Path, source: Path) -> str:
+    """FP8 fine-grained (DeepSeek-V3 layout): every projection weight float8_e4m3fn with a float32
+    weight_scale_inv per 128x128 block (absmax / 448), the rest as stored; shard by shard.
+    transformers' own FP8 quantizer needs a GPU, so the blocks are computed here."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+        "modules_to_not_convert": ["lm_head"],
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    weight_map, total = {}, 0
+    for file in sorted(set(index["weight_map"].values())):
+        chunk = {}
+        for name, tensor in load_file(str(source / file)).items():
+            if name.endswith("_proj.weight"):
+                rows, cols = tensor.shape
+                grid = (math.ceil(rows / FP8_BLOCK), math.ceil(cols / FP8_BLOCK))
+                blocks = tensor.float().reshape(grid[0], FP8_BLOCK, grid[1], FP8_BLOCK)
+                scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)
+                chunk[name] = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+                chunk[name.removesuffix(".weight") + ".weight_scale_inv"] = scale
+            else:
+                chunk[name] = tensor
+        for name, tensor in chunk.items():
+            weight_map[name] = file
+            total += tensor.numel() * tensor.element_size()
+        save_file(chunk, str(folder / file), metadata={"format": "pt"})
+        del chunk
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return f"fp8 block {FP8_BLOCK}x{FP8_BLOCK}, {logical_bytes(folder) / 1e9:.2f} GB on disk"
+
+
 def write_sparse_70b(folder: Path) -> str:
     sys.path.insert(0, str(HERE))
     from validate_fast_70b import write_checkpoint  # the teammate's writer, reused as is
@@ -199,6 +243,8 @@ def build(kind: str, folder: Path, shape_name: str, source: Path | None) -> str:
         detail = write_bf16(tmp, shape_name)
     elif kind == "nf4":
         detail = write_nf4(tmp, source)
+    elif kind == "fp8":
+        detail = write_fp8(tmp, source)
     elif kind == "sparse70b":
         detail = write_sparse_70b(tmp)
     else:
@@ -211,10 +257,10 @@ def build(kind: str, folder: Path, shape_name: str, source: Path | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build one benchmark checkpoint (run by bench/run.py).")
-    parser.add_argument("kind", choices=["bf16", "nf4", "sparse70b"])
+    parser.add_argument("kind", choices=["bf16", "nf4", "fp8", "sparse70b"])
     parser.add_argument("folder")
     parser.add_argument("--shape", default="tinyllama-1.1b", choices=sorted(SHAPES))
-    parser.add_argument("--source", help="the bf16 folder (for nf4)")
+    parser.add_argument("--source", help="the bf16 folder (for nf4 and fp8)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

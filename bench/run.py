@@ -86,6 +86,7 @@ def build_lines(ck: dict[str, Path], work: Path) -> list[Line]:
     deq_q, deq_t, save_q, save_t = (
         work / n for n in ("dequantize-qfinal", "dequantize-transformers", "save-qfinal", "save-transformers")
     )
+    fp8 = str(ck["fp8"])
     return [
         Line(
             "load_bf16",
@@ -119,6 +120,15 @@ def build_lines(ck: dict[str, Path], work: Path) -> list[Line]:
             [Target("time", 1.0), Target("rss", 1 / 3)],
             scratch=[deq_q, deq_t],
             inputs=[ck["nf4"]],
+        ),
+        Line(
+            "dequantize_fp8",
+            "dequantize fp8 block -> bf16",
+            cli + ["dequantize", fp8, str(deq_q), "--dtype", "bfloat16", "--quiet"],
+            [py, tasks, "transformers-load-save", fp8, str(deq_t), "bfloat16"],
+            [Target("time", 0.8), Target("rss", 0.25)],
+            scratch=[deq_q, deq_t],
+            inputs=[ck["fp8"]],
         ),
         Line(
             "save_round_trip",
@@ -285,10 +295,16 @@ def _short(arg: str) -> str:
 def ensure_checkpoints(out: Path, quick: bool, log) -> dict[str, Path]:
     shape = "quick-0.2b" if quick else "tinyllama-1.1b"
     prefix = "quick" if quick else "llama"
-    folders = {"bf16": out / f"{prefix}-bf16", "nf4": out / f"{prefix}-nf4", "sparse70b": out / "sparse-70b"}
+    folders = {
+        "bf16": out / f"{prefix}-bf16",
+        "nf4": out / f"{prefix}-nf4",
+        "fp8": out / f"{prefix}-fp8",
+        "sparse70b": out / "sparse-70b",
+    }
     builds = [
         ("bf16", ["--shape", shape]),
         ("nf4", ["--shape", shape, "--source", str(folders["bf16"])]),
+        ("fp8", ["--shape", shape, "--source", str(folders["bf16"])]),
         ("sparse70b", []),
     ]
     for kind, extra in builds:

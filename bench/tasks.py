@@ -84,12 +84,23 @@ def transformers_save_round_trip(path: str, out: str, max_shard_size: str = "2GB
     return f"saved and reloaded {type(reloaded).__name__}"
 
 
+def transformers_load_save(path: str, out: str, dtype: str = "bfloat16") -> str:
+    """A plain checkpoint from a quantized one the transformers way: its CPU load dequantizes
+    (fp8), then save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.save_pretrained(out)
+    return f"loaded and saved {type(model).__name__} as {dtype}"
+
+
 TASKS = {
     "qfinal-load-forward": qfinal_load_forward,
     "transformers-load-forward": transformers_load_forward,
     "transformers-load-quantized": transformers_load_quantized,
     "transformers-dequantize": transformers_dequantize,
     "transformers-save-round-trip": transformers_save_round_trip,
+    "transformers-load-save": transformers_load_save,
 }
 
 

@@ -213,11 +213,77 @@ def test_dequantize_refuses_misshapen_scale(fp8, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_load_and_full_validate_refuse_fp8_where_transformers_is_silently_wrong(fp8, capsys):
-    """transformers loads the ragged checkpoint without a word and gets every quantized weight
-    wrong; qfinal refuses it (exit 2, one line) and points at `qfinal dequantize`."""
-    for command in ("load", "validate"):
-        code, _out, err = builders.run_cli(capsys, command, fp8["ragged"])
-        assert code == 2, err
-        (line,) = err.strip().splitlines()
-        assert "fp8" in line and "qfinal dequantize" in line
+# ----------------------------------------------------------------------------------------- load
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_load_dequantizes_on_load_exactly_as_dequantize_writes(fp8, dequantized, name, capsys):
+    """transformers' fp8 loader refuses a machine without a GPU (and mis-scales the ragged blocks
+    once that check is bypassed); qfinal's load rebuilds each weight with the format's arithmetic
+    as the loader reads it: the model holds exactly what `qfinal dequantize` writes."""
+    from qfinal.ops.load import load
+
+    result = load(fp8[name], dtype="bfloat16")
+    assert result.report.ok, [f.message for f in result.report.findings if f.severity == "error"]
+    assert result.report.quantization.startswith("fp8 dequantized to bfloat16 on load")
+    state = result.model.state_dict()
+    written = load_file(dequantized[name] / "model.safetensors")
+    assert set(written) == {k for k in state if "inv_freq" not in k}
+    for key, tensor in written.items():
+        assert builders.bits_equal(state[key], tensor), key
+    converted = {c.module for c in result.report.keys.converted}
+    assert converted == {key.removesuffix(".weight") for key, _, _ in scaled_pairs(fp8[name])}
+    assert all(type(m).__name__ != "FP8Linear" for m in result.model.modules())
+    code, _out, err = builders.run_cli(capsys, "validate", fp8[name])
+    assert code == 0, err
+
+
+def test_load_requantize_equals_transformers_on_the_dequantized_checkpoint(fp8, dequantized):
+    """`--quantize nf4` on an fp8 source quantizes the dequantized weights: the packed bytes are
+    transformers' own nf4 load of the `qfinal dequantize` output, and the report warns that the
+    two rounding errors compound."""
+    from qfinal.ops.load import load
+
+    result = load(fp8["ragged"], dtype="bfloat16", quantize="nf4")
+    assert result.report.quantization.endswith("then nf4")
+    warnings = [f.message for f in result.report.findings if f.severity == "warning"]
+    assert any("compound" in message for message in warnings), warnings
+    theirs = tf.LlamaForCausalLM.from_pretrained(
+        dequantized["ragged"],
+        dtype=torch.bfloat16,
+        quantization_config=tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    ).state_dict()
+    ours = result.model.state_dict()
+    assert set(ours) == set(theirs)
+    for key, tensor in theirs.items():
+        assert builders.bits_equal(ours[key], tensor), key
+
+
+def test_load_refuses_misshapen_scale(fp8, tmp_path, capsys):
+    path = edited(fp8["ragged"], tmp_path / "bad", BROKEN["floor_div_grid"])
+    code, _out, err = builders.run_cli(capsys, "load", path)
+    assert code == 2, err
+    (line,) = err.strip().splitlines()
+    assert "fp8 checkpoint cannot be loaded" in line and "weight_scale_inv has shape" in line
+
+
+def test_diff_reports_what_fp8_cost_per_layer_and_in_logits(fp8, tmp_path, capsys):
+    """`qfinal diff FP8 DENSE_ORIGINAL`: the fp8 side is dequantized on load, so every quantized
+    weight shows its rounding error and the logits their cost; the rest is identical."""
+    torch.manual_seed(builders.SEED)
+    config = tf.LlamaConfig(tie_word_embeddings=False, **{**builders.LLAMA, "hidden_size": SHAPES["ragged"]})
+    tf.LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "dense")
+    code, report = builders.run_json(capsys, "diff", fp8["ragged"], tmp_path / "dense")
+    assert code == 1  # quantization changed values: not identical, and no tolerance was given
+    diff = report["extra"]["diff"]
+    dense = load_file(tmp_path / "dense" / "model.safetensors")
+    rows = {row["name"]: row for row in diff["tensors"]}
+    scaled = {key: reference(weight, scale, BLOCK, torch.float32) for key, weight, scale in scaled_pairs(fp8["ragged"])}
+    for key, row in rows.items():
+        if key not in scaled:
+            assert row["status"] == "identical", key
+            continue
+        expected = ((scaled[key].double() - dense[key].double()).norm() / dense[key].double().norm()).item()
+        assert row["status"] == "different" and row["rel_error"] == pytest.approx(expected, rel=1e-9), key
+    assert len(scaled) == 14 and 0 < diff["output"]["kl_divergence"] < 1e-3
+    assert 0 < diff["output"]["logits_max_abs"] < 1 and diff["output"]["top1_agreement"] is not None

@@ -61,6 +61,12 @@ class QuantFormat(ABC):
         wrong here, or cannot), or None when it loads it faithfully."""
         return None
 
+    def dequantizes_on_load(self, raw_config: dict) -> str | None:
+        """Why qfinal's load rebuilds this format's weights itself (dense, with `dequantize`, as the
+        loader reads them) instead of handing them to transformers' quantizer; None when
+        transformers loads them faithfully on this machine."""
+        return None
+
     # ------------------------------------------------------------------ config.json and headers
 
     @abstractmethod
@@ -97,6 +103,16 @@ class QuantFormat(ABC):
     def dequantize(self, weight: StoredWeight, read: Read, where: str):
         """`weight` rebuilt from its stored tensors, exactly as transformers' dequantize() does it,
         in the format's own result dtype (the caller casts)."""
+
+    def verify_reference(self, model_class, folder):
+        """SOURCE's model as the format's own library dequantizes it (float32 where it can), the
+        reference `qfinal dequantize --verify` compares OUT with: by default transformers' load
+        then `dequantize(torch.float32)`."""
+        import torch
+
+        reference = model_class.from_pretrained(folder).eval()
+        reference.dequantize(torch.float32)
+        return reference
 
     # ------------------------------------------------------------------ a loaded model
 

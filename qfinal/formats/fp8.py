@@ -111,11 +111,10 @@ class FineGrainedFP8(QuantFormat):
     name = "fp8"
     quantized_classes = QUANTIZED_CLASSES
 
-    def load_refusal(self, raw_config: dict) -> str | None:
-        return (
-            "transformers dequantizes FP8 block-scaled weights on the CPU, and silently wrong where a "
-            "dimension does not divide by the block size; qfinal does not load them yet"
-        )
+    def dequantizes_on_load(self, raw_config: dict) -> str | None:
+        """Always: transformers' FP8 quantizer refuses a machine without a GPU, and its own
+        dequantization is silently wrong where a dimension does not divide by the block size."""
+        return "transformers' fp8 loader needs a GPU and mis-scales ragged blocks"
 
     def detect(self, raw_config: dict) -> bool:
         qc = raw_config.get("quantization_config")

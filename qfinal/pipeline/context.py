@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from qfinal.checkpoint.inventory import CheckpointInventory
     from qfinal.checkpoint.prescan import Prescan
+    from qfinal.formats.base import QuantFormat
 
 StageStatus = Literal["ran", "nothing to do", "skipped by request", "not reached", "failed"]
 
@@ -64,6 +65,9 @@ class Context:
     device_map: dict[str, str | int] | None = None
     attn_fallback: str | None = None  # why transformers did not give the requested attention implementation
     original_classes: dict[str, str] = field(default_factory=dict)  # module name -> class before the swap
+    # A format qfinal dequantizes while loading (transformers cannot load it faithfully here), and why.
+    dequantizing_format: QuantFormat | None = None
+    dequantizing_reason: str | None = None
     # checkpoint_dispatch
     load_config: object | None = None  # transformers' LoadStateDictConfig (compat.transformers)
     model: torch.nn.Module | None = None  # the transformers model, or a PeftModel once adapters are on

@@ -11,6 +11,7 @@ from collections import Counter
 
 from qfinal.checkpoint.reader import read_tensor_by_tensor
 from qfinal.compat import transformers as _hf
+from qfinal.formats.bnb_kernel import four_bit_kernel_for_load
 from qfinal.pipeline.context import Context, Outcome
 from qfinal.pipeline.stages.base import BaseStage
 from qfinal.report import MismatchedKey
@@ -95,6 +96,41 @@ def refuse_what_transformers_loads_wrong(ctx: Context) -> None:
         )
 
 
+def _load_dequantizing(ctx: Context, files: list[str]):
+    """Load a checkpoint whose format qfinal dequantizes itself (`pipeline.dequantize_on_load`):
+    each quantized weight rebuilt as the loader reads it; the report lists them as converted."""
+    from qfinal.checkpoint.headers import checkpoint_error
+    from qfinal.errors import CheckpointError
+    from qfinal.pipeline.dequantize_on_load import dense_state
+    from qfinal.report import ConvertedModule
+
+    if ctx.inventory.format != "safetensors":
+        raise CheckpointError(
+            f"a {ctx.dequantizing_format.name} checkpoint must be stored as safetensors",
+            where=str(ctx.source.folder),
+        )
+    fmt, raw, where = ctx.dequantizing_format, ctx.config_json(), str(ctx.source.folder)
+    progress = ctx.on_progress and (lambda done, total: ctx.on_progress(done, total, "bytes read"))
+    with read_tensor_by_tensor(files, progress) as state:
+        try:
+            dense, weights = dense_state(fmt, fmt.scheme(raw, where), state, ctx.dtype, ctx.model, where)
+        except CheckpointError as err:  # named as the header checks name theirs: validate reports it
+            raise checkpoint_error(
+                f"the {fmt.name} checkpoint cannot be loaded: {err.what}",
+                file=err.where,
+                check="quantization_config",
+                hint="run `qfinal validate --fast` for every problem; re-export the quantized checkpoint",
+            ) from None
+        loaded = _hf.load_checkpoint_into(ctx.model, files, ctx.load_config, dense)
+    dtype = str(ctx.dtype).removeprefix("torch.")
+    scheme = fmt.scheme(raw, where).label
+    ctx.report.keys.converted = [
+        ConvertedModule.model_validate({"module": w.name.rsplit(".", 1)[0], "from": scheme, "to": dtype})
+        for w in weights
+    ] + ctx.report.keys.converted
+    return loaded
+
+
 class CheckpointDispatch(BaseStage):
     name = "checkpoint_dispatch"
 
@@ -167,9 +203,12 @@ class CheckpointDispatch(BaseStage):
 
             for path in ctx.inventory.files:
                 safe_torch_load(path)
-        if _quantizes_on_load(ctx) and not (device_map and "disk" in device_map.values()):
+        if ctx.dequantizing_format is not None:
+            ctx.loading_info, ctx.disk_offload_index = _load_dequantizing(ctx, files)
+        elif _quantizes_on_load(ctx) and not (device_map and "disk" in device_map.values()):
             progress = ctx.on_progress and (lambda done, total: ctx.on_progress(done, total, "bytes read"))
-            with read_tensor_by_tensor(files, progress) as state:
+            # bitsandbytes' quantize_4bit is qfinal's multi-core kernel in here (byte-identical)
+            with read_tensor_by_tensor(files, progress) as state, four_bit_kernel_for_load():
                 ctx.loading_info, ctx.disk_offload_index = _hf.load_checkpoint_into(
                     model, files, ctx.load_config, state
                 )

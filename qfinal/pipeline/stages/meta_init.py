@@ -49,6 +49,20 @@ def config_json_at_fault(folder, what: str, hint: str = "check the values config
         ) from None
 
 
+def _dequantize_on_load_if_needed(ctx: Context, hf_config) -> None:
+    """A format transformers cannot load faithfully here is dequantized by qfinal while loading:
+    the model is then built as the plain one, without transformers' quantizer for that format."""
+    from qfinal.formats import format_for
+
+    fmt = format_for(ctx.config_json())
+    reason = fmt.dequantizes_on_load(ctx.config_json()) if fmt is not None else None
+    if reason is None:
+        return
+    ctx.dequantizing_format, ctx.dequantizing_reason = fmt, reason
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+
+
 class MetaInit(BaseStage):
     name = "meta_init"
 
@@ -64,6 +78,7 @@ class MetaInit(BaseStage):
             ctx.inventory.raise_for_problems()
 
         device_map = _hf.check_and_set_device_map(cfg.device_map)
+        _dequantize_on_load_if_needed(ctx, hf_config)
         quantization_config = BITSANDBYTES.quantizer_config(cfg.quantize)
         with config_json_at_fault(folder, "transformers cannot use its quantization_config"):
             hf_quantizer, hf_config, device_map = _hf.get_hf_quantizer(
