@@ -9,6 +9,22 @@ __version__ = "0.1.0"
 __all__ = ["load", "validate", "save", "dequantize_checkpoint", "__version__"]
 
 
+def _quiet_torchao_import() -> None:
+    """Once torchao is installed, transformers imports it with any model class: torchao logs each GPU
+    kernel it cannot load here and torch a deprecation of torchao's enums, on every command and in
+    every worker process. Those records only are dropped, before anything imports either library."""
+    import logging
+
+    def drop(logger: str, text: str) -> None:
+        logging.getLogger(logger).addFilter(lambda record: text not in str(record.msg))
+
+    drop("torchao", "Failed to load ")
+    drop("torch.utils._pytree", "is an Enum subclass and is now natively supported")
+
+
+_quiet_torchao_import()
+
+
 def __getattr__(name: str):
     if name == "load":
         from qfinal.ops.load import load

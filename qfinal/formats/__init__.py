@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
+from qfinal.formats.awq import AWQ
 from qfinal.formats.base import QuantFormat
 from qfinal.formats.bnb import BITSANDBYTES
+from qfinal.formats.compressed_tensors import COMPRESSED_TENSORS
 from qfinal.formats.fp8 import FP8
+from qfinal.formats.gptq import GPTQ
+from qfinal.formats.refused import HQQ
+from qfinal.formats.torchao import TORCHAO
 
-_BUILT_IN: list[QuantFormat] = [BITSANDBYTES, FP8]
+_BUILT_IN: list[QuantFormat] = [BITSANDBYTES, FP8, COMPRESSED_TENSORS, GPTQ, AWQ, TORCHAO, HQQ]
 FORMATS: dict[str, QuantFormat] = {f.name: f for f in _BUILT_IN}  # quant_method -> format
 
 
@@ -22,8 +27,15 @@ def format_for(raw_config: dict) -> QuantFormat | None:
 
 
 def supported_methods() -> str:
-    """The quant_method values qfinal reads, for messages ("bitsandbytes")."""
-    return " / ".join(FORMATS)
+    """The quant_method values qfinal reads, for messages ("bitsandbytes / fp8 / ...")."""
+    return " / ".join(name for name, f in FORMATS.items() if f.readable)
+
+
+def quantizer_format(raw_config: dict, pre_quantized: bool) -> QuantFormat:
+    """The format of the quantizer transformers runs: the checkpoint's for a pre-quantized one,
+    bitsandbytes when qfinal quantizes on load (the only method it quantizes with)."""
+    fmt = format_for(raw_config) if pre_quantized else None
+    return fmt if fmt is not None and fmt.readable else BITSANDBYTES
 
 
 def is_quant_state_key(key: str) -> bool:

@@ -55,6 +55,7 @@ class QuantFormat(ABC):
 
     name: str
     quantized_classes: tuple[str, ...] = ()  # module classes transformers' quantizer swaps in
+    readable: bool = True  # False for a method detected only to be refused (formats/refused.py)
 
     def load_refusal(self, raw_config: dict) -> str | None:
         """Why the pipeline must not load a checkpoint in this format (transformers would load it

@@ -165,8 +165,12 @@ def verify_dequantized(source: Path | str, out: Path, dtype: torch.dtype | str) 
     model, info = cls.from_pretrained(out, output_loading_info=True)
     model.eval()
     findings = _loading_findings(info) + _config_findings(config, dtype)
-    reference = cls.from_pretrained(resolved.folder).eval()
-    reference.dequantize(torch.float32)
+    from qfinal.formats import format_for
+
+    fmt = format_for(read_config_json(resolved.folder))
+    if fmt is None:
+        raise SourceError("config.json declares no quantization format qfinal reads", where=str(resolved.folder))
+    reference = fmt.verify_reference(cls, resolved.folder)
     findings += compare_state_dicts(model.state_dict(), reference_state_dict(reference, model, dtype), dtype)
 
     def logits(m) -> torch.Tensor:  # a bnb reference may sit on the GPU where one is present
