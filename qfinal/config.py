@@ -87,6 +87,14 @@ class ReportConfig(_Strict):
     )
 
 
+class ExecutorConfig(_Strict):
+    """Where per-shard work (dequantize, quantize, merge: one task per output shard) runs."""
+
+    kind: Literal["inprocess", "pool", "ray"] | None = Field(None, description="default: inprocess; pool with workers")
+    workers: int | None = Field(None, ge=1, description="pool size; on Ray, the most shards in flight")
+    address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else the local one)")
+
+
 class RunConfig(_Strict):
     """One finalization: what to load and how. CLI flags override these values."""
 
@@ -107,8 +115,13 @@ class RunConfig(_Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     trust_remote_code: bool = False
+    revision: str | None = Field(
+        None, description="hub id only: branch, tag or commit hash (a commit hash means exactly that commit)"
+    )
+    offline: bool = Field(False, description="hub id only: use the local cache, never download (as HF_HUB_OFFLINE=1)")
     stop_after: str | None = None
     report: ReportConfig = ReportConfig()
+    executor: ExecutorConfig = ExecutorConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -140,6 +153,9 @@ OVERRIDE_PATHS = {
     "quant_storage": ("quantize", "quant_storage"),
     "int8_threshold": ("quantize", "int8_threshold"),
     "fail_on": ("validate", "fail_on"),
+    "executor": ("executor", "kind"),
+    "workers": ("executor", "workers"),
+    "address": ("executor", "address"),
 }
 
 

@@ -91,9 +91,12 @@ class ReportExtra(TypedDict, total=False):
     ignored_by_validate: list[str]  # validate: config settings the gate overrides (stop_after, enabled: false)
     save: dict[str, Any]  # save: out, writer, copied side files, files
     dequantize: dict[str, Any]  # dequantize: out, files, total_bytes
+    merge: dict[str, Any]  # merge: out, adapters, files, total_bytes, peak estimate, logits vs unmerged
+    quantize: dict[str, Any]  # quantize: out, files, total_bytes, peak_rss_estimate_bytes, dry_run
     diff: dict[str, Any]  # diff: sides, tolerances, probe, the per-tensor table, html
     plan: dict[str, Any]  # plan: bytes per device, large unquantized leaves, placement by module
     quality: list[dict[str, Any]]  # load --quality: one row per quantized module
+    hub: dict[str, Any]  # a hub id: repo_id, commit, downloaded files and bytes, headers_only
 
 
 class Report(BaseModel):
@@ -103,6 +106,7 @@ class Report(BaseModel):
     quantization: str = "none"
     dtype: str | None = None
     trust_remote_code: bool = False
+    commit: str | None = None  # a hub id's resolved commit hash
     stages: list[StageRecord] = []
     keys: Keys = Keys()
     adapters: list[AdapterRecord] = []

@@ -33,6 +33,24 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; re
 StopAfterOpt = Annotated[Optional[str], typer.Option(help="Stop the pipeline after this stage.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
 ShardOpt = Annotated[str, typer.Option(help="Largest output shard, e.g. 2GB or 500MB.")]
+# Where per-shard work runs (qfinal/ops/executors.py); config: executor.kind / .workers / .address.
+ExecutorOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Where output shards are written: inprocess|pool|ray (default: inprocess; pool with --workers)."),
+]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Write N shards at a time on local worker processes.")]
+AddressOpt = Annotated[
+    Optional[str],
+    typer.Option(help="--executor ray: the cluster's address (default: RAY_ADDRESS, else the local cluster)."),
+]
+RevisionOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Hub id only: branch, tag or commit hash (a commit hash pins exactly that commit)."),
+]
+OfflineOpt = Annotated[
+    Optional[bool],
+    typer.Option("--offline", help="Hub id only: use the local cache, never download.", show_default=False),
+]
 
 
 def parse_max_memory(text: str | None) -> dict | None:
@@ -65,6 +83,8 @@ PIPELINE_OPTIONS = (
     "merge",
     "dequantize",
     "stop_after",
+    "revision",
+    "offline",
 )
 
 

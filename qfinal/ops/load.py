@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from qfinal.checkpoint.sources import resolve_source
+from qfinal.checkpoint.sources import hub_adapters, hub_request, resolve_source, stamp_report
 from qfinal.config import RunConfig, resolve_config
 from qfinal.pipeline.context import Context
 from qfinal.pipeline.runner import run_pipeline
@@ -34,22 +34,26 @@ def load(
     on_stage: Callable[[str], None] | None = None,
     command: str = "load",
     on_progress: Callable[[int, int, str], None] | None = None,
+    tokenizer: bool = False,
     **overrides: Any,
 ) -> Finalized:
-    """Run the pipeline on `source` (a folder, a cached hub id, or "demo").
+    """Run the pipeline on `source` (a folder, a hub id, or "demo").
 
     `config` is a RunConfig or a YAML path; `overrides` use the CLI's option names
     (`quantize="nf4"`, `dtype="bfloat16"`, `adapters=[{"path": ..., "merge": True}]`).
     `on_stage(name)` is called as each stage starts, `on_progress(done, total, what)` inside the
-    long ones.
+    long ones. A hub id is downloaded unless cached or offline (`revision=`, `offline=` in the
+    config); `tokenizer=True` fetches its tokenizer files too (for a save).
 
     >>> result = load("demo", quantize="nf4")          # doctest: +SKIP
     >>> result.report.ok, type(result.model).__name__   # doctest: +SKIP
     (True, 'LlamaForCausalLM')
     """
     cfg = resolve_config(config, overrides)
-    src = resolve_source(source)
+    src = resolve_source(source, hub_request(cfg, allow_pickle=allow_pickle, tokenizer=tokenizer))
+    cfg = hub_adapters(cfg, allow_pickle=allow_pickle)
     report = Report(source=src.label, command=command)
+    stamp_report(report, src)
     ctx = Context(source=src, config=cfg, report=report, allow_pickle=allow_pickle, on_progress=on_progress)
     run_pipeline(ctx, on_stage=on_stage)
     return Finalized(model=ctx.model, report=report, context=ctx)

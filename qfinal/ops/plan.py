@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from qfinal.checkpoint.sources import resolve_source
+from qfinal.checkpoint.sources import hub_request, resolve_source, stamp_report
 from qfinal.compat import transformers as _hf
 from qfinal.config import RunConfig, resolve_config
 from qfinal.pipeline.context import Context
@@ -68,8 +68,9 @@ def expected_bytes(model, hf_quantizer, converted: set[str]) -> dict[str, int]:
 
 def plan(source: str | Path, config: RunConfig | str | Path | None = None, **overrides: Any) -> Report:
     cfg = resolve_config(config, overrides)
-    src = resolve_source(source)
+    src = resolve_source(source, hub_request(cfg, headers_only=True))  # a hub id: config and headers only
     report = Report(source=src.label, command="plan")
+    stamp_report(report, src)
     ctx = Context(source=src, config=cfg, report=report)
     from qfinal.pipeline.runner import default_stages
 

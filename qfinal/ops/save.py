@@ -53,11 +53,14 @@ class RoundTripFailed(Exception):
     """Raised inside the atomic block so that a folder that failed its proof is never published."""
 
 
-def copy_side_files(source: Path, dest: Path) -> list[str]:
+def copy_side_files(source: Path, dest: Path, confine_to: Path | None = None) -> list[str]:
+    """A symlink is followed only inside `confine_to` (a hub snapshot's files link into its blobs)."""
     copied = []
+    root = (confine_to or source).resolve()
     for name in SIDE_FILES:
         path = source / name
-        if path.is_file() and not path.is_symlink() and not (dest / name).exists():
+        linked_inside = not path.is_symlink() or path.resolve().is_relative_to(root)
+        if path.is_file() and linked_inside and not (dest / name).exists():
             shutil.copyfile(path, dest / name)
             copied.append(name)
     return copied
@@ -318,7 +321,7 @@ def save(
     check_output_dir(out, force)
     max_bytes = parse_size(max_shard_size)
     step(SAVE_STEPS[0])
-    result = load(source, cfg, allow_pickle=allow_pickle, command="save")
+    result = load(source, cfg, allow_pickle=allow_pickle, command="save", tokenizer=True)  # side files too
     report = result.report
     if not report.ok:
         report.findings.append(
@@ -338,7 +341,7 @@ def save(
             reference = pool.submit(original_logits, result.model) if overlaps_write(result) else None
             step(SAVE_STEPS[1])
             writer = write_model(result, tmp, max_bytes)
-            copied = copy_side_files(result.context.source.folder, tmp)
+            copied = copy_side_files(result.context.source.folder, tmp, result.context.source.confine_to)
             sync_early(tmp, tmp)  # flushed while the round trip is proven
             findings = prove_round_trip(result, tmp, reference.result() if reference else None, step)
             report.findings.extend(findings)

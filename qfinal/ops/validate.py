@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from qfinal.checkpoint.sources import Source, read_config_json, resolve_source
+from qfinal.checkpoint.sources import Source, hub_request, read_config_json, resolve_source, stamp_report
 from qfinal.checks.keys import compile_patterns, dtype_findings, inventory_findings, key_findings
 from qfinal.checks.names import CHECKS, FAST_MODE_CHECKS, HEADER_CHECKS, KEY_CHECKS
 from qfinal.checks.quant import prequantized_modules, quantization_findings
@@ -26,6 +26,7 @@ from qfinal.checks.ties import declared_ties, tie_findings
 from qfinal.config import RunConfig, resolve_config
 from qfinal.formats import is_quant_state_key
 from qfinal.pipeline.context import Context, peak_rss_bytes
+from qfinal.pipeline.dequantize_on_load import dense_inventory
 from qfinal.pipeline.runner import run_pipeline
 from qfinal.report import Finding, MismatchedKey, Report, StageRecord
 
@@ -51,11 +52,14 @@ def validate(
     config.json, a bad config or allow-list pattern.
     """
     cfg, ignored = _gate_config(config, overrides)
-    src = source if isinstance(source, Source) else resolve_source(source)
+    if not isinstance(source, Source):  # a hub id: with fast, config.json and the safetensors headers only
+        source = resolve_source(source, hub_request(cfg, allow_pickle=allow_pickle, headers_only=fast))
+    src = source
     raw = read_config_json(src.folder)  # no or broken config.json: exit 2 before any work
 
     def fresh() -> Context:
         report = Report(source=src.label, command="validate --fast" if fast else "validate")
+        stamp_report(report, src)
         if ignored:
             report.extra["ignored_by_validate"] = ignored
         ctx = Context(source=src, config=cfg, report=report, allow_pickle=allow_pickle, parsed_config_json=raw)
@@ -311,13 +315,14 @@ def fast_findings(ctx: Context) -> tuple[list[Finding], dict[str, str]]:
 
     modules = prequantized_modules(raw, report)
     quantized_weights = {f"{c.module}.weight" for c in report.keys.converted}
-    match = match_keys(model, ctx.hf_quantizer, inventory, quantized_weights)
+    dense = dense_inventory(ctx)  # a format dequantized on load: the checkpoint it encodes
+    match = match_keys(model, ctx.hf_quantizer, dense, quantized_weights)
     findings += key_findings(
         match.missing, match.unexpected, match.mismatched, vcfg.allow_missing, vcfg.allow_unexpected, match.unreadable
     )
     findings += dtype_findings(raw, inventory, keep_in_fp32_modules(model))
     findings += quantization_findings(raw, inventory, modules, match.present)
-    shapes = {k: e.shape for k, e in inventory.tensors.items()}
+    shapes = {k: e.shape for k, e in dense.tensors.items()}
     findings += tie_findings(declared_ties(model), match.present, shapes=shapes)
 
     keys = report.keys

@@ -63,6 +63,7 @@ def to_junit(report: Report, fail_on: Severity = "error") -> str:
         ("model_class", report.model_class or ""),
         ("quantization", report.quantization),
         ("fail_on", fail_on),
+        *((("commit", report.commit),) if report.commit else ()),
     ):
         ET.SubElement(props, "property", name=name, value=_xml_text(str(value)))
     failures = 0

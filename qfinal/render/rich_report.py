@@ -97,7 +97,7 @@ def _head(report: Report) -> Text:
         ("qfinal ", "bold"),
         (report.command, "bold cyan"),
         "  ",
-        report.source,
+        report.source + (f"@{report.commit[:12]}" if report.commit else ""),
         "  →  ",
         (report.model_class or "?", "bold"),
         f"  dtype={report.dtype or '?'}  quantization={report.quantization}",

@@ -7,7 +7,7 @@ import typer
 from qfinal.cli.options import AllowPickleOpt, JsonOpt, QuietOpt, check_output_file, output_path
 
 _SIDE = (
-    "Model folder, hub id in the local cache, or pipeline config YAML (a YAML may name its model "
+    "Model folder, hub id, or pipeline config YAML (a YAML may name its model "
     "with `source:`; without it, it is the other side's model loaded with that config)."
 )
 

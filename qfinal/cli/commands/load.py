@@ -15,16 +15,18 @@ from qfinal.cli.options import (
     JsonOpt,
     MaxMemoryOpt,
     MergeOpt,
+    OfflineOpt,
     OffloadOpt,
     QuantizeOpt,
     QuietOpt,
+    RevisionOpt,
     StopAfterOpt,
     run_config,
 )
 
 
 def load(
-    source: Annotated[str, typer.Argument(help="Model folder, a hub id in the local cache, or 'demo'.")],
+    source: Annotated[str, typer.Argument(help="Model folder, a hub id (org/name[@revision]), or 'demo'.")],
     config: ConfigOpt = None,
     quantize: QuantizeOpt = None,
     double_quant: DoubleQuantOpt = None,
@@ -37,6 +39,8 @@ def load(
     dequantize: DequantizeOpt = False,
     allow_pickle: AllowPickleOpt = False,
     stop_after: StopAfterOpt = None,
+    revision: RevisionOpt = None,
+    offline: OfflineOpt = None,
     json: JsonOpt = None,
     quiet: QuietOpt = False,
     quality: Annotated[

@@ -11,15 +11,17 @@ from qfinal.cli.options import (
     DtypeOpt,
     JsonOpt,
     MaxMemoryOpt,
+    OfflineOpt,
     OffloadOpt,
     QuantizeOpt,
     QuietOpt,
+    RevisionOpt,
     run_config,
 )
 
 
 def plan(
-    source: Annotated[str, typer.Argument(help="Model folder, a hub id in the local cache, or 'demo'.")],
+    source: Annotated[str, typer.Argument(help="Model folder, a hub id (org/name[@revision]), or 'demo'.")],
     config: ConfigOpt = None,
     quantize: QuantizeOpt = None,
     double_quant: DoubleQuantOpt = None,
@@ -27,6 +29,8 @@ def plan(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
+    revision: RevisionOpt = None,
+    offline: OfflineOpt = None,
     json: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> int:

@@ -16,16 +16,18 @@ from qfinal.cli.options import (
     JsonOpt,
     MaxMemoryOpt,
     MergeOpt,
+    OfflineOpt,
     OffloadOpt,
     QuantizeOpt,
     QuietOpt,
+    RevisionOpt,
     ShardOpt,
     run_config,
 )
 
 
 def save(
-    source: Annotated[str, typer.Argument(help="Model folder, a hub id in the local cache, or 'demo'.")],
+    source: Annotated[str, typer.Argument(help="Model folder, a hub id (org/name[@revision]), or 'demo'.")],
     out: Annotated[str, typer.Argument(help="Output folder.")],
     config: ConfigOpt = None,
     quantize: QuantizeOpt = None,
@@ -38,6 +40,8 @@ def save(
     merge: MergeOpt = False,
     dequantize: DequantizeOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    revision: RevisionOpt = None,
+    offline: OfflineOpt = None,
     max_shard_size: ShardOpt = "2GB",
     force: ForceOpt = False,
     json: JsonOpt = None,

@@ -4,11 +4,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from qfinal.cli.options import AdapterOpt, AllowPickleOpt, ConfigOpt, JsonOpt, MergeOpt, QuietOpt, run_config
+from qfinal.cli.options import (
+    AdapterOpt,
+    AllowPickleOpt,
+    ConfigOpt,
+    JsonOpt,
+    MergeOpt,
+    OfflineOpt,
+    QuietOpt,
+    RevisionOpt,
+    run_config,
+)
 
 
 def validate(
-    source: Annotated[str, typer.Argument(help="Model folder, a hub id in the local cache, or 'demo'.")],
+    source: Annotated[str, typer.Argument(help="Model folder, a hub id (org/name[@revision]), or 'demo'.")],
     config: ConfigOpt = None,
     fast: Annotated[bool, typer.Option("--fast", help="Headers and index only; never read tensor data.")] = False,
     json: JsonOpt = None,
@@ -23,6 +33,8 @@ def validate(
     adapter: AdapterOpt = None,
     merge: MergeOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    revision: RevisionOpt = None,
+    offline: OfflineOpt = None,
     quiet: QuietOpt = False,
 ) -> int:
     """Check SOURCE and exit 1 when a finding at or above --fail-on stands (a CI gate).
@@ -31,14 +43,15 @@ def validate(
     option cannot be used. Checkpoint defects (missing shards, bad headers, index disagreements)
     are failed checks, exit 1.
     """
-    from qfinal.checkpoint.sources import resolve_source
+    from qfinal.checkpoint.sources import hub_request, resolve_source
     from qfinal.errors import ConfigError
 
     if fail_on is not None and fail_on not in ("error", "warning"):
         raise ConfigError(f"unknown level {fail_on!r}", where="--fail-on", hint="use error or warning")
     cfg = run_config(config, locals())
     level = fail_on or cfg.validate_.fail_on
-    src = resolve_source(source)  # a missing path fails before torch is imported
+    # a missing path fails before torch is imported; a hub id with --fast fetches only JSON and headers
+    src = resolve_source(source, hub_request(cfg, allow_pickle=allow_pickle, headers_only=fast))
 
     from qfinal.cli.output import Output, quiet_libraries
     from qfinal.ops.validate import FAST_STAGES
