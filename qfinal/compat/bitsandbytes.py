@@ -63,4 +63,60 @@ def unpack_quant_state(blob) -> dict:
     return unpack_tensor_to_dict(blob)
 
 
-__all__ = ["loaded_bitsandbytes", "undo_cpu_packing", "cpu_repack_disabled", "unpack_quant_state"]
+def four_bit_quantize_tables(quant_type: str):
+    """(midpoints, order) that bitsandbytes' CPU `quantize_4bit` buckets against: the fp32 midpoints
+    of the sorted code table, and the sort order mapping a bucket back to a code (fp4's table is
+    not sorted). bitsandbytes' own cached pair where it has one, else computed the same way."""
+    import torch
+
+    try:
+        from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+    except ImportError:
+        from bitsandbytes.functional import get_4bit_type
+
+        code = get_4bit_type(quant_type, device=torch.device("cpu"))
+        order = torch.argsort(code)
+        return (code[order[:-1]] + code[order[1:]]) / 2, order
+    return _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))
+
+
+_ORIGINAL_QUANTIZE_4BIT: list = []  # bitsandbytes' own function, saved before the first patch
+
+
+def original_quantize_4bit():
+    """bitsandbytes' own `functional.quantize_4bit`, even while `quantize_4bit_replaced` is active."""
+    if _ORIGINAL_QUANTIZE_4BIT:
+        return _ORIGINAL_QUANTIZE_4BIT[0]
+    from bitsandbytes import functional
+
+    return functional.quantize_4bit
+
+
+@contextmanager
+def quantize_4bit_replaced(replacement) -> Iterator[None]:
+    """`bitsandbytes.functional.quantize_4bit` is `replacement` inside this block, restored after.
+
+    bnb's `Params4bit._quantize` (which transformers' quantize-on-load goes through) looks the
+    function up on the module at every call, so this reaches it; nothing outside the block sees it.
+    Not re-entrant across threads: qfinal's load runs the loader on one thread."""
+    from bitsandbytes import functional
+
+    if not _ORIGINAL_QUANTIZE_4BIT:
+        _ORIGINAL_QUANTIZE_4BIT.append(functional.quantize_4bit)
+    previous = functional.quantize_4bit
+    functional.quantize_4bit = replacement
+    try:
+        yield
+    finally:
+        functional.quantize_4bit = previous
+
+
+__all__ = [
+    "loaded_bitsandbytes",
+    "undo_cpu_packing",
+    "cpu_repack_disabled",
+    "unpack_quant_state",
+    "four_bit_quantize_tables",
+    "original_quantize_4bit",
+    "quantize_4bit_replaced",
+]

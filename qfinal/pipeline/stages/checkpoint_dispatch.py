@@ -88,11 +88,11 @@ def refuse_what_transformers_loads_wrong(ctx: Context) -> None:
     fmt = format_for(ctx.config_json())
     refusal = fmt.load_refusal(ctx.config_json()) if fmt is not None else None
     if refusal:
+        hint = "re-export the model in a format qfinal reads; `qfinal validate --fast` lists them"
+        if fmt.readable:
+            hint = "write a plain checkpoint with `qfinal dequantize SRC OUT` and load OUT; " + hint.split("; ")[1]
         raise CheckpointError(
-            f"{fmt.name} checkpoint: {refusal}",
-            where=str(ctx.source.folder / "config.json"),
-            hint="write a plain checkpoint with `qfinal dequantize SRC OUT` and load OUT; "
-            "`qfinal validate --fast` checks this one",
+            f"{fmt.name} checkpoint: {refusal}", where=str(ctx.source.folder / "config.json"), hint=hint
         )
 
 
