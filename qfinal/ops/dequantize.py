@@ -12,6 +12,8 @@ nn.Linear layout so the saved folder would not load. This works on the files ins
 * output shards are planned up front from the headers (`writer.plan_shards`); each tensor's bytes
   are written as soon as it is computed (`writer.write_safetensors_streaming`), so peak memory is
   one output tensor plus the source tensors it is made of. The files are `save_file`'s, byte for byte.
+* each output shard is one task (`write_shard`), run in this process, on a local process pool or
+  on Ray (`ops.executors`): the same bytes whichever; peak memory is then that much per worker.
 
 What to write is planned from the headers in `ops.dequantize_plan`; the proof that OUT is right
 (`--verify`) is `ops.dequantize_verify`.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,6 +36,7 @@ from qfinal.checkpoint.atomic import atomic_dir, check_output_dir
 from qfinal.checkpoint.sources import read_config_json, resolve_source
 from qfinal.errors import CheckpointError, ConfigError, OutputError
 from qfinal.ops.dequantize_plan import PlanItem, SourceReader, plan_items, stored_format
+from qfinal.ops.executors import Executor, run_tasks
 from qfinal.report import Report
 from qfinal.sizes import parse_size
 
@@ -40,6 +44,9 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 # Files that are weights (or indexes of weights) and must not be copied to OUT.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+# Heavy libraries a shard task imports (bitsandbytes pulls in torch.compile's machinery): a pool's
+# forkserver imports those the planning loaded once, not each worker.
+_WORKER_LIBRARIES = ("bitsandbytes",)
 _WEIGHT_INDEXES = (
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",
@@ -180,6 +187,41 @@ def _shard(items: list[PlanItem], max_bytes: int, result: DequantizeResult):
     return shards, names, weight_map
 
 
+@dataclass
+class ShardTask:
+    """One output shard, everything a worker needs to write it (picklable; absolute paths)."""
+
+    path: str  # the shard file in the temporary output folder
+    items: list[PlanItem]
+    files: dict[str, str]  # source key -> its file, for the keys these items are made of
+    where: str  # the source's label, for errors
+
+
+def write_shard(task: ShardTask) -> str:
+    """Write one output shard, each tensor computed only when the writer asks for it, with a reader
+    of its own (so it runs anywhere the paths are visible); returns the shard's file name."""
+    from qfinal.checkpoint.reader import TensorReader
+    from qfinal.ops.executors import advance
+
+    scratch = _Scratch()
+    with TensorReader(task.files, max_open=2, backend="pread") as src:
+
+        def computed():
+            for item in task.items:
+                tensor = _materialize(item, src, task.where, scratch)
+                yield item.name, tensor
+                del tensor  # written: drop it before computing the next one
+                advance()
+
+        _shards.write_safetensors_streaming(
+            Path(task.path),
+            [(item.name, item.dtype, item.shape) for item in task.items],
+            computed(),
+            metadata={"format": "pt"},
+        )
+    return Path(task.path).name
+
+
 def _write(
     tmp: Path,
     src: SourceReader,
@@ -187,30 +229,24 @@ def _write(
     result: DequantizeResult,
     where: str,
     progress: Callable[[int, int], None] | None,
+    executor: Executor | None,
 ) -> None:
-    """The shards (and index) of OUT, each tensor computed only when the writer asks for it."""
+    """The shards (one task each, on `executor`) and the index of OUT."""
     shards, names, weight_map = sharded
-    total, done = sum(len(shard) for shard in shards), 0
-    scratch = _Scratch()
-
-    def computed(shard: list[PlanItem]):
-        nonlocal done
-        for item in shard:
-            tensor = _materialize(item, src, where, scratch)
-            yield item.name, tensor
-            del tensor  # written: drop it before computing the next one
-            done += 1
-            if progress is not None:
-                progress(done, total)
-
-    for shard, name in zip(shards, names):
-        _shards.write_safetensors_streaming(
-            tmp / name,
-            [(item.name, item.dtype, item.shape) for item in shard],
-            computed(shard),
-            metadata={"format": "pt"},
+    tmp = tmp.resolve()
+    tasks = [
+        ShardTask(
+            str(tmp / name),
+            shard,
+            {key: str(Path(src.files[key]).resolve()) for item in shard for key in item.parts.values()},
+            where,
         )
-        result.files.append(name)
+        for shard, name in zip(shards, names)
+    ]
+    units = [len(shard) for shard in shards]
+    preload = [name for name in _WORKER_LIBRARIES if name in sys.modules]  # what planning needed
+    written = run_tasks(write_shard, tasks, executor, labels=names, units=units, progress=progress, preload=preload)
+    result.files.extend(written)
     if len(shards) > 1:
         _shards.write_index(tmp, weight_map, result.total_bytes)
         result.files.append(_shards.INDEX_FILE)
@@ -224,8 +260,10 @@ def dequantize_checkpoint(
     max_shard_size: int | str = "2GB",
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    executor: Executor | None = None,
 ) -> DequantizeResult:
-    """Write OUT: SOURCE's quantized checkpoint dequantized to `dtype`, loadable by plain `from_pretrained`."""
+    """Write OUT: SOURCE's quantized checkpoint dequantized to `dtype`, loadable by plain `from_pretrained`.
+    Each output shard is one task on `executor` (default: in this process); the bytes are the same."""
     from qfinal.compat.transformers_layout import conv1d_layout
 
     dtype = parse_dtype(dtype)
@@ -256,7 +294,7 @@ def dequantize_checkpoint(
         )
         sharded = _shard(items, max_bytes, result)
         with atomic_dir(out, force=force) as tmp:
-            _write(tmp, src, sharded, result, where, progress)
+            _write(tmp, src, sharded, result, where, progress, executor)
             _write_config(config, dtype, tmp / "config.json")
             result.files.append("config.json")
             result.files.extend(_copy_small_files(folder, resolved.confine_to, tmp))
@@ -279,10 +317,11 @@ def run_dequantize(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     on_step: Callable[[str], None] | None = None,
+    executor: Executor | None = None,
 ) -> Report:
     """`qfinal dequantize` as a library call: the streaming write, then (optionally) the proof.
-    `progress(done, total)` is called after each tensor is written, `on_step(name)` as each of
-    "dequantize" and "verify" starts."""
+    `progress(done, total)` is called after each tensor is written (on Ray: as each shard is),
+    `on_step(name)` as each of "dequantize" and "verify" starts."""
     import time
 
     from qfinal.pipeline.context import peak_rss_bytes
@@ -293,7 +332,13 @@ def run_dequantize(
     if on_step:
         on_step("dequantize")
     result = dequantize_checkpoint(
-        source, Path(out), dtype=dtype, max_shard_size=max_shard_size, force=force, progress=progress
+        source,
+        Path(out),
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        force=force,
+        progress=progress,
+        executor=executor,
     )
     report.quantization = result.quant_method + ("+double_quant" if result.double_quant else "")
     report.model_class = (read_config_json(Path(out)).get("architectures") or [None])[0]
@@ -310,7 +355,13 @@ def run_dequantize(
         ConvertedModule.model_validate({"module": n.rsplit(".", 1)[0], "from": report.quantization, "to": dtype})
         for n in result.dequantized
     ]
-    report.extra["dequantize"] = {"out": str(result.out), "files": result.files, "total_bytes": result.total_bytes}
+    ran_on = executor or Executor()
+    report.extra["dequantize"] = {
+        "out": str(result.out),
+        "files": result.files,
+        "total_bytes": result.total_bytes,
+        "executor": {"kind": ran_on.kind, "workers": ran_on.workers},
+    }
     if verify:
         from qfinal.ops.dequantize_verify import verify_dequantized
 

@@ -4,16 +4,19 @@ from typing import Annotated
 
 import typer
 
-from qfinal.cli.options import ForceOpt, JsonOpt, QuietOpt, ShardOpt
+from qfinal.cli.options import AddressOpt, ExecutorOpt, ForceOpt, JsonOpt, QuietOpt, ShardOpt, WorkersOpt
 
 
 def dequantize(
-    source: Annotated[str, typer.Argument(help="A bitsandbytes nf4/fp4/int8 checkpoint folder (or cached hub id).")],
+    source: Annotated[str, typer.Argument(help="A bitsandbytes nf4/fp4/int8 checkpoint folder (or hub id).")],
     out: Annotated[str, typer.Argument(help="Output folder for the plain checkpoint.")],
     dtype: Annotated[str, typer.Option(help="float16|bfloat16|float32.")] = "float16",
     max_shard_size: ShardOpt = "2GB",
     verify: Annotated[bool, typer.Option("--verify", help="Reload OUT with plain transformers and compare.")] = False,
     force: ForceOpt = False,
+    executor: ExecutorOpt = None,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
     json: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> int:
@@ -24,6 +27,12 @@ def dequantize(
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"unknown dtype {dtype!r}", where="--dtype", hint="use float16, bfloat16 or float32")
     parse_size(max_shard_size)  # refuse a bad size before torch is imported
+    from qfinal.ops.executor_ray import import_ray
+    from qfinal.ops.executors import make_executor
+
+    where = make_executor(executor, workers, address)
+    if where.kind == "ray":
+        import_ray()  # not installed: one line, before any work
     from qfinal.cli.output import Output, quiet_libraries
     from qfinal.ops.dequantize import run_dequantize
 
@@ -41,6 +50,7 @@ def dequantize(
             force=force,
             on_step=on_step,
             progress=progress,
+            executor=where,
         )
     output.report(report)
     raise typer.Exit(0 if report.ok else 1)
