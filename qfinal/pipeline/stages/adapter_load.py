@@ -43,9 +43,10 @@ class AdapterLoad(BaseStage):
         if merge_into_quantized:
             # Dequantize here rather than inside peft's merge, so GPT-2's Conv1D layout is
             # restored and every tensor ends in one dtype, exactly as `dequantize: true` does.
-            from qfinal.formats.bnb import BITSANDBYTES
+            from qfinal.formats import quantizer_format
 
-            detail = BITSANDBYTES.dequantize_in_memory(model, ctx.dtype, ctx.original_classes)
+            fmt = quantizer_format(ctx.config_json(), ctx.hf_quantizer.pre_quantized)
+            detail = fmt.dequantize_in_memory(model, ctx.dtype, ctx.original_classes)
             ctx.report.findings.append(
                 Finding(
                     check="adapter_merge",

@@ -55,6 +55,11 @@ def _dequantize_on_load_if_needed(ctx: Context, hf_config) -> None:
     from qfinal.formats import format_for
 
     fmt = format_for(ctx.config_json())
+    if fmt is not None and fmt.load_refusal(ctx.config_json()):
+        # checkpoint_dispatch refuses it with the reason; header-only validate reports it as a finding
+        if hasattr(hf_config, "quantization_config"):
+            del hf_config.quantization_config
+        return
     reason = fmt.dequantizes_on_load(ctx.config_json()) if fmt is not None else None
     if reason is None:
         return

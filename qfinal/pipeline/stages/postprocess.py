@@ -47,9 +47,10 @@ class Postprocess(BaseStage):
         q.postprocess_model(model)
         if not ctx.config.dequantize:
             return Outcome("ran", "quantizer finalized; model in eval mode")
-        from qfinal.formats.bnb import BITSANDBYTES
+        from qfinal.formats import quantizer_format
 
-        detail = BITSANDBYTES.dequantize_in_memory(model, ctx.dtype, ctx.original_classes)
+        fmt = quantizer_format(ctx.config_json(), q.pre_quantized)
+        detail = fmt.dequantize_in_memory(model, ctx.dtype, ctx.original_classes)
         ctx.hf_quantizer = None
         ctx.dequantized = True
         ctx.report.quantization = "none (dequantized)"

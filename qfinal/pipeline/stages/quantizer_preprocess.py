@@ -1,10 +1,12 @@
-"""Stage 2: transformers' quantizer swaps Linear/Conv1D for bnb modules before any weight exists."""
+"""Stage 2: transformers' quantizer swaps Linear/Conv1D for quantized modules before any weight exists."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from qfinal.formats.bnb import BITSANDBYTES
+from qfinal.checkpoint.headers import checkpoint_error
+from qfinal.errors import QfinalError
+from qfinal.formats import quantizer_format
 from qfinal.pipeline.context import Context, Outcome
 from qfinal.pipeline.stages.base import BaseStage
 from qfinal.report import ConvertedModule, Finding, SkippedModule
@@ -24,7 +26,9 @@ class QuantizerPreprocess(BaseStage):
     name = "quantizer_preprocess"
 
     def run(self, ctx: Context) -> Outcome:
-        ctx.report.quantization = BITSANDBYTES.describe_method(ctx.hf_quantizer)
+        q = ctx.hf_quantizer
+        fmt = quantizer_format(ctx.config_json(), q is not None and q.pre_quantized)
+        ctx.report.quantization = fmt.describe_method(q)
         stored = _dequantized_on_load(ctx)
         if stored:
             method = ctx.report.quantization
@@ -46,15 +50,23 @@ class QuantizerPreprocess(BaseStage):
             return Outcome(status, "no quantization requested and the checkpoint is not quantized")
         from qfinal.compat import transformers as _hf
 
-        _hf.quantizer_preprocess(
-            ctx.hf_quantizer,
-            ctx.model,
-            ctx.model_class,
-            ctx.dtype,
-            ctx.device_map,
-            [str(p) for p in ctx.inventory.files],
-        )
-        converted, skipped = BITSANDBYTES.converted_and_skipped(
+        try:
+            _hf.quantizer_preprocess(
+                q, ctx.model, ctx.model_class, ctx.dtype, ctx.device_map, [str(p) for p in ctx.inventory.files]
+            )
+        except QfinalError:
+            raise
+        except Exception as err:  # a pre-quantized checkpoint whose metadata its quantizer cannot use
+            if not q.pre_quantized:
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise checkpoint_error(  # named as the header checks name theirs: validate reports it
+                f"transformers' {fmt.name} quantizer cannot prepare the model from this checkpoint: {first}",
+                file=str(ctx.source.folder),
+                check="quantization_config",
+                hint="re-export the quantized checkpoint",
+            ) from None
+        converted, skipped = fmt.converted_and_skipped(
             ctx.model, ctx.original_classes, ctx.hf_quantizer, ctx.config.quantize.skip_modules
         )
         ctx.report.keys.converted = [ConvertedModule.model_validate(c) for c in converted]
