@@ -406,3 +406,29 @@ def test_signal_after_finish_keeps_the_output(tmp_path):
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
     assert [p.name for p in out.parent.iterdir()] == ["out"]
+
+
+def test_report_to_a_device_or_fifo_writes_in_place_and_keeps_the_node(checkpoints, tmp_path, capsys):
+    """`--json /dev/null` (or a FIFO a CI step reads) is written in place: the rename that makes a
+    file output atomic would replace the device node itself with a regular file."""
+    import stat
+    import threading
+
+    fifo = tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    received = {}
+
+    def read() -> None:
+        with open(fifo) as fh:
+            received["text"] = fh.read()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    code, _out, err = builders.run_cli(capsys, "validate", checkpoints["llama_tied"], "--fast", "--json", fifo)
+    reader.join(timeout=60)
+    assert code == 0, err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert json.loads(received["text"])["command"].startswith("validate")
+    code, _out, err = builders.run_cli(capsys, "validate", checkpoints["llama_tied"], "--fast", "--json", "/dev/null")
+    assert code == 0, err
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)

@@ -196,8 +196,17 @@ def _write_failure(err: BaseException) -> tuple[str, str] | None:
 
 @contextmanager
 def atomic_file(path: Path, mode: str = "w") -> Iterator:
-    """Open a temporary file beside `path`; it is renamed onto `path` only if the block succeeds."""
+    """Open a temporary file beside `path`; it is renamed onto `path` only if the block succeeds.
+
+    A destination that exists and is not a regular file (/dev/null, /dev/stdout, a FIFO) is written
+    in place: renaming onto it would replace the device node itself."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        if path.is_dir():
+            raise OutputError("is a folder, not a file", where=str(path), hint="name a file")
+        with open(path, mode) as fh:
+            yield fh
+        return
     parent = path.resolve().parent
     if not parent.is_dir():
         raise OutputError("folder does not exist", where=str(parent), hint="create it first")
