@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from qfinal import __version__
-from qfinal.cli.commands import dequantize, diff, load, plan, save, validate
+from qfinal.cli.commands import dequantize, diff, load, merge, plan, quantize, save, validate
 
 app = typer.Typer(
     name="qfinal",
@@ -51,6 +51,8 @@ app.command("dequantize")(dequantize.dequantize)
 app.command("save")(save.save)
 app.command("diff")(diff.diff)
 app.command("plan")(plan.plan)
+app.command("quantize")(quantize.quantize)
+app.command("merge")(merge.merge)
 
 
 def _one_line(text: str) -> str:

@@ -1,0 +1,319 @@
+"""`qfinal merge BASE OUT --adapter A [--adapter B ...]`: PEFT adapters merged into the base, shard by shard.
+
+peft merges into a model it holds whole (`PeftModel.from_pretrained(base)` + `merge_and_unload()` +
+`save_pretrained`). Here the base is never held: each output shard is written from its input
+shard's tensors one at a time, and a tensor of a module an adapter targets comes from that
+module's merge, made by peft's own layer code (`adapters.deltas`), so the tensors are peft's bit
+for bit. Several adapters merge in the order given, each as one `merge_and_unload()` on the
+result of the previous one (qfinal load's semantics for merged adapters).
+
+A bnb base (QLoRA) is dequantized tensor by tensor as `qfinal dequantize --dtype` does (transformers'
+`model.dequantize(dtype)`), and the adapter merges into that (peft's semantics for a QLoRA merge,
+without the requantization its bnb layers would add); `--base-weights DENSE` merges into the dense
+original instead. The report then gives the logits change of the merged checkpoint against the
+base with the adapters unmerged, on the probe batch.
+
+Planning (`plan_merge`: the shards, from the headers, every adapter loaded and checked) is
+separate from the per-shard work (`ops.merge_shard.merge_shard`), which an executor runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from qfinal.checkpoint import writer as _shards
+from qfinal.checkpoint.atomic import atomic_dir, check_output_dir
+from qfinal.checkpoint.sources import resolve_source
+from qfinal.errors import ConfigError, OutputError
+from qfinal.ops.merge_shard import MergeJob, ShardSpec, release_session, session_for
+from qfinal.report import Finding, Report
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_FP32 = 4
+
+
+@dataclass
+class MergePlan:
+    job: MergeJob
+    files: list[tuple[str, list[str]]]  # output shard file -> its tensors
+    merged: list[str]  # tensors an adapter changes
+    total_bytes: int
+    peak_bytes: int  # the estimate of what one process needs
+    quantization: str | None
+    dtype: str
+    model_class: str | None = None
+    adapters: list[dict] = field(default_factory=list)
+
+
+def plan_merge(
+    base: Path | str,
+    adapters: Sequence[str | tuple[str, str | None]],
+    *,
+    dtype: str | None = None,
+    base_weights: Path | str | None = None,
+    allow_pickle: bool = False,
+) -> MergePlan:
+    """What `merge` will write, decided from the headers, every adapter loaded and checked first
+    (a refusal raises here, before OUT is touched). `adapters`: folders, or (folder, name)."""
+    if dtype is not None and dtype not in ("float16", "bfloat16", "float32"):
+        raise ConfigError(f"unsupported dtype {dtype!r}", where="--dtype", hint="use float16, bfloat16 or float32")
+    if not adapters:
+        raise ConfigError("no adapter to merge", where="--adapter", hint="name at least one adapter folder")
+    resolved = resolve_source(base)
+    quantized = _quant_method(resolved.folder)
+    if base_weights is not None:
+        if quantized is None:
+            raise ConfigError(
+                "--base-weights replaces a quantized base's weights; this base is not quantized",
+                where=str(base_weights),
+            )
+        resolved = resolve_source(base_weights)
+        if _quant_method(resolved.folder) is not None:
+            raise ConfigError("--base-weights must be a dense checkpoint", where=str(base_weights))
+    job = MergeJob(
+        base=str(resolved.folder),
+        confine_to=str(resolved.confine_to),
+        adapters=tuple(_adapter_pair(a) for a in adapters),
+        dtype=dtype or ("float16" if quantized else None),
+        allow_pickle=allow_pickle,
+    )
+    session = session_for(job)
+    out = session.base.out
+    biggest_unit = max((sum(_fp32(out[k]) for k in keys) for keys in session.unit_keys.values()), default=0)
+    adapter_bytes = sum(m.adapter_bytes for m in session.mergers)
+    largest = max((o.shape_bytes() for o in out.values()), default=0)
+    return MergePlan(
+        job=job,
+        files=_output_files(session.base.files),
+        merged=sorted(session.unit_of),
+        total_bytes=sum(o.shape_bytes() for o in out.values()),
+        peak_bytes=adapter_bytes + 3 * biggest_unit + 2 * largest,
+        quantization=session.base.quantization or quantized,
+        dtype=job.dtype or str(session.base.dtype).removeprefix("torch."),
+        model_class=(session.base.config.get("architectures") or [None])[0],
+        adapters=[
+            {
+                "name": m.name,
+                "path": str(m.prep.spec.path),
+                "peft_type": m.prep.config["peft_type"],
+                "kind": describe(m.prep.config),
+                "modules": len(m.units),
+                "missing": m.missing,
+            }
+            for m in session.mergers
+        ],
+    )
+
+
+def describe(config: dict) -> str:
+    from qfinal.adapters.peft_types import describe as describe_type
+
+    return describe_type(config)
+
+
+def _fp32(out) -> int:
+    return out.numel() * _FP32
+
+
+def _adapter_pair(adapter) -> tuple[str, str]:
+    from qfinal.adapters.prepare import AdapterSpec, name_for
+
+    path, name = (adapter, None) if isinstance(adapter, (str, Path)) else adapter
+    return str(path), name_for(AdapterSpec(path=str(path), name=name), Path(path).expanduser())
+
+
+def _quant_method(folder: Path) -> str | None:
+    config = (
+        json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
+    )
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return (qc.get("quant_method") or "quantized") if isinstance(qc, dict) else None
+
+
+def _output_files(files: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    """One output shard per input shard, named as transformers names shards."""
+    names = _shards.shard_file_names(len(files))
+    return [(name, keys) for name, (_src, keys) in zip(names, files)]
+
+
+def write_merge(
+    plan: MergePlan,
+    out: Path | str,
+    *,
+    force: bool = False,
+    executor=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Write OUT from `plan` through `atomic_dir`; returns the files written."""
+    from qfinal.ops.executors import run_tasks
+    from qfinal.ops.merge_shard import merge_shard
+
+    out = Path(out)
+    folder = Path(plan.job.base)
+    if out.resolve() == folder.resolve():
+        raise OutputError("output folder is the base folder", where=str(out), hint="write the merge somewhere else")
+    check_output_dir(out, force)
+    files: list[str] = []
+    with atomic_dir(out, force=force) as tmp:
+        specs = [ShardSpec(plan.job, str(tmp / name), tuple(keys)) for name, keys in plan.files]
+        results = run_tasks(
+            merge_shard,
+            specs,
+            executor,
+            labels=[name for name, _k in plan.files],
+            units=[len(keys) for _n, keys in plan.files],
+            progress=progress,
+        )
+        files += [r.file for r in results]
+        if len(plan.files) > 1:
+            weight_map = {k: name for name, keys in plan.files for k in keys}
+            _shards.write_index(tmp, weight_map, plan.total_bytes)
+            files.append(_shards.INDEX_FILE)
+        _write_config(folder, plan, tmp / "config.json")
+        files.append("config.json")
+        files += _copy_small_files(folder, Path(plan.job.confine_to), tmp)
+    return sorted(files)
+
+
+def _write_config(folder: Path, plan: MergePlan, path: Path) -> None:
+    """The base's config.json: as it is for a dense base in its own dtype; else without
+    quantization_config and with the output dtype."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if plan.job.dtype is None and "quantization_config" not in config:
+        shutil.copyfile(folder / "config.json", path)
+        return
+    config.pop("quantization_config", None)
+    config.pop("_pre_quantization_dtype", None)
+    if plan.job.dtype is not None:
+        config.pop("torch_dtype", None)
+        config["dtype"] = plan.job.dtype
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _copy_small_files(folder: Path, confine_to: Path, tmp: Path) -> list[str]:
+    """Tokenizer, generation config and the like; not weights, indexes or config.json."""
+    copied = []
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if name.startswith(".") or name == "config.json" or name.endswith(_WEIGHT_SUFFIXES) or not path.is_file():
+            continue
+        if name.endswith(".index.json") or not path.resolve().is_relative_to(confine_to):
+            continue
+        shutil.copyfile(path, tmp / name)
+        copied.append(name)
+    return copied
+
+
+def run_merge(
+    base: Path | str,
+    out: Path | str,
+    adapters: Sequence[str | tuple[str, str | None]],
+    *,
+    dtype: str | None = None,
+    base_weights: Path | str | None = None,
+    allow_pickle: bool = False,
+    dry_run: bool = False,
+    compare: bool | None = None,
+    force: bool = False,
+    executor=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Report:
+    """`qfinal merge` as a library call. `compare` (default: for a quantized base) adds the logits
+    change of OUT against the base with the adapters unmerged, on the probe batch."""
+    from qfinal.pipeline.context import peak_rss_bytes
+    from qfinal.report import StageRecord
+
+    start = time.perf_counter()
+    try:
+        plan = plan_merge(base, adapters, dtype=dtype, base_weights=base_weights, allow_pickle=allow_pickle)
+        report = Report(
+            source=str(base),
+            command="merge",
+            dtype=plan.dtype,
+            quantization=plan.quantization or "none",
+            model_class=plan.model_class,
+        )
+        info = {
+            "out": str(out),
+            "dry_run": dry_run,
+            "adapters": plan.adapters,
+            "merged_tensors": len(plan.merged),
+            "files": [name for name, _k in plan.files],
+            "total_bytes": plan.total_bytes,
+            "peak_bytes_estimate": plan.peak_bytes,
+            "base_weights": str(base_weights) if base_weights else None,
+        }
+        if not dry_run:
+            info["files"] = write_merge(plan, out, force=force, executor=executor, progress=progress)
+    finally:
+        release_session()
+    report.stages.append(
+        StageRecord(
+            name="merge",
+            seconds=round(time.perf_counter() - start, 6),
+            peak_rss_bytes=peak_rss_bytes(),
+            detail=f"{len(plan.adapters)} adapter(s) into {len(plan.merged)} tensor(s); {len(plan.files)} shard(s)"
+            + (" (dry run: nothing written)" if dry_run else ""),
+        )
+    )
+    if not dry_run and (compare if compare is not None else plan.quantization is not None):
+        from qfinal.ops.merge_compare import logits_change
+
+        info["logits_vs_unmerged"] = logits_change(Path(resolve_source(base).folder), Path(out), plan)
+    report.extra["merge"] = info
+    report.findings.extend(merge_findings(plan, info))
+    report.checks = sorted({f.check for f in report.findings})
+    return report
+
+
+def merge_findings(plan: MergePlan, info: dict) -> list[Finding]:
+    """What the merge did, adapter by adapter; what it cost against the unmerged base."""
+    from qfinal.adapters.coverage import COVERAGE
+    from qfinal.adapters.merge import MERGE
+
+    findings = []
+    into = plan.dtype + " weights"
+    if plan.quantization:
+        into = (
+            f"the dense original's weights ({info['base_weights']}), in {plan.dtype}"
+            if info["base_weights"]
+            else f"the {plan.quantization} weights dequantized to {plan.dtype} (as qfinal dequantize writes them)"
+        )
+    for adapter in plan.adapters:
+        findings.append(
+            Finding(
+                check=MERGE,
+                severity="info",
+                key=adapter["name"],
+                message=f"adapter '{adapter['name']}' ({adapter['kind']}) merged into {adapter['modules']} "
+                f"module(s) of {into} by peft's own layer merge (merge_and_unload's arithmetic)",
+            )
+        )
+        if adapter["missing"]:
+            shown = ", ".join(adapter["missing"][:3])
+            findings.append(
+                Finding(
+                    check=COVERAGE,
+                    severity="warning",
+                    key=adapter["name"],
+                    message=f"adapter '{adapter['name']}' lacks {len(adapter['missing'])} tensor(s) peft injects "
+                    f"({shown}); they were merged with peft's initialization, as peft does",
+                )
+            )
+    change = info.get("logits_vs_unmerged")
+    if change:
+        findings.append(
+            Finding(
+                check=MERGE,
+                severity="info",
+                message=f"merged checkpoint vs the base with the adapter(s) unmerged, on the probe batch: "
+                f"max|Δlogits| {change['logits_max_abs']:.4g}, KL {change['kl_divergence']:.3g}, "
+                f"top-1 agreement {change['top1_agreement']:.3f}",
+            )
+        )
+    return findings

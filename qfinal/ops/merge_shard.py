@@ -1,0 +1,182 @@
+"""The per-shard work of `qfinal merge`: one output shard written from the base's tensors and the adapters.
+
+`merge_shard(spec)` is top-level and its spec picklable, so an executor (`ops.executors`) can run it
+in this process, a pool or on Ray. Each process builds its `Session` once per job (the base's
+headers, each adapter injected by peft into a hollow copy of the base, `adapters.deltas`) and keeps
+it for the job's other shards. A shard's tensors are produced one at a time: a tensor no adapter
+touches is the base's (cast to the output dtype; dequantized for a bnb base); a tensor of a merged
+module comes from that module's merge, adapter after adapter in the order given (peft's result of
+`merge_and_unload()` once per adapter, loaded in turn). A module whose tensors sit in two shards is
+merged once in each: what each shard keeps is the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qfinal.checkpoint import writer as _shards
+from qfinal.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """What every shard of one merge shares; picklable, and the key of a process's cached Session."""
+
+    base: str  # the base's folder
+    confine_to: str  # files must resolve inside it
+    adapters: tuple[tuple[str, str], ...]  # (folder, name) in merge order
+    dtype: str | None  # output dtype of floating tensors; None: as stored (dense base only)
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    job: MergeJob
+    path: str  # the output file (in the run's temporary folder)
+    keys: tuple[str, ...]  # the output tensors it holds
+
+
+@dataclass
+class ShardResult:
+    file: str
+    tensors: int = 0
+    nbytes: int = 0
+    merged: list[str] = field(default_factory=list)  # tensors an adapter changed (or may have)
+    peak_rss_bytes: int = 0
+
+
+@dataclass
+class OutTensor:
+    """One output tensor as planned: its dtype, shape, and how to make it (bnb: the plan item)."""
+
+    dtype: torch.dtype
+    shape: list[int]
+    item: object | None = None  # dequantize_plan.PlanItem for a bnb base
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def shape_bytes(self) -> int:
+        return self.numel() * self.dtype.itemsize
+
+
+class Session:
+    """A process's view of one job: the base's tensors by output name, and one merger per adapter."""
+
+    def __init__(self, job: MergeJob):
+        from qfinal.ops.merge_base import open_base
+
+        self.job = job
+        self.base = open_base(job)
+        self.mergers = self.base.mergers(job)
+        self.unit_keys: dict[str, tuple[str, ...]] = {}
+        for merger in self.mergers:
+            for path, keys in merger.units.items():
+                known = self.unit_keys.setdefault(path, keys)
+                if set(known) != set(keys):
+                    raise CheckpointError(
+                        f"adapters disagree on the tensors of module {path!r}",
+                        where=str(merger.prep.spec.path),
+                        hint="merge them one at a time",
+                    )
+        self.unit_of = {key: path for path, keys in self.unit_keys.items() for key in keys}
+
+    def close(self) -> None:
+        self.base.close()
+
+    def tensors(self, keys):
+        """(key, tensor) for `keys`, in order; a merged module's other tensors wait for their turn."""
+        wanted, pending = set(keys), {}
+        for key in keys:
+            if key in pending:
+                yield key, _cast(pending.pop(key), self.base.out[key], key)
+                continue
+            path = self.unit_of.get(key)
+            if path is None:
+                yield key, _cast(self._start(key, self.mergers), self.base.out[key], key)
+                continue
+            unit = self._unit(path)
+            value = unit.pop(key)
+            pending.update((k, v) for k, v in unit.items() if k in wanted)
+            yield key, _cast(value, self.base.out[key], key)
+
+    def _start(self, key: str, mergers) -> torch.Tensor:
+        """The tensor before `mergers` merge: the last one's file copy of it (an embedding layer saved
+        with the adapter replaces the base's as the adapter loads), else the base's."""
+        for merger in reversed(mergers):
+            if key in merger.overrides:
+                return merger.overrides[key].clone()
+        return self.base.tensor(key)
+
+    def _unit(self, path: str) -> dict[str, torch.Tensor]:
+        """A module's tensors after every adapter merged, in order (each on the previous result)."""
+        unit: dict[str, torch.Tensor | None] = dict.fromkeys(self.unit_keys[path])
+        for merger in self.mergers:
+            for k in unit:
+                if k in merger.overrides:
+                    unit[k] = merger.overrides[k].clone()
+            if path in merger.units:
+                unit = {k: self.base.tensor(k) if v is None else v for k, v in unit.items()}
+                unit = merger.merge_unit(path, unit)
+        return {k: self.base.tensor(k) if v is None else v for k, v in unit.items()}
+
+
+def _cast(value: torch.Tensor, out: OutTensor, key: str) -> torch.Tensor:
+    if list(value.shape) != list(out.shape):
+        raise CheckpointError(f"merged tensor {key!r} has shape {list(value.shape)}, the base {out.shape}")
+    return value.to(out.dtype).contiguous()
+
+
+_SESSION: tuple[MergeJob, Session] | None = None
+
+
+def session_for(job: MergeJob) -> Session:
+    """This process's Session for `job` (the previous job's is closed)."""
+    global _SESSION
+    if _SESSION is not None and _SESSION[0] == job:
+        return _SESSION[1]
+    if _SESSION is not None:
+        _SESSION[1].close()
+        _SESSION = None
+    session = Session(job)
+    _SESSION = (job, session)
+    return session
+
+
+def release_session() -> None:
+    global _SESSION
+    if _SESSION is not None:
+        _SESSION[1].close()
+        _SESSION = None
+
+
+def merge_shard(spec: ShardSpec) -> ShardResult:
+    """Write one output shard of the merge (`spec.path`); the executors' per-shard function."""
+    from qfinal.ops.executors import advance
+    from qfinal.pipeline.context import peak_rss_bytes
+
+    session = session_for(spec.job)
+    out = session.base.out
+    result = ShardResult(file=Path(spec.path).name)
+    result.merged = [k for k in spec.keys if k in session.unit_of]
+
+    def produced():
+        for key, tensor in session.tensors(spec.keys):
+            yield key, tensor
+            result.tensors += 1
+            result.nbytes += tensor.numel() * tensor.element_size()
+            del tensor
+            advance(1)
+
+    _shards.write_safetensors_streaming(
+        spec.path,
+        [(k, out[k].dtype, out[k].shape) for k in spec.keys],
+        produced(),
+        metadata={"format": "pt"},
+    )
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result

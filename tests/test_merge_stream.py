@@ -1,0 +1,268 @@
+"""`qfinal merge`: the streaming merge equals peft's `merge_and_unload()` + `save_pretrained` bit for bit,
+for every adapter type peft can merge, on every fixture; QLoRA bases; refusals write nothing."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import builders  # noqa: E402
+
+from qfinal.ops.merge import run_merge  # noqa: E402
+
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore")
+from peft import PeftModel, get_peft_model  # noqa: E402
+
+LIN = ["q_proj", "v_proj", "down_proj"]
+# LoRA and its variants first, then every other type peft 0.21 merges (tests/test_adapter_types.py
+# has the ones it cannot: prompt learning, POLY, SHADOW).
+TYPES = {
+    "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=LIN),
+    "rslora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=LIN, use_rslora=True),
+    "dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=LIN, use_dora=True),
+    "lora_patterns": lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=LIN, rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3}
+    ),
+    "lora_embedding": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+    "lora_modules_to_save": lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    ),
+    "adalora": lambda: peft.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, target_modules=LIN, total_step=100),
+    "ia3": lambda: peft.IA3Config(target_modules=LIN, feedforward_modules=["down_proj"]),
+    "loha": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=LIN),
+    "lokr": lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=LIN),
+    "oft": lambda: peft.OFTConfig(r=0, oft_block_size=16, target_modules=LIN),
+    "boft": lambda: peft.BOFTConfig(boft_block_size=4, target_modules=LIN),
+    "vera": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "fourierft": lambda: peft.FourierFTConfig(n_frequency=20, target_modules=LIN),
+    "hra": lambda: peft.HRAConfig(r=4, target_modules=LIN),
+    "miss": lambda: peft.MissConfig(r=4, target_modules=LIN),
+    "randlora": lambda: peft.RandLoraConfig(r=4, target_modules=LIN),
+    "vblora": lambda: peft.VBLoRAConfig(r=4, num_vectors=16, vector_length=16, target_modules=LIN),
+    "shira": lambda: peft.ShiraConfig(r=4, target_modules=LIN),
+    "c3a": lambda: peft.C3AConfig(block_size=16, target_modules=LIN),
+    "road": lambda: peft.RoadConfig(target_modules=LIN, group_size=16),
+    "ln_tuning": lambda: peft.LNTuningConfig(target_modules=["input_layernorm"]),
+    "trainable_tokens": lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1, 5, 7]),
+    "delora": lambda: peft.DeloraConfig(r=4, target_modules=LIN),
+    "waveft": lambda: peft.WaveFTConfig(n_frequency=16, target_modules=LIN),
+    "gralora": lambda: peft.GraloraConfig(r=4, gralora_k=2, target_modules=LIN),
+}
+FIXTURE_LORA = {  # fixture -> LoRA targets (GPT-2's Conv1D needs fan_in_fan_out)
+    "llama_tied": dict(target_modules=["q_proj", "v_proj", "embed_tokens"]),
+    "gpt2": dict(target_modules=["c_attn", "c_fc", "c_proj"], fan_in_fan_out=True),
+    "bert": dict(target_modules=["query", "value", "dense"]),
+    "t5": dict(target_modules=["q", "v", "wo"]),
+    "llama_sharded": dict(target_modules="all-linear"),
+}
+
+
+def _model(path: Path, **kwargs):
+    return builders.model_class_for(path).from_pretrained(path, **kwargs).eval()
+
+
+def _adapter(base: Path, out: Path, config, seed: int) -> Path:
+    """A real peft adapter, saved by peft, every trainable tensor moved off its initialization."""
+    if out.exists():
+        return out
+    torch.manual_seed(seed)
+    model = get_peft_model(_model(base), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_((0.1 * torch.randn(p.shape, generator=g)).to(p.dtype))
+    model.save_pretrained(out)
+    return out
+
+
+def _peft_merged(base_model, adapters: list[Path], out: Path) -> Path:
+    """peft's result: each adapter loaded and merged in turn (`merge_and_unload`), then saved."""
+    model = base_model
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model.save_pretrained(out)
+    return out
+
+
+def _assert_same(ours: Path, theirs: Path, base: Path | None = None) -> None:
+    a, b = builders.read_tensors(ours), builders.read_tensors(theirs)
+    assert sorted(a) == sorted(b)
+    different = [k for k in b if not builders.bits_equal(a[k], b[k])]
+    assert different == []
+    if base is not None:  # the adapter changed something: the comparison means something
+        original = builders.read_tensors(base)
+        assert any(not builders.bits_equal(b[k], original[k].to(b[k].dtype)) for k in b if k in original)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("merge_stream")
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoints):
+    return checkpoints["llama_untied"]
+
+
+@pytest.mark.parametrize("kind", list(TYPES))
+def test_every_mergeable_type_equals_peft(root, llama, kind):
+    config = TYPES[kind]()
+    config.task_type = "CAUSAL_LM"
+    adapter = _adapter(llama, root / f"adapter_{kind}", config, seed=list(TYPES).index(kind) + 1)
+    theirs = _peft_merged(_model(llama), [adapter], root / f"peft_{kind}")
+    report = run_merge(llama, root / f"ours_{kind}", [str(adapter)])
+    _assert_same(root / f"ours_{kind}", theirs, llama)
+    assert report.extra["merge"]["merged_tensors"] > 0
+    # one file, as save_pretrained writes it: the very bytes
+    assert (root / f"ours_{kind}" / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("fixture", list(FIXTURE_LORA))
+def test_lora_on_every_fixture(root, checkpoints, fixture):
+    base = checkpoints[fixture]
+    config = peft.LoraConfig(r=4, lora_alpha=8, **FIXTURE_LORA[fixture])
+    adapter = _adapter(base, root / f"adapter_{fixture}", config, seed=7)
+    theirs = _peft_merged(_model(base), [adapter], root / f"peft_{fixture}")
+    run_merge(base, root / f"ours_{fixture}", [str(adapter)])
+    _assert_same(root / f"ours_{fixture}", theirs, base)
+    ours = root / f"ours_{fixture}"
+    if fixture == "llama_sharded":  # the base's sharding is kept: one output shard per input shard
+        names = sorted(p.name for p in base.glob("*.safetensors"))
+        assert len(names) > 1 and sorted(p.name for p in ours.glob("*.safetensors")) == names
+        assert (ours / "model.safetensors.index.json").is_file()
+    else:
+        assert (ours / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
+    assert _model(ours) is not None  # plain from_pretrained loads it
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_bf16_base_and_dtype_option(root, llama, variant):
+    """On a bf16 base peft computes LoRA's B @ A in fp32 on CPU and casts the delta back; --dtype
+    bfloat16 on an fp32 base equals peft on the base loaded in bf16."""
+    bf16 = root / "llama_bf16"
+    if not bf16.exists():
+        _model(llama, dtype=torch.bfloat16).save_pretrained(bf16)
+    config = TYPES[variant]()
+    adapter = _adapter(llama, root / f"adapter_{variant}", config, seed=list(TYPES).index(variant) + 1)
+    theirs = _peft_merged(_model(bf16), [adapter], root / f"peft_bf16_{variant}")
+    run_merge(bf16, root / f"ours_bf16_{variant}", [str(adapter)])
+    run_merge(llama, root / f"ours_cast_{variant}", [str(adapter)], dtype="bfloat16")
+    _assert_same(root / f"ours_bf16_{variant}", theirs, bf16)
+    _assert_same(root / f"ours_cast_{variant}", theirs)
+
+
+def test_several_adapters_merge_in_turn(root, llama):
+    kinds = ["dora", "loha", "lora"]
+    adapters = []
+    for kind in kinds:
+        config = TYPES[kind]()
+        adapters.append(_adapter(llama, root / f"adapter_{kind}", config, seed=list(TYPES).index(kind) + 1))
+    theirs = _peft_merged(_model(llama), adapters, root / "peft_three")
+    report = run_merge(llama, root / "ours_three", [str(a) for a in adapters])
+    swapped = run_merge(llama, root / "ours_swapped", [str(a) for a in reversed(adapters)])
+    _assert_same(root / "ours_three", theirs, llama)
+    assert [a["peft_type"] for a in report.extra["merge"]["adapters"]] == ["LORA", "LOHA", "LORA"]
+    # the order matters (DoRA's norm is taken of what it merges into): not the same bytes reversed
+    assert swapped.extra["merge"]["merged_tensors"] == report.extra["merge"]["merged_tensors"]
+    a, b = builders.read_tensors(root / "ours_three"), builders.read_tensors(root / "ours_swapped")
+    assert any(not builders.bits_equal(a[k], b[k]) for k in a)
+
+
+def test_qlora_merges_into_the_dequantized_weights(root, checkpoints, llama):
+    nf4 = checkpoints.quantized("llama_untied", "nf4")
+    adapter = _adapter(llama, root / "adapter_lora", TYPES["lora"](), seed=1)
+    base = _model(nf4, dtype=torch.float16)
+    base = base.dequantize(dtype=torch.float16) or base
+    # transformers cannot save a dequantized model (its bnb converters have no reverse): its state dict
+    theirs = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().state_dict()
+    report = run_merge(nf4, root / "ours_qlora", [str(adapter)], dtype="float16")
+    dense = _peft_merged(_model(llama, dtype=torch.float16), [adapter], root / "peft_dense16")
+    original = run_merge(nf4, root / "ours_original", [str(adapter)], base_weights=llama, compare=False)
+    ours = builders.read_tensors(root / "ours_qlora")
+    assert sorted(ours) == sorted(theirs)
+    # transformers keeps the bnb checkpoint's unquantized tensors in fp32; qfinal writes every float in
+    # --dtype, as `qfinal dequantize` does (one exact cast)
+    assert [k for k in ours if not builders.bits_equal(ours[k], theirs[k].to(ours[k].dtype))] == []
+    assert all(theirs[k].dtype == torch.float16 for k in ours if k.endswith("proj.weight"))  # merged in fp16
+    _assert_same(root / "ours_original", dense)
+    info = report.extra["merge"]
+    assert report.quantization == "nf4"
+    change = info["logits_vs_unmerged"]
+    assert change["positions"] > 0 and 0 <= change["logits_max_abs"] < 1.0 and change["top1_agreement"] > 0.5
+    assert "logits_vs_unmerged" not in original.extra["merge"]
+    config = (root / "ours_qlora" / "config.json").read_text()
+    assert "quantization_config" not in config and '"dtype": "float16"' in config
+
+
+def test_refusals_write_nothing(root, checkpoints, llama, tmp_path, capsys):
+    gpt2 = checkpoints["gpt2"]
+    foreign = _adapter(
+        gpt2, root / "adapter_gpt2", peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True), 3
+    )
+    prompt = root / "adapter_prompt"
+    if not prompt.exists():
+        config = peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+        get_peft_model(_model(llama), config).save_pretrained(prompt)
+    lora = _adapter(llama, root / "adapter_lora", TYPES["lora"](), seed=1)
+    wrong_shape = tmp_path / "wrong_shape"
+    shutil.copytree(lora, wrong_shape)
+    tensors = builders.read_tensors(wrong_shape)
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+    from safetensors.torch import save_file
+
+    save_file(tensors, wrong_shape / "adapter_model.safetensors")
+    cases = {"foreign": foreign, "prompt": prompt, "shape": wrong_shape}
+    results = {}
+    for name, adapter in cases.items():
+        out = tmp_path / f"out_{name}"
+        results[name] = builders.run_cli(capsys, "merge", llama, out, "--adapter", adapter) + (out.exists(),)
+    for name, (code, _out, err, written) in results.items():
+        assert code == 2, (name, err)
+        assert not written, name
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (name, err)
+    assert "cannot merge" in results["prompt"][2]
+    assert not list(tmp_path.glob(".out_*"))  # no temporary folder left
+
+
+def test_cli_dry_run_and_json(root, llama, tmp_path, capsys):
+    adapter = _adapter(llama, root / "adapter_lora", TYPES["lora"](), seed=1)
+    code, report = builders.run_json(capsys, "merge", llama, tmp_path / "out", "--adapter", adapter, "--dry-run")
+    code2, written = builders.run_json(capsys, "merge", llama, tmp_path / "out2", "--adapter", adapter)
+    exists = builders.run_cli(capsys, "merge", llama, tmp_path / "out2", "--adapter", adapter)
+    assert code == 0 and not (tmp_path / "out").exists()
+    info = report["extra"]["merge"]
+    assert info["dry_run"] and info["files"] == ["model.safetensors"] and info["merged_tensors"] == 6
+    assert info["peak_bytes_estimate"] > 0 and info["total_bytes"] > 0
+    assert code2 == 0 and "config.json" in written["extra"]["merge"]["files"]
+    assert exists[0] == 2 and "already exists" in exists[2]
+
+
+@pytest.mark.slow  # starts worker processes, each importing torch, transformers and peft
+def test_pool_executor_writes_the_same_bytes(root, checkpoints):
+    from qfinal.ops.executors import make_executor
+
+    base = checkpoints["llama_sharded"]
+    adapter = _adapter(
+        base, root / "adapter_llama_sharded", peft.LoraConfig(r=4, lora_alpha=8, **FIXTURE_LORA["llama_sharded"]), 7
+    )
+    run_merge(base, root / "pool", [str(adapter)], executor=make_executor("pool", 2))
+    run_merge(base, root / "inproc", [str(adapter)])
+    files = sorted(p.name for p in (root / "inproc").iterdir())
+    assert files == sorted(p.name for p in (root / "pool").iterdir())
+    assert all((root / "pool" / f).read_bytes() == (root / "inproc" / f).read_bytes() for f in files)
+
+
+def test_the_comparison_can_fail(root, llama):
+    """A changed tensor is seen: _assert_same is not vacuous."""
+    adapter = _adapter(llama, root / "adapter_lora", TYPES["lora"](), seed=1)
+    run_merge(llama, root / "ours_check", [str(adapter)])
+    with pytest.raises(AssertionError):
+        _assert_same(root / "ours_check", llama)
