@@ -223,6 +223,66 @@ def write_fp8(folder: Path, source: Path) -> str:
     return f"fp8 block {FP8_BLOCK}x{FP8_BLOCK}, {logical_bytes(folder) / 1e9:.2f} GB on disk"
 
 
+def write_ct_w4a16(folder: Path, source: Path) -> str:
+    """compressed-tensors W4A16 (int4, symmetric, group 128, pack-quantized), made by the library
+    the way llm-compressor does without calibration data: scales from each group's min/max."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    apply_quantization_config(model, config, show_progress=False)
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "quantization_scheme", None) is None:
+                continue
+            grouped = module.weight.unflatten(-1, (module.weight.shape[-1] // 128, 128))
+            scale, zero_point = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
+            module.weight_scale.copy_(scale)
+            module.weight_zero_point.copy_(zero_point)
+            module.quantization_status = QuantizationStatus.FROZEN
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(folder, max_shard_size="500MB")
+    compressor.update_config(folder)
+    return f"compressed-tensors W4A16 g128, {logical_bytes(folder) / 1e9:.2f} GB on disk"
+
+
+def write_lora(folder: Path, source: Path) -> str:
+    """A LoRA adapter on every linear layer (r=16, alpha 32) of the bf16 model, made by peft with
+    random non-zero B (a trained adapter's shape of work; peft's default B is zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    torch.manual_seed(SEED)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(skeleton, lora)
+    for name, module in model.named_modules():  # only the adapter leaves meta
+        for attr in ("lora_A", "lora_B"):
+            layer = getattr(module, attr, None)
+            if isinstance(layer, torch.nn.ModuleDict) and "default" in layer:
+                shape = layer["default"].weight.shape
+                value = torch.randn(shape).mul_(0.01).to(torch.bfloat16)
+                layer["default"].weight = torch.nn.Parameter(value)
+    model.save_pretrained(folder)
+    return f"LoRA r=16 on all linear layers, {logical_bytes(folder) / 1e6:.1f} MB"
+
+
 def write_sparse_70b(folder: Path) -> str:
     sys.path.insert(0, str(HERE))
     from validate_fast_70b import write_checkpoint  # the teammate's writer, reused as is
@@ -245,6 +305,10 @@ def build(kind: str, folder: Path, shape_name: str, source: Path | None) -> str:
         detail = write_nf4(tmp, source)
     elif kind == "fp8":
         detail = write_fp8(tmp, source)
+    elif kind == "ct_w4a16":
+        detail = write_ct_w4a16(tmp, source)
+    elif kind == "lora":
+        detail = write_lora(tmp, source)
     elif kind == "sparse70b":
         detail = write_sparse_70b(tmp)
     else:
@@ -257,10 +321,10 @@ def build(kind: str, folder: Path, shape_name: str, source: Path | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build one benchmark checkpoint (run by bench/run.py).")
-    parser.add_argument("kind", choices=["bf16", "nf4", "fp8", "sparse70b"])
+    parser.add_argument("kind", choices=["bf16", "nf4", "fp8", "ct_w4a16", "lora", "sparse70b"])
     parser.add_argument("folder")
     parser.add_argument("--shape", default="tinyllama-1.1b", choices=sorted(SHAPES))
-    parser.add_argument("--source", help="the bf16 folder (for nf4 and fp8)")
+    parser.add_argument("--source", help="the bf16 folder (for nf4, fp8, ct_w4a16 and lora)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

@@ -86,7 +86,7 @@ def build_lines(ck: dict[str, Path], work: Path) -> list[Line]:
     deq_q, deq_t, save_q, save_t = (
         work / n for n in ("dequantize-qfinal", "dequantize-transformers", "save-qfinal", "save-transformers")
     )
-    fp8 = str(ck["fp8"])
+    fp8, ct = str(ck["fp8"]), str(ck["ct_w4a16"])
     return [
         Line(
             "load_bf16",
@@ -129,6 +129,33 @@ def build_lines(ck: dict[str, Path], work: Path) -> list[Line]:
             [Target("time", 0.8), Target("rss", 0.25)],
             scratch=[deq_q, deq_t],
             inputs=[ck["fp8"]],
+        ),
+        Line(
+            "dequantize_ct_w4a16",
+            "dequantize compressed-tensors W4A16 -> bf16",
+            cli + ["dequantize", ct, str(deq_q), "--dtype", "bfloat16", "--quiet"],
+            [py, tasks, "ct-decompress-save", ct, str(deq_t), "bfloat16"],
+            [Target("time", 0.8), Target("rss", 0.25)],
+            scratch=[deq_q, deq_t],
+            inputs=[ck["ct_w4a16"]],
+        ),
+        Line(
+            "merge_lora",
+            "merge LoRA r=16 (all linear) vs peft merge_and_unload + save",
+            cli + ["merge", bf16, str(save_q), "--adapter", str(ck["lora"]), "--quiet"],
+            [py, tasks, "peft-merge-save", bf16, str(ck["lora"]), str(save_t)],
+            [Target("time", 0.6), Target("rss", 0.3)],
+            scratch=[save_q, save_t],
+            inputs=[ck["bf16"], ck["lora"]],
+        ),
+        Line(
+            "quantize_nf4",
+            "quantize nf4 (streamed) vs load + save_pretrained",
+            cli + ["quantize", bf16, str(deq_q), "--quantize", "nf4", "--quiet"],
+            [py, tasks, "transformers-quantize-save", bf16, str(deq_t), "nf4"],
+            [Target("time", 0.4), Target("abs_rss", 1.0 * GB)],
+            scratch=[deq_q, deq_t],
+            inputs=[ck["bf16"]],
         ),
         Line(
             "save_round_trip",
@@ -299,12 +326,16 @@ def ensure_checkpoints(out: Path, quick: bool, log) -> dict[str, Path]:
         "bf16": out / f"{prefix}-bf16",
         "nf4": out / f"{prefix}-nf4",
         "fp8": out / f"{prefix}-fp8",
+        "ct_w4a16": out / f"{prefix}-ct-w4a16",
+        "lora": out / f"{prefix}-lora",
         "sparse70b": out / "sparse-70b",
     }
     builds = [
         ("bf16", ["--shape", shape]),
         ("nf4", ["--shape", shape, "--source", str(folders["bf16"])]),
         ("fp8", ["--shape", shape, "--source", str(folders["bf16"])]),
+        ("ct_w4a16", ["--shape", shape, "--source", str(folders["bf16"])]),
+        ("lora", ["--shape", shape, "--source", str(folders["bf16"])]),
         ("sparse70b", []),
     ]
     for kind, extra in builds:

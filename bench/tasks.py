@@ -94,6 +94,34 @@ def transformers_load_save(path: str, out: str, dtype: str = "bfloat16") -> str:
     return f"loaded and saved {type(model).__name__} as {dtype}"
 
 
+def ct_decompress_save(path: str, out: str, dtype: str = "bfloat16") -> str:
+    """compressed-tensors' in-memory path: transformers loads and decompresses (run_compressed
+    False), then save_pretrained writes the plain model."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=CompressedTensorsConfig(run_compressed=False)
+    )
+    model.save_pretrained(out)
+    return f"decompressed and saved {type(model).__name__} as {dtype}"
+
+
+def transformers_quantize_save(path: str, out: str, method: str = "nf4") -> str:
+    """What `qfinal quantize` replaces: quantize on load, then save_pretrained."""
+    model = transformers_load(path, method)
+    model.save_pretrained(out)
+    return f"quantized {method} and saved {type(model).__name__}"
+
+
+def peft_merge_save(base: str, adapter: str, out: str) -> str:
+    """What `qfinal merge` replaces: load the base, apply the adapter, merge_and_unload, save."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(transformers_load(base), adapter).merge_and_unload()
+    model.save_pretrained(out)
+    return f"merged and saved {type(model).__name__}"
+
+
 TASKS = {
     "qfinal-load-forward": qfinal_load_forward,
     "transformers-load-forward": transformers_load_forward,
@@ -101,6 +129,9 @@ TASKS = {
     "transformers-dequantize": transformers_dequantize,
     "transformers-save-round-trip": transformers_save_round_trip,
     "transformers-load-save": transformers_load_save,
+    "ct-decompress-save": ct_decompress_save,
+    "transformers-quantize-save": transformers_quantize_save,
+    "peft-merge-save": peft_merge_save,
 }
 
 

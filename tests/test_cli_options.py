@@ -111,7 +111,14 @@ def readme_synopsis() -> dict[str, set[str]]:
     return out
 
 
-@pytest.mark.parametrize("command", ["load", "validate", "dequantize", "save", "diff", "plan"])
+COMMANDS = ["load", "validate", "dequantize", "quantize", "merge", "save", "diff", "plan"]
+
+
+def test_every_command_is_in_the_readme_synopsis_and_in_these_tests():
+    assert sorted(commands()) == sorted(COMMANDS) == sorted(readme_synopsis())
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_readme_synopsis_lists_exactly_the_command_options(command):
     documented = readme_synopsis()[command]
     actual = {
@@ -121,7 +128,7 @@ def test_readme_synopsis_lists_exactly_the_command_options(command):
     assert actual - documented == set(), "an option the README does not list"
 
 
-@pytest.mark.parametrize("command", ["load", "validate", "dequantize", "save", "diff", "plan"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_option_has_one_line_help(command):
     missing = [
         p.name for p in commands()[command].params if p.param_type_name == "option" and not (p.help or "").strip()
