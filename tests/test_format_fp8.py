@@ -287,3 +287,15 @@ def test_diff_reports_what_fp8_cost_per_layer_and_in_logits(fp8, tmp_path, capsy
         assert row["status"] == "different" and row["rel_error"] == pytest.approx(expected, rel=1e-9), key
     assert len(scaled) == 14 and 0 < diff["output"]["kl_divergence"] < 1e-3
     assert 0 < diff["output"]["logits_max_abs"] < 1 and diff["output"]["top1_agreement"] is not None
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_dequantize_verify_passes_where_transformers_is_wrong_too(fp8, tmp_path, name, capsys):
+    """`--verify` compares with transformers' FP8 dequantization, and for the weights with a
+    partial block (which transformers mis-scales) with an element-by-element recomputation."""
+    code, report = builders.run_json(
+        capsys, "dequantize", fp8[name], tmp_path / "out", "--dtype", "bfloat16", "--verify"
+    )
+    assert code == 0, builders.failing_checks(report)
+    messages = [f["message"] for f in report["findings"]]
+    assert any("21 tensors bit-identical to the format's reference" in m for m in messages), messages

@@ -1,8 +1,9 @@
 """`qfinal dequantize --verify`: the proof that OUT is right.
 
-OUT is reloaded with plain transformers and compared with transformers' own dequantization of
-SOURCE: keys, every tensor bit for bit, dtypes, and logits on a fixed probe batch, through the
-shared comparison engine (`qfinal.compare`).
+OUT is reloaded with plain transformers and compared with the format's own reference dequantization
+of SOURCE (`QuantFormat.verify_reference`: transformers' `dequantize()` for bnb, the format library
+where transformers has none): keys, every tensor bit for bit, dtypes, and logits on a fixed probe
+batch, through the shared comparison engine (`qfinal.compare`).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def _value_findings(diffs) -> list[Finding]:
                 check="dequantize_tensors",
                 severity="error",
                 key=t.name,
-                message=f"differs from transformers' dequantize(): {detail}",
+                message=f"differs from the format's reference dequantization: {detail}",
             )
         )
     if not differ:
@@ -123,7 +124,7 @@ def _value_findings(diffs) -> list[Finding]:
             Finding(
                 check="dequantize_tensors",
                 severity="info",
-                message=f"{len(both)} tensors bit-identical to transformers' dequantize()",
+                message=f"{len(both)} tensors bit-identical to the format's reference dequantization",
             )
         )
     return findings
