@@ -24,6 +24,7 @@ bar in-process and from the pool; on Ray a shard's units count when it finishes.
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -94,12 +95,19 @@ def describe_error(err: Exception) -> dict:
     info = {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()}
     if isinstance(err, QfinalError):
         info.update(qfinal=type(err), what=err.what, where=err.where, hint=err.hint)
+    found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(err))  # safetensors' write errors
+    if isinstance(err, OSError) and err.errno is not None:
+        info.update(errno=err.errno, strerror=err.strerror, filename=err.filename)
+    elif type(err).__name__ == "SafetensorError" and found:
+        info.update(errno=int(found.group(2)), strerror=found.group(1), filename=None)
     return info
 
 
 def task_failure(info: dict, label: str) -> Exception:
     """What the run raises for a task's error: a QfinalError keeps its class, place and hint, the
     shard added; anything else is a TaskError carrying the worker's traceback."""
+    if info.get("errno") is not None:  # the destination failed the write: atomic_dir says so in one line
+        return OSError(info["errno"], f"{info['strerror']} (writing {label})", info["filename"])
     cls = info.get("qfinal")
     if cls is not None:
         try:
