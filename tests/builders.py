@@ -112,6 +112,36 @@ def probe_inputs(model) -> dict:
     return kwargs
 
 
+def output_cost(dense: Path, dtype, weights: dict | None = None, candidate=None) -> dict:
+    """What `qfinal diff` should report as the logits cost against the dense original at `dense`,
+    computed here on `qfinal diff`'s documented probe batch, in float64. The candidate is the
+    dense model with `weights` (a dequantized format's weights) swapped in, or `candidate` itself
+    (a model the format's library runs with its own kernels)."""
+    from qfinal.compare.outputs import probe_batch
+
+    original = tf.AutoModelForCausalLM.from_pretrained(dense, dtype=dtype).eval()
+    if candidate is None:
+        candidate = tf.AutoModelForCausalLM.from_pretrained(dense, dtype=dtype).eval()
+        candidate.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False)
+    probe = probe_batch(original)
+    with torch.no_grad():
+        la, lb = (m(**probe).logits.double().reshape(-1, m.config.vocab_size) for m in (candidate, original))
+    lpa, lpb = torch.log_softmax(la, -1), torch.log_softmax(lb, -1)
+    return {
+        "logits_max_abs": (la - lb).abs().max().item(),
+        "kl_divergence": (lpb.exp() * (lpb - lpa)).sum(-1).mean().item(),
+        "top1_agreement": (la.argmax(-1) == lb.argmax(-1)).double().mean().item(),
+    }
+
+
+def assert_output_cost(reported: dict, expected: dict) -> None:
+    """`qfinal diff`'s output section equals `output_cost`'s, and shows a real, finite cost."""
+    assert reported["logits_max_abs"] == pytest.approx(expected["logits_max_abs"], rel=1e-9)
+    assert reported["kl_divergence"] == pytest.approx(expected["kl_divergence"], rel=1e-6)
+    assert reported["top1_agreement"] == expected["top1_agreement"]
+    assert 0 < reported["kl_divergence"] < 1 and 0 < reported["logits_max_abs"] < 10
+
+
 QUANT_OPTIONS = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
     "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),

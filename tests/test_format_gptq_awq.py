@@ -334,3 +334,30 @@ def test_dequantize_and_load_refuse_bad_quant_state(capsys, made, tmp_path, brok
     assert code == 2, err
     (line,) = err.strip().splitlines()
     assert message in line
+
+
+@pytest.mark.parametrize("name", ["gptq4_act_sym", "awq"])
+def test_diff_reports_what_quantizing_cost_per_layer_and_in_logits(capsys, made, tmp_path, name):
+    """`qfinal diff QUANTIZED DENSE_ORIGINAL`: the quantized side is dequantized on load, so every
+    quantized weight shows GPTQModel's dequantization error against the fp16 weight it was packed
+    from (float64), the logits their cost; the rest is identical."""
+    import transformers as tf
+
+    torch.manual_seed(builders.SEED)  # the fixture's model before packing (gptq_awq_fixtures.build)
+    config = tf.LlamaConfig(tie_word_embeddings=False, **builders.LLAMA)
+    tf.LlamaForCausalLM(config).to(torch.float16).save_pretrained(tmp_path / "dense")
+    code, report = builders.run_json(capsys, "diff", made / name, tmp_path / "dense")
+    assert code == 1  # quantization changed values: not identical, and no tolerance was given
+    diff = report["extra"]["diff"]
+    dense = load_file(tmp_path / "dense" / "model.safetensors")
+    refs = load_file(made / "refs" / f"{name}.safetensors")
+    rows = {row["name"]: row for row in diff["tensors"]}
+    assert set(rows) >= set(dense) and len(refs) == 14
+    for key, row in rows.items():
+        if key not in refs:
+            assert row["status"] == "identical", key
+            continue
+        ref, orig = refs[key].double(), dense[key].double()
+        expected = ((ref - orig).norm() / orig.norm()).item()
+        assert row["status"] == "different" and row["rel_error"] == pytest.approx(expected, rel=1e-9), key
+    builders.assert_output_cost(diff["output"], builders.output_cost(tmp_path / "dense", torch.float16, refs))

@@ -324,3 +324,43 @@ def test_sharded_checkpoint(plain, theirs, tmp_path, capsys):
     written = builders.read_tensors(tmp_path / "out")
     for key, weight in quantized_weights(theirs["int4"]).items():
         assert builders.bits_equal(written[key], weight.dequantize()), key
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_diff_reports_what_torchao_cost_per_layer_and_in_logits(plain, theirs, torchao_ckpt, tmp_path, capsys, name):
+    """`qfinal diff TORCHAO DENSE_ORIGINAL`: every quantized weight shows torchao's own
+    dequantization error against the bfloat16 weight it was quantized from (float64), the logits
+    their cost; the rest is identical. The dense original is the fixture's model as torchao saw it."""
+    tf.LlamaForCausalLM.from_pretrained(plain, dtype=torch.bfloat16).save_pretrained(tmp_path / "dense")
+    code, report = builders.run_json(capsys, "diff", torchao_ckpt[name], tmp_path / "dense")
+    assert code == 1  # quantization changed values: not identical, and no tolerance was given
+    diff = report["extra"]["diff"]
+    dense = load_file(tmp_path / "dense" / "model.safetensors")
+    reference = {k: w.dequantize() for k, w in quantized_weights(theirs[name]).items()}
+    rows = {row["name"]: row for row in diff["tensors"]}
+    assert set(rows) >= set(dense) and len(reference) == QUANTIZED
+    for key, row in rows.items():
+        if key not in reference:
+            assert row["status"] == "identical", key
+            continue
+        ref, orig = reference[key].double(), dense[key].double()
+        expected = ((ref - orig).norm() / orig.norm()).item()
+        assert row["status"] == "different" and row["rel_error"] == pytest.approx(expected, rel=1e-9), key
+    # the logits are transformers' torchao model's own, run with torchao's kernels
+    expected = builders.output_cost(tmp_path / "dense", torch.bfloat16, candidate=theirs[name])
+    builders.assert_output_cost(diff["output"], expected)
+
+
+def test_diff_raw_compares_what_is_stored(torchao_ckpt, capsys):
+    """`qfinal diff --raw` compares a torchao weight as the components the checkpoint holds
+    (`_weight_qdata`, `_weight_scale`, `_weight_zero_point`), bit for bit, not its logical tensor."""
+    from qfinal.compare.views import DequantView
+    from qfinal.ops.load import load
+
+    path = torchao_ckpt["int4"]
+    stored = load_file(path / "model.safetensors")
+    view = DequantView(load(path).model, None, dequantize=False)
+    assert set(view) == set(stored)
+    assert all(builders.bits_equal(view[key], value) for key, value in stored.items())
+    code, report = builders.run_json(capsys, "diff", path, path, "--raw")
+    assert code == 0 and len(report["extra"]["diff"]["tensors"]) == len(stored)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from qfinal.compat.bitsandbytes import loaded_bitsandbytes, undo_cpu_packing
+from qfinal.formats import holds_packed_data
 
 
 def conv1d_cls():
@@ -67,12 +68,16 @@ def dequantize_module_weight(module) -> torch.Tensor:
 
 
 def _remove_tied(sd: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-    """Drop tied aliases exactly as `save_pretrained` does (same transformers function)."""
+    """Drop tied aliases exactly as `save_pretrained` does (same transformers function). Tensors of
+    packed codes are never aliases and are kept out of its storage-pointer search: a torchao
+    tensor subclass has no storage to point at."""
     if not hasattr(model, "config"):
         return sd
     from qfinal.compat.transformers import remove_tied_weights
 
-    return remove_tied_weights(sd, model)
+    packed = {k for k, v in sd.items() if holds_packed_data(v)}
+    kept = remove_tied_weights({k: v for k, v in sd.items() if k not in packed}, model)
+    return {k: v for k, v in sd.items() if k in kept or k in packed}
 
 
 def raw_state_dict(model) -> dict[str, torch.Tensor]:
@@ -83,6 +88,22 @@ def raw_state_dict(model) -> dict[str, torch.Tensor]:
     no-op for most architectures."""
     sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     return _remove_tied(sd, model)
+
+
+def _flatten_packed(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor subclass of packed codes (torchao) as the components `save_pretrained` writes
+    for it, `{module}._{param}_{component}`: compared raw, a weight is what is persisted."""
+    out = {}
+    for key, value in sd.items():
+        if not (holds_packed_data(value) and hasattr(value, "__tensor_flatten__")):
+            out[key] = value
+            continue
+        module, _, param = key.rpartition(".")
+        prefix = f"{module}._{param}_" if module else f"_{param}_"
+        for attr in value.__tensor_flatten__()[0]:
+            if (part := getattr(value, attr, None)) is not None:
+                out[prefix + attr] = part
+    return out
 
 
 def _module_index(model) -> dict[str, Any]:
@@ -113,7 +134,7 @@ class DequantView(Mapping):
         self.dtype = dtype
         self.dequantize = dequantize
         self.layout = Layout()
-        raw = raw_state_dict(model)
+        raw = raw_state_dict(model) if dequantize else _flatten_packed(raw_state_dict(model))
         modules = _module_index(model)
         conv1d = conv1d_cls()
         self._special: dict[str, Any] = {}  # weight key -> module needing dequant/transpose
@@ -152,6 +173,8 @@ class DequantView(Mapping):
         mod = self._special.get(key)
         if mod is None:
             t = self._raw[key]
+            if holds_packed_data(t) and callable(getattr(t, "dequantize", None)):
+                t = t.dequantize().detach()  # a torchao weight: its own dequantization
         elif quant_kind(mod) is not None:
             t = dequantize_module_weight(mod).detach()
         else:  # Conv1D: (in, out) -> Linear layout (out, in)

@@ -60,6 +60,19 @@ def state_tensors(model) -> Iterator[tuple[str, object]]:
         yield from f.state_tensors(model)
 
 
+def held_bytes(tensor) -> int:
+    """Bytes a loaded tensor really holds: its format's count for a tensor subclass keeping
+    components of its own, else numel x element size."""
+    counted = (b for f in FORMATS.values() if (b := f.held_bytes(tensor)) is not None)
+    return next(counted, tensor.numel() * tensor.element_size())
+
+
+def planned_bytes(name: str, inventory) -> int | None:
+    """Bytes parameter `name` will hold once loaded where some format loads it as stored
+    components (read from the headers), else None."""
+    return next((b for f in FORMATS.values() if (b := f.planned_bytes(name, inventory)) is not None), None)
+
+
 def holds_packed_data(tensor) -> bool:
     """True for a tensor of packed codes, whose bytes are not values."""
     return any(f.holds_packed_data(tensor) for f in FORMATS.values())

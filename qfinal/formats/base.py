@@ -129,6 +129,17 @@ class QuantFormat(ABC):
         """True for a tensor holding packed codes, whose bytes are not values."""
         return False
 
+    def held_bytes(self, tensor) -> int | None:
+        """Bytes a loaded tensor of this format really holds, where numel x element size is not
+        that (a tensor subclass keeping components of its own); None otherwise."""
+        return None
+
+    def planned_bytes(self, name: str, inventory) -> int | None:
+        """Bytes parameter `name` will hold once loaded, read from the checkpoint's headers, where
+        the format loads it as stored components rather than a tensor of the skeleton's shape and
+        dtype (what `qfinal plan` counts otherwise); None otherwise."""
+        return None
+
     def dequantize_in_memory(self, model, dtype, original_classes: dict[str, str]) -> str:
         """transformers' `dequantize(dtype)`, then what it leaves undone: Conv1D layout and a single dtype.
 

@@ -194,6 +194,21 @@ class TorchAO(QuantFormat):
     def holds_packed_data(self, tensor) -> bool:
         return "torchao" in sys.modules and type(tensor).__module__.startswith("torchao.")
 
+    def held_bytes(self, tensor) -> int | None:
+        """The subclass's own components (qdata, scale, zero point), as it flattens itself."""
+        if not self.holds_packed_data(tensor):
+            return None
+        parts = (getattr(tensor, attr, None) for attr in tensor.__tensor_flatten__()[0])
+        return sum(p.numel() * p.element_size() for p in parts if p is not None)
+
+    def planned_bytes(self, name: str, inventory) -> int | None:
+        """transformers rebuilds each torchao weight from its stored components unchanged (same
+        shapes and dtypes), so it holds exactly their bytes."""
+        if inventory is None:
+            return None
+        sizes = [entry.nbytes for key, entry in inventory.tensors.items() if (c := component_of(key)) and c[0] == name]
+        return sum(sizes) if sizes else None
+
     def dequantize_in_memory(self, model, dtype, original_classes: dict[str, str]) -> str:
         """Each torchao weight replaced by its `dequantize()` (transformers raises
         NotImplementedError here), the quantization config removed as transformers' dequantize

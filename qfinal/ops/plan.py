@@ -44,8 +44,11 @@ def _bnb_4bit_bytes(numel: int, qc) -> int:
     return packed + blocks * 4 + 16 * 4
 
 
-def expected_bytes(model, hf_quantizer, converted: set[str]) -> dict[str, int]:
-    """Bytes per parameter/buffer name once loaded (ties counted once)."""
+def expected_bytes(model, hf_quantizer, converted: set[str], inventory=None) -> dict[str, int]:
+    """Bytes per parameter/buffer name once loaded (ties counted once). A weight some format
+    loads as its stored components (torchao) counts those, from `inventory`'s headers."""
+    from qfinal.formats import planned_bytes
+
     out: dict[str, int] = {}
     qc = getattr(hf_quantizer, "quantization_config", None)
     persistent = set(model.state_dict(keep_vars=True))
@@ -55,7 +58,10 @@ def expected_bytes(model, hf_quantizer, converted: set[str]) -> dict[str, int]:
             continue
         module = name.rpartition(".")[0]
         numel = tensor.numel()
-        if module in converted and name.endswith(".weight"):
+        stored = planned_bytes(name, inventory)
+        if stored is not None:
+            out[name] = stored
+        elif module in converted and name.endswith(".weight"):
             if getattr(qc, "load_in_8bit", False):
                 rows = tensor.shape[0] if tensor.dim() else 1
                 out[name] = numel + rows * 4
@@ -88,7 +94,7 @@ def fill_plan(ctx: Context) -> None:
     report = ctx.report
     report.placement = {k: str(v) for k, v in (device_map or {"": "cpu"}).items()}
     converted = {c.module for c in report.keys.converted}
-    sizes = expected_bytes(model, ctx.hf_quantizer, converted)
+    sizes = expected_bytes(model, ctx.hf_quantizer, converted, ctx.inventory)
     per_device: dict[str, int] = defaultdict(int)
     for name, nbytes in sizes.items():
         per_device[device_of(name, device_map)] += nbytes
@@ -133,6 +139,8 @@ def measured_bytes_per_device(model, disk_offload_index: dict | None) -> dict[st
     (for a safetensors checkpoint it points into the checkpoint files instead of copying)."""
     import torch
 
+    from qfinal.formats import held_bytes
+
     out: dict[str, int] = defaultdict(int)
     seen = set()
     persistent = set(model.state_dict(keep_vars=True))
@@ -141,7 +149,7 @@ def measured_bytes_per_device(model, disk_offload_index: dict | None) -> dict[st
             continue
         seen.add(id(tensor))
         if tensor.device.type != "meta":
-            out[str(tensor.device.type)] += tensor.numel() * tensor.element_size()
+            out[str(tensor.device.type)] += held_bytes(tensor)
     for name, entry in (disk_offload_index or {}).items():
         numel = model.get_parameter_or_buffer(name).numel()  # the meta placeholder keeps the shape
         out["disk"] += numel * getattr(torch, entry["dtype"]).itemsize
