@@ -38,6 +38,15 @@ SHAPES = {
         intermediate_size=5632,
         vocab_size=32000,
     ),
+    # Llama-2-7B geometry: for "peak RSS is flat in model size" (quantize, merge), run by hand.
+    "llama-7b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+    ),
     "quick-0.2b": dict(
         hidden_size=1024,
         num_hidden_layers=8,
