@@ -102,7 +102,7 @@ def build_lines(ck: dict[str, Path], work: Path) -> list[Line]:
             "load nf4 (quantize on load)",
             cli + ["load", bf16, "--quantize", "nf4", "--quiet"],
             [py, tasks, "transformers-load-quantized", bf16, "nf4"],
-            [Target("time", 1.0), Target("rss", 0.5)],
+            [Target("time", 0.5), Target("rss", 0.4)],
             inputs=[ck["bf16"]],
         ),
         Line(
