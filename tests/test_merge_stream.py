@@ -266,3 +266,85 @@ def test_the_comparison_can_fail(root, llama):
     run_merge(llama, root / "ours_check", [str(adapter)])
     with pytest.raises(AssertionError):
         _assert_same(root / "ours_check", llama)
+
+
+def _transformers_quantized(source: Path, out: Path, method: str) -> Path:
+    """transformers' quantize-on-load of a plain checkpoint, saved."""
+    import transformers as tf
+
+    config = tf.BitsAndBytesConfig(**builders.QUANT_OPTIONS[method])
+    builders.model_class_for(source).from_pretrained(source, quantization_config=config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_quantize_equals_quantize_of_the_plain_merge(root, llama, tmp_path, capsys, method):
+    """--quantize: OUT is, file for file, `qfinal quantize` of the plain merge, and so transformers'
+    quantize-on-load + save_pretrained of peft's merged model; no temporary folder stays."""
+    from qfinal.ops.quantize import run_quantize
+
+    adapter = _adapter(llama, root / "adapter_lora", TYPES["lora"](), seed=1)
+    plain = tmp_path / "plain"
+    run_merge(llama, plain, [str(adapter)])
+    run_quantize(plain, tmp_path / "quantized", method=method)
+    peft_merged = _peft_merged(_model(llama), [adapter], tmp_path / "peft")
+    theirs = _transformers_quantized(peft_merged, tmp_path / "transformers", method)
+    out = tmp_path / "out"
+    if method == "nf4":  # through the CLI
+        code, report = builders.run_json(capsys, "merge", llama, out, "--adapter", adapter, "--quantize", method)
+        assert code == 0 and report["quantization"] == "nf4"
+        files = report["extra"]["merge"]["files"]
+    else:
+        result = run_merge(llama, out, [str(adapter)], quantize=method)
+        assert result.quantization == "int8" and result.keys.converted
+        files = result.extra["merge"]["files"]
+    names = sorted(p.name for p in (tmp_path / "quantized").iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names == files
+    assert [n for n in names if (out / n).read_bytes() != (tmp_path / "quantized" / n).read_bytes()] == []
+    written = sorted(p.name for p in theirs.iterdir())
+    assert [n for n in written if (out / n).read_bytes() != (theirs / n).read_bytes()] == []
+    assert "quantization_config" in (out / "config.json").read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_qlora_requantized_warns_that_errors_compound(root, checkpoints, llama, tmp_path):
+    nf4 = checkpoints.quantized("llama_untied", "nf4")
+    adapter = _adapter(llama, root / "adapter_lora", TYPES["lora"](), seed=1)
+    report = run_merge(nf4, tmp_path / "out", [str(adapter)], quantize="nf4")  # compares, as for a bnb base
+    dense = run_merge(nf4, tmp_path / "dense", [str(adapter)], base_weights=llama, quantize="nf4", compare=False)
+    warnings = [f.message for f in report.findings if f.severity == "warning"]
+    assert any("the two rounding errors compound" in m for m in warnings), warnings
+    assert not any("compound" in f.message for f in dense.findings)
+    assert report.quantization == "nf4, then nf4"
+    change = report.extra["merge"]["logits_vs_unmerged"]  # of the plain merge, before requantizing
+    assert change["positions"] > 0 and change["logits_max_abs"] < 1.0
+    assert any("before requantization" in f.message for f in report.findings)
+    from qfinal.ops.quantize import run_quantize
+
+    run_merge(nf4, tmp_path / "plain", [str(adapter)], compare=False)
+    run_quantize(tmp_path / "plain", tmp_path / "ref", method="nf4")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_quantize_failure_publishes_nothing(root, llama, tmp_path, capsys, monkeypatch):
+    """A failure after the merge: OUT absent, the temporary merge removed, one line and exit 2."""
+    import qfinal.ops.quantize as quantize_mod
+    from qfinal.errors import SourceError
+
+    adapter = _adapter(llama, root / "adapter_lora", TYPES["lora"](), seed=1)
+    seen = []
+
+    def failing(source, out, **kwargs):
+        seen.append(sorted(p.name for p in Path(source).iterdir()))
+        raise SourceError("simulated failure", where=str(source))
+
+    monkeypatch.setattr(quantize_mod, "run_quantize", failing)
+    code, _out, err = builders.run_cli(
+        capsys, "merge", llama, tmp_path / "out", "--adapter", adapter, "--quantize", "nf4"
+    )
+    assert code == 2 and "simulated failure" in err and len(err.strip().splitlines()) == 1
+    assert seen and "model.safetensors" in seen[0]  # the merge was written before quantizing
+    assert list(tmp_path.iterdir()) == []
+    bad = builders.run_cli(capsys, "merge", llama, tmp_path / "x", "--adapter", adapter, "--double-quant")
+    assert bad[0] == 2 and "--quantize" in bad[2] and not (tmp_path / "x").exists()

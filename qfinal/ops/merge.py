@@ -219,16 +219,25 @@ def run_merge(
     allow_pickle: bool = False,
     dry_run: bool = False,
     compare: bool | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
     force: bool = False,
     executor=None,
     progress: Callable[[int, int], None] | None = None,
+    on_quantize: Callable[[], None] | None = None,
 ) -> Report:
     """`qfinal merge` as a library call. `compare` (default: for a quantized base) adds the logits
-    change of OUT against the base with the adapters unmerged, on the probe batch."""
+    change of the merge against the base with the adapters unmerged, on the probe batch. `quantize`
+    (nf4|fp4|int8) writes the merge requantized, as `qfinal quantize` would from the plain merge."""
     from qfinal.pipeline.context import peak_rss_bytes
     from qfinal.report import StageRecord
 
+    if quantize is not None or double_quant:
+        from qfinal.ops.merge_quantize import check_quantize
+
+        check_quantize(quantize, double_quant)
     start = time.perf_counter()
+    quantized = None
     try:
         plan = plan_merge(base, adapters, dtype=dtype, base_weights=base_weights, allow_pickle=allow_pickle)
         report = Report(
@@ -248,8 +257,14 @@ def run_merge(
             "peak_bytes_estimate": plan.peak_bytes,
             "base_weights": str(base_weights) if base_weights else None,
         }
+        do_compare = not dry_run and (compare if compare is not None else plan.quantization is not None)
+        if quantize is not None:
+            info["quantize"] = {"method": quantize, "double_quant": double_quant}
+            report.quantization = f"{plan.quantization}, then {quantize}" if plan.quantization else quantize
         if not dry_run:
-            info["files"] = write_merge(plan, out, force=force, executor=executor, progress=progress)
+            quantized = _write(
+                plan, Path(out), info, base, quantize, double_quant, do_compare, force, executor, progress, on_quantize
+            )
     finally:
         release_session()
     report.stages.append(
@@ -258,17 +273,63 @@ def run_merge(
             seconds=round(time.perf_counter() - start, 6),
             peak_rss_bytes=peak_rss_bytes(),
             detail=f"{len(plan.adapters)} adapter(s) into {len(plan.merged)} tensor(s); {len(plan.files)} shard(s)"
-            + (" (dry run: nothing written)" if dry_run else ""),
+            + (" (dry run: nothing written)" if dry_run else "")
+            + (f"; then requantized to {quantize}" if quantize else "")
+            + (" (sized from the merge: not in a dry run)" if quantize and dry_run else ""),
         )
     )
-    if not dry_run and (compare if compare is not None else plan.quantization is not None):
-        from qfinal.ops.merge_compare import logits_change
-
-        info["logits_vs_unmerged"] = logits_change(Path(resolve_source(base).folder), Path(out), plan)
+    if do_compare and quantize is None:
+        info["logits_vs_unmerged"] = _compare(base, Path(out), plan)
     report.extra["merge"] = info
     report.findings.extend(merge_findings(plan, info))
+    if quantize is not None:
+        _add_quantize(report, plan, quantized, quantize, base_weights)
     report.checks = sorted({f.check for f in report.findings})
     return report
+
+
+def _write(plan, out, info, base, quantize, double_quant, do_compare, force, executor, progress, on_quantize):
+    """OUT, plain or requantized (then the quantize step's report is returned)."""
+    if quantize is None:
+        info["files"] = write_merge(plan, out, force=force, executor=executor, progress=progress)
+        return None
+    from qfinal.ops.merge_quantize import merge_then_quantize
+
+    def before_quantize(merged: Path) -> None:
+        if do_compare:
+            info["logits_vs_unmerged"] = _compare(base, merged, plan)
+
+    quantized = merge_then_quantize(
+        plan,
+        out,
+        method=quantize,
+        double_quant=double_quant,
+        force=force,
+        executor=executor,
+        progress=progress,
+        on_quantize=on_quantize,
+        before_quantize=before_quantize,
+    )
+    info["files"] = quantized.extra["quantize"]["files"]
+    return quantized
+
+
+def _compare(base, merged: Path, plan: MergePlan) -> dict:
+    from qfinal.ops.merge_compare import logits_change
+
+    return logits_change(Path(resolve_source(base).folder), merged, plan)
+
+
+def _add_quantize(report: Report, plan: MergePlan, quantized: Report | None, method: str, base_weights) -> None:
+    """The quantize step's stages, key lists and findings, and the compounding warning."""
+    from qfinal.ops.merge_quantize import requantize_findings
+
+    if quantized is not None:
+        report.stages.extend(quantized.stages)
+        report.keys = quantized.keys
+        report.findings.extend(quantized.findings)
+        report.extra["quantize"] = quantized.extra["quantize"]
+    report.findings.extend(requantize_findings(plan, method, base_weights))
 
 
 def merge_findings(plan: MergePlan, info: dict) -> list[Finding]:
@@ -311,7 +372,8 @@ def merge_findings(plan: MergePlan, info: dict) -> list[Finding]:
             Finding(
                 check=MERGE,
                 severity="info",
-                message=f"merged checkpoint vs the base with the adapter(s) unmerged, on the probe batch: "
+                message=f"merged checkpoint{' (before requantization)' if info.get('quantize') else ''} vs the "
+                "base with the adapter(s) unmerged, on the probe batch: "
                 f"max|Δlogits| {change['logits_max_abs']:.4g}, KL {change['kl_divergence']:.3g}, "
                 f"top-1 agreement {change['top1_agreement']:.3f}",
             )

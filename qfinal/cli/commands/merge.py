@@ -4,7 +4,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from qfinal.cli.options import AddressOpt, AllowPickleOpt, ExecutorOpt, ForceOpt, JsonOpt, QuietOpt, WorkersOpt
+from qfinal.cli.options import (
+    AddressOpt,
+    AllowPickleOpt,
+    DoubleQuantOpt,
+    ExecutorOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    WorkersOpt,
+)
 
 
 def merge(
@@ -21,6 +30,11 @@ def merge(
         Optional[bool],
         typer.Option("--compare/--no-compare", help="Logits of OUT vs the unmerged base (default: bnb base)."),
     ] = None,
+    quantize: Annotated[
+        Optional[str],
+        typer.Option("--quantize", help="nf4|fp4|int8: requantize the merge, as `qfinal quantize` would write it."),
+    ] = None,
+    double_quant: DoubleQuantOpt = None,
     workers: WorkersOpt = None,
     executor: ExecutorOpt = None,
     address: AddressOpt = None,
@@ -37,6 +51,9 @@ def merge(
 
     if dtype is not None and dtype not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"unknown dtype {dtype!r}", where="--dtype", hint="use float16, bfloat16 or float32")
+    from qfinal.ops.merge_quantize import check_quantize
+
+    check_quantize(quantize, bool(double_quant))
     from qfinal.cli.output import Output, quiet_libraries
     from qfinal.ops.executors import make_executor
     from qfinal.ops.merge import run_merge
@@ -44,7 +61,7 @@ def merge(
     chosen = make_executor(executor, workers, address)
     output = Output(json_path=json, quiet=quiet)
     quiet_libraries()
-    with output.stages(["merge"]) as on_step:
+    with output.stages(["merge"] if quantize is None else ["merge", "quantize"]) as on_step:
         if on_step:
             on_step("merge")
         progress = (lambda done, total: on_step.within(done, total, "tensors written")) if on_step else None
@@ -57,9 +74,12 @@ def merge(
             allow_pickle=allow_pickle,
             dry_run=dry_run,
             compare=compare,
+            quantize=quantize,
+            double_quant=bool(double_quant),
             force=force,
             executor=chosen,
             progress=progress,
+            on_quantize=(lambda: on_step("quantize")) if on_step else None,
         )
     output.report(report)
     raise typer.Exit(0 if report.ok else 1)
