@@ -320,6 +320,7 @@ class ShardWriter:
         self._base = len(header)
         self.size = self._base + max((end for *_x, end in self.layout.values()), default=0)
         self._pending = set(self.layout)
+        self._filled: dict[str, int] = {}  # bytes written so far of the entries written in pieces
         self._file = PositionalFile(self.path)
         try:
             self._file.write(0, header)
@@ -349,6 +350,24 @@ class ShardWriter:
             assert data.nbytes == end - start
             self._file.write(self._base + start, memoryview(data))
         self._pending.discard(name)
+
+    def write_part(self, name: str, at: int, piece) -> None:
+        """Put `piece`'s bytes at byte `at` of entry `name`: a large tensor written as it is produced,
+        in pieces that must not overlap; the entry counts as written once all its bytes are."""
+        if name not in self._pending:
+            raise ValueError(f"{self.path.name}: tensor {name!r} is not in the planned header or written twice")
+        import torch
+
+        data = piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        _dtype, _shape, start, end = self.layout[name]
+        filled = self._filled.get(name, 0) + data.nbytes
+        if at < 0 or at + data.nbytes > end - start or filled > end - start:
+            raise ValueError(f"{self.path.name}: a piece of {name!r} falls outside its {end - start} bytes")
+        if data.nbytes:
+            self._file.write(self._base + start + at, memoryview(data))
+        self._filled[name] = filled
+        if filled == end - start:
+            self._pending.discard(name)
 
     def close(self) -> None:
         """Close the file; ValueError if an entry was never written (the file is then incomplete)."""

@@ -225,6 +225,31 @@ def quantize_4bit_raw(A, blocksize: int, quant_type: str, quant_storage):
     return packed, absmax
 
 
+def four_bit_state(absmax, shape, dtype, blocksize: int, quant_type: str, compress_statistics: bool):
+    """bitsandbytes' QuantState for a tensor of `shape` / `dtype` whose block absmax is `absmax` (fp32,
+    CPU): with double quantization the absmax is quantized again as bitsandbytes does. Callers that
+    quantize a tensor in pieces build the state of the whole from the concatenated absmax here."""
+    from bitsandbytes import functional as F
+
+    code = F.get_4bit_type(quant_type, device=absmax.device)
+    if not compress_statistics:
+        return F.QuantState(
+            absmax=absmax, shape=shape, dtype=dtype, blocksize=blocksize, code=code, quant_type=quant_type
+        )
+    offset = absmax.mean()
+    qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
+    return F.QuantState(
+        absmax=qabsmax,
+        shape=shape,
+        dtype=dtype,
+        blocksize=blocksize,
+        code=code,
+        quant_type=quant_type,
+        offset=offset,
+        state2=state2,
+    )
+
+
 def quantize_4bit(
     A,
     absmax=None,
@@ -239,7 +264,6 @@ def quantize_4bit(
     Anything the kernel does not cover (a tensor not on the CPU, an unusual dtype or blocksize,
     numba missing, `QFINAL_KERNEL=bitsandbytes`) is bitsandbytes' own function."""
     import torch
-    from bitsandbytes import functional as F
 
     storage = torch.uint8 if quant_storage is None else quant_storage
     size = 64 if blocksize is None else blocksize
@@ -254,25 +278,8 @@ def quantize_4bit(
 
         return original_quantize_4bit()(A, absmax, out, blocksize, compress_statistics, quant_type, storage)
     _out, _absmax = quantize_4bit_raw(A, size, quant_type, storage)
-    code = F.get_4bit_type(quant_type, device=A.device)
-    if compress_statistics:
-        offset = _absmax.mean()
-        qabsmax, state2 = F.quantize_blockwise(_absmax - offset, blocksize=256)
-        del _absmax
-        state = F.QuantState(
-            absmax=qabsmax,
-            shape=A.shape,
-            dtype=A.dtype,
-            blocksize=size,
-            code=code,
-            quant_type=quant_type,
-            offset=offset,
-            state2=state2,
-        )
-    else:
-        state = F.QuantState(
-            absmax=_absmax, shape=A.shape, dtype=A.dtype, blocksize=size, code=code, quant_type=quant_type
-        )
+    state = four_bit_state(_absmax, A.shape, A.dtype, size, quant_type, compress_statistics)
+    del _absmax
     out = out.copy_(_out) if out is not None else _out
     if absmax is not None:
         state.absmax = absmax.copy_(state.absmax)
@@ -293,4 +300,12 @@ def four_bit_kernel_for_load() -> Iterator[str]:
         yield name
 
 
-__all__ = ["BLOCKSIZES", "KERNEL_ENV", "four_bit_kernel_for_load", "kernel_name", "quantize_4bit", "quantize_4bit_raw"]
+__all__ = [
+    "BLOCKSIZES",
+    "KERNEL_ENV",
+    "four_bit_kernel_for_load",
+    "four_bit_state",
+    "kernel_name",
+    "quantize_4bit",
+    "quantize_4bit_raw",
+]

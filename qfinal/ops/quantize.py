@@ -6,8 +6,9 @@ every decision is transformers' own, taken on the meta skeleton (`ops.quantize_p
 tensors are computed one at a time: each is read (pread), cast to the dtype the loader would cast
 it to, transposed for Conv1D, quantized with bitsandbytes' arithmetic (the 4-bit kernel of
 `formats.bnb_kernel`, byte-identical) and written at its offset in its shard
-(`checkpoint.writer.ShardWriter`). Peak memory is one tensor and its outputs, whatever the model's
-size. Output goes through `atomic_dir`: complete or absent.
+(`checkpoint.writer.ShardWriter`); large tensors a slab of rows at a time (`ops.quantize_pieces`).
+Peak memory is one slab (or small tensor) and its outputs, whatever the model's size. Output goes
+through `atomic_dir`: complete or absent.
 
 `quantize_shard(spec)` writes one shard; it is a top-level function of plain data so that an
 executor may run the shards anywhere that sees the same files.
@@ -75,32 +76,44 @@ def _four_bit(tensor, options: QuantOptions):
 
 
 def computed(job: TensorJob, src, options: QuantOptions):
-    """(name, tensor) for each output of `job`, as the quantized model's state_dict holds them."""
+    """(name, byte offset, tensor) for each output of `job`, as the quantized model's state_dict
+    holds them: a large tensor in pieces at their offsets (`ops.quantize_pieces`), else whole (None)."""
     import torch
 
+    from qfinal.ops.quantize_pieces import computed_in_slabs, row_step
+
+    step = row_step(job, src.headers[job.key])
+    if step is not None:
+        yield from computed_in_slabs(job, src, options, step)
+        return
     tensor = _read(src, job)
     if job.kind == "copy":
-        yield job.key, tensor.contiguous()
+        yield job.key, None, tensor.contiguous()
     elif job.kind == "4bit":
         packed, state = _four_bit(tensor, options)
         del tensor
-        yield job.key, packed
+        yield job.key, None, packed
         for name, value in state.as_dict(packed=True).items():
-            yield f"{job.key}.{name}", value
+            yield f"{job.key}.{name}", None, value
     else:  # Int8Params._quantize: fp16, then bnb's row-wise int8
         from bitsandbytes.functional import int8_vectorwise_quant
 
         CB, SCB, _outliers = int8_vectorwise_quant(tensor.contiguous().to(dtype=torch.float16))
         module = job.key.rpartition(".")[0]
-        yield job.key, CB
-        yield f"{module}.SCB", SCB
-        yield f"{module}.weight_format", torch.tensor(0, dtype=torch.uint8)
+        yield job.key, None, CB
+        yield f"{module}.SCB", None, SCB
+        yield f"{module}.weight_format", None, torch.tensor(0, dtype=torch.uint8)
 
 
 def nested_offset(job: TensorJob, src, options: QuantOptions) -> float:
     """The double-quant offset (the absmax mean) of one weight: it goes into the JSON quant state,
     whose length the shard header needs before the weight is written."""
+    from qfinal.ops.quantize_pieces import row_step, whole_absmax
+
     plain = QuantOptions(options.method, False, options.quant_storage)
+    step = row_step(job, src.headers[job.key])
+    if step is not None:
+        return whole_absmax(src, job, plain, step).mean().item()
     _packed, state = _four_bit(_read(src, job), plain)
     return state.absmax.mean().item()
 
@@ -119,9 +132,12 @@ def quantize_shard(spec: ShardSpec) -> ShardResult:
     try:
         with ShardWriter(Path(spec.out_dir) / spec.file_name, entries, metadata={"format": "pt"}) as writer:
             for job in spec.jobs:
-                for name, tensor in computed(job, src, spec.options):
+                for name, at, tensor in computed(job, src, spec.options):
                     if name in wanted:
-                        writer.write(name, tensor)
+                        if at is None:
+                            writer.write(name, tensor)
+                        else:
+                            writer.write_part(name, at, tensor)
                         nbytes += tensor.numel() * tensor.element_size()
                     del tensor
     finally:
@@ -140,7 +156,7 @@ def check_options(method: str, double_quant: bool) -> None:
 
 
 def peak_estimate(plan: QuantizePlan, baseline: int) -> int:
-    """Peak RSS the run needs: what the process holds after planning, plus the largest tensor read,
+    """Peak RSS the run needs: what the process holds after planning, plus the largest slab read,
     its cast copy and its fp32 view (bnb's partial-block path) and the outputs."""
     return baseline + 3 * plan.largest_input + 4 * max(plan.largest_input // 2, 1)
 

@@ -131,7 +131,7 @@ def plan_quantize(
         converted=[c.model_dump(by_alias=True) for c in report.keys.converted],
         skipped=[s.model_dump() for s in report.keys.skipped],
         unexpected=sorted(set(reader.headers) - meta),
-        largest_input=max((_input_bytes(reader.headers[k]) for k in keys), default=0),
+        largest_input=max((_input_bytes(jobs[k], reader.headers[k]) for k in keys), default=0),
         model=ctx.model,
         source=resolved,
     )
@@ -143,13 +143,17 @@ def plan_quantize(
     return plan, report
 
 
-def _input_bytes(header) -> int:
+def _input_bytes(job: TensorJob, header) -> int:
+    """Bytes read at once for `job`: the whole tensor, or one slab of rows (`ops.quantize_pieces`)."""
     import math
 
     from qfinal.checkpoint.dtypes import element_size
+    from qfinal.ops.quantize_pieces import row_step
 
     st_dtype, shape = header
-    return math.prod(shape) * element_size(st_dtype)
+    step = row_step(job, header)
+    rows = shape[0] if step is None else step
+    return rows * math.prod(shape[1:]) * element_size(st_dtype) if shape else element_size(st_dtype)
 
 
 def _copy_small_files(folder: Path, confine_to: Path, tmp: Path) -> list[str]:
