@@ -27,7 +27,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TOKENIZER_FILES = (
+TOKENIZER_FILES = (  # also the side files `qfinal save` carries along (ops/save.py)
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from qfinal.adapters.peft_model import base_model_of, is_peft_model
 from qfinal.checkpoint.atomic import atomic_dir, check_output_dir, sync_early
+from qfinal.checkpoint.hub import TOKENIZER_FILES
 from qfinal.checkpoint.writer import save_file_mapped, write_state_dict
 from qfinal.compat import transformers as _hf
 from qfinal.config import RunConfig, resolve_config
@@ -21,23 +22,9 @@ from qfinal.ops.load import Finalized, load
 from qfinal.report import Finding, Report
 from qfinal.sizes import parse_size
 
-# Files beside the weights that a checkpoint folder carries along (tokenizer, chat template, ...).
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "generation_config.json",
-)
+# Files beside the weights that a checkpoint folder carries along (tokenizer, chat template, ...):
+# the tokenizer files the hub download fetches for `save`, and the generation config.
+SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
 CONFIG_IGNORED = {"_name_or_path", "name_or_path", "transformers_version"}
 ADAPTERS_DIR = "adapters"
 # The round trip's logits check: one sequence of 4 positions (`compare.probe_batch` of that size).
