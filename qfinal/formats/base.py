@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+from qfinal.errors import CheckpointError, ConfigError
 from qfinal.report import Finding
 
 MAX_LISTED = 8  # keys named inline in one finding message
@@ -148,15 +149,24 @@ class QuantFormat(ABC):
         not be saved as a checkpoint of the original architecture. Here both are mended.
         """
         model.dequantize(dtype=dtype)
-        restored = restore_conv1d(model, original_classes)
-        cast = cast_floating(model, dtype)
-        for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
-            if getattr(model, attr, False):
-                setattr(model, attr, False)
-        model.config.dtype = dtype
-        return (
-            f"dequantized to {str(dtype).removeprefix('torch.')}; {restored} Conv1D layout(s) restored, "
-            f"{cast} other tensor(s) cast"
+        done = finish_dequantized(model, dtype, original_classes)
+        return f"dequantized to {str(dtype).removeprefix('torch.')}; {done}"
+
+    def refuse_in_memory_dequantize(self):
+        """For a format whose loaded modules only its checkpoint files can be dequantized from."""
+        raise CheckpointError(
+            f"a model holding {self.name} weights cannot be dequantized in memory",
+            hint="dequantize the checkpoint's files: qfinal dequantize SRC OUT",
+        )
+
+    def refuse_quantize(self, q):
+        """quantizer_config for a format qfinal only reads: no quantizer, or a ConfigError for a
+        `quantize:` method, which would requantize already quantized weights."""
+        if q.method == "none":
+            return None
+        raise ConfigError(
+            f"quantize method {q.method!r} cannot be applied to this {self.name} checkpoint",
+            hint="dequantize it first: qfinal dequantize SRC OUT",
         )
 
     # ------------------------------------------------------------------ transformers' quantizer
@@ -174,6 +184,18 @@ class QuantFormat(ABC):
         self, model, original_classes: dict[str, str], hf_quantizer, user_skips
     ) -> tuple[list[dict], list[dict]]:
         """The modules the quantizer swapped (from/to class) and those it kept, with why."""
+
+
+def finish_dequantized(model, dtype, original_classes: dict[str, str]) -> str:
+    """What every in-memory dequantization ends with: Conv1D layouts restored, every other floating
+    tensor cast to `dtype`, the quantized flags cleared and config.dtype set; says what it did."""
+    restored = restore_conv1d(model, original_classes)
+    cast = cast_floating(model, dtype)
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if getattr(model, attr, False):
+            setattr(model, attr, False)
+    model.config.dtype = dtype
+    return f"{restored} Conv1D layout(s) restored, {cast} other tensor(s) cast"
 
 
 def restore_conv1d(model, original_classes: dict[str, str]) -> int:

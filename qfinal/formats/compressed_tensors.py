@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from qfinal.errors import CheckpointError, ConfigError
+from qfinal.errors import CheckpointError
 from qfinal.formats import compressed_tensors_config as cfg
 from qfinal.formats import compressed_tensors_math as cmath
 from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, listing
@@ -340,19 +340,11 @@ class CompressedTensors(QuantFormat):
 
     def dequantize_in_memory(self, model, dtype, original_classes: dict[str, str]) -> str:
         if self.loaded_method(model) is not None:
-            raise CheckpointError(
-                "a model holding compressed-tensors modules cannot be dequantized in memory",
-                hint="dequantize the checkpoint's files: qfinal dequantize SRC OUT",
-            )
+            self.refuse_in_memory_dequantize()
         return super().dequantize_in_memory(model, dtype, original_classes)
 
     def quantizer_config(self, q):
-        if q.method == "none":
-            return None
-        raise ConfigError(
-            f"quantize method {q.method!r} cannot be applied to a compressed-tensors checkpoint",
-            hint="dequantize it first: qfinal dequantize SRC OUT",
-        )
+        return self.refuse_quantize(q)
 
     def describe_method(self, hf_quantizer) -> str:
         return "none" if hf_quantizer is None else METHOD

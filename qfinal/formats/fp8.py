@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from qfinal.errors import CheckpointError, ConfigError
+from qfinal.errors import CheckpointError
 from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, listing
 from qfinal.report import Finding
 
@@ -257,20 +257,12 @@ class FineGrainedFP8(QuantFormat):
 
     def dequantize_in_memory(self, model, dtype, original_classes: dict[str, str]) -> str:
         if self.loaded_method(model) is not None:
-            raise CheckpointError(
-                "an fp8 model cannot be dequantized in memory",
-                hint="dequantize the checkpoint's files: qfinal dequantize SRC OUT",
-            )
+            self.refuse_in_memory_dequantize()
         # On CPU transformers already dequantized it while loading: only the dtype is left to mend.
         return super().dequantize_in_memory(model, dtype, original_classes)
 
     def quantizer_config(self, q):
-        if q.method == "none":
-            return None
-        raise ConfigError(
-            f"quantize method {q.method!r} cannot be applied to an fp8 checkpoint",
-            hint="dequantize it first: qfinal dequantize SRC OUT",
-        )
+        return self.refuse_quantize(q)
 
     def describe_method(self, hf_quantizer) -> str:
         if hf_quantizer is None:

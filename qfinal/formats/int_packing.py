@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from qfinal.errors import CheckpointError, ConfigError
+from qfinal.errors import CheckpointError
 from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, listing
 from qfinal.report import Finding
 
@@ -197,18 +197,10 @@ class PackedIntFormat(QuantFormat):
         return library_reference(self, model_class, folder)
 
     def dequantize_in_memory(self, model, dtype, original_classes: dict[str, str]) -> str:
-        raise CheckpointError(
-            f"a {self.name} model cannot be dequantized in memory",
-            hint="dequantize the checkpoint's files: qfinal dequantize SRC OUT",
-        )
+        self.refuse_in_memory_dequantize()
 
     def quantizer_config(self, q):
-        if q.method == "none":
-            return None
-        raise ConfigError(
-            f"quantize method {q.method!r} cannot be applied to a {self.name} checkpoint",
-            hint="dequantize it first: qfinal dequantize SRC OUT",
-        )
+        return self.refuse_quantize(q)
 
     def describe_method(self, hf_quantizer) -> str:
         return "none" if hf_quantizer is None else self.name

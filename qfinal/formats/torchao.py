@@ -15,8 +15,8 @@ from __future__ import annotations
 import sys
 from typing import Callable, Iterable, Iterator
 
-from qfinal.errors import CheckpointError, ConfigError
-from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, cast_floating, listing, restore_conv1d
+from qfinal.errors import CheckpointError
+from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, finish_dequantized, listing
 from qfinal.formats.torchao_state import (
     component_of,
     file_metadata,
@@ -222,24 +222,12 @@ class TorchAO(QuantFormat):
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:
             quantizer.remove_quantization_config(model)
-        restored = restore_conv1d(model, original_classes)
-        cast = cast_floating(model, dtype)
-        for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
-            if getattr(model, attr, False):
-                setattr(model, attr, False)
-        model.config.dtype = dtype
-        return (
-            f"{count} torchao weight(s) dequantized to {str(dtype).removeprefix('torch.')}; "
-            f"{restored} Conv1D layout(s) restored, {cast} other tensor(s) cast"
+        return f"{count} torchao weight(s) dequantized to {str(dtype).removeprefix('torch.')}; " + (
+            finish_dequantized(model, dtype, original_classes)
         )
 
     def quantizer_config(self, q):
-        if q.method == "none":
-            return None
-        raise ConfigError(
-            f"quantize method {q.method!r} cannot be applied to a torchao checkpoint",
-            hint="dequantize it first: qfinal dequantize SRC OUT",
-        )
+        return self.refuse_quantize(q)
 
     def describe_method(self, hf_quantizer) -> str:
         if hf_quantizer is None:
