@@ -348,3 +348,52 @@ def test_quantize_failure_publishes_nothing(root, llama, tmp_path, capsys, monke
     assert list(tmp_path.iterdir()) == []
     bad = builders.run_cli(capsys, "merge", llama, tmp_path / "x", "--adapter", adapter, "--double-quant")
     assert bad[0] == 2 and "--quantize" in bad[2] and not (tmp_path / "x").exists()
+
+
+def test_lora_merged_in_slabs_of_rows_equals_peft(root, checkpoints, monkeypatch):
+    """Slabs forced small (alignment 16, one aligned slab per 16 rows, tensors copied a row at a
+    time): plain LoRAs (two in turn, one with rsLoRA and the head targeted) still give peft's bytes,
+    and the row merge really ran."""
+    from qfinal.adapters import lora_rows
+    from qfinal.checkpoint.row_slabs import CHUNK_ENV
+
+    base = checkpoints["llama_sharded"]
+    adapters = [
+        _adapter(base, root / "adapter_rows_a", peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), 11),
+        _adapter(
+            base,
+            root / "adapter_rows_b",
+            peft.LoraConfig(r=3, lora_alpha=5, use_rslora=True, target_modules=["up_proj", "o_proj", "lm_head"]),
+            12,
+        ),
+    ]
+    theirs = _peft_merged(_model(base), adapters, root / "peft_rows")
+    monkeypatch.setenv(CHUNK_ENV, "1")
+    monkeypatch.setattr(lora_rows, "ROW_ALIGN", 16)
+    calls = []
+    real = lora_rows.RowDelta.add_to
+
+    def spy(self, first, slab, workspace=None):
+        calls.append(first)
+        return real(self, first, slab, workspace)
+
+    monkeypatch.setattr(lora_rows.RowDelta, "add_to", spy)
+    run_merge(base, root / "ours_rows", [str(a) for a in adapters])
+    _assert_same(root / "ours_rows", theirs, base)
+    assert max(calls) >= 112  # the 128-row weights went in 16-row slabs
+    assert len(calls) > 50
+
+
+def test_lora_falls_back_to_peft_where_the_probe_fails(root, llama, monkeypatch):
+    """A machine whose matmul fails the slab probe merges every module whole, by peft."""
+    from qfinal.adapters import lora_rows
+    from qfinal.checkpoint.row_slabs import CHUNK_ENV
+
+    adapter = _adapter(llama, root / "adapter_lora", TYPES["lora"](), seed=1)
+    theirs = _peft_merged(_model(llama), [adapter], root / "peft_lora_probe")
+    monkeypatch.setenv(CHUNK_ENV, "1")
+    monkeypatch.setattr(lora_rows, "ROW_ALIGN", 16)
+    monkeypatch.setattr(lora_rows, "slabs_are_exact", lambda *a: False)
+    monkeypatch.setattr(lora_rows.RowDelta, "add_to", lambda *a: pytest.fail("row merge used"))
+    run_merge(llama, root / "ours_lora_probe", [str(adapter)])
+    _assert_same(root / "ours_lora_probe", theirs, llama)

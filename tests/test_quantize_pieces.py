@@ -1,5 +1,5 @@
 """`qfinal quantize` with large tensors read and quantized a slab of rows at a time: the slab size is
-forced tiny (QFINAL_QUANTIZE_CHUNK_BYTES=1, one block-aligned slab of rows each), and the files must
+forced tiny (QFINAL_CHUNK_BYTES=1, one block-aligned slab of rows each), and the files must
 still be transformers' bytes; the slabs of an odd-shaped weight must give bitsandbytes' own result."""
 
 from __future__ import annotations

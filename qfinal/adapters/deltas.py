@@ -22,6 +22,7 @@ from typing import Collection
 
 import torch
 
+from qfinal.adapters.lora_rows import RowDelta, row_delta
 from qfinal.adapters.prepare import Prepared
 from qfinal.compat.peft_merge import check_merge_allowed, own_tensors, swap_tensor
 from qfinal.errors import CheckpointError, ConfigError
@@ -129,6 +130,16 @@ class AdapterMerger:
                 "load); streaming merge needs them to match",
             )
         return out
+
+    def row_delta(self, path: str, shapes) -> tuple[str, RowDelta] | None:
+        """(checkpoint key of the unit's base weight, the adapter's row-wise delta to it) when peft's
+        merge of `path` is a plain LoRA's (`adapters.lora_rows`): the unit's other tensors then stay
+        the base's. `shapes`: checkpoint key -> shape."""
+        key = next((key for rel, key in self._rel[path] if rel == "weight"), None)
+        if key is None:
+            return None
+        delta = row_delta(self.peft_model.base_model.model.get_submodule(path), self.name, shapes[key])
+        return None if delta is None else (key, delta)
 
     def merge_unit(self, path: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The unit's base tensors (checkpoint key -> tensor, owned: merged in place) after peft's merge."""

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from qfinal.checkpoint.dtypes import torch_dtype_of
+from qfinal.checkpoint.dtypes import element_size, torch_dtype_of
+from qfinal.checkpoint.row_slabs import read_row_slabs, rows_per_slab, slab_bounds
 from qfinal.errors import CheckpointError, ConfigError
 from qfinal.ops.dequantize_plan import SourceReader, plan_items, stored_format
 from qfinal.ops.merge_shard import MergeJob, OutTensor
@@ -96,6 +97,32 @@ class Base:
         if item.transpose:
             value = value.t()
         return value.to(item.dtype).contiguous()  # src.get and dequantize give fresh tensors
+
+    def slab_bounds(self, key: str) -> list[tuple[int, int]]:
+        """Row slabs in which to copy the base's tensor `key` (`checkpoint.row_slabs`)."""
+        out = self.out[key]
+        stored = self.src.headers[key][0] if out.item is None and key in self.src.headers else None
+        widest = max(out.dtype.itemsize, element_size(stored) if stored else 4)
+        return slab_bounds(out.shape[0] if out.shape else 1, rows_per_slab(out.shape, widest))
+
+    def slabs(self, key: str, bounds, workspace=None):
+        """(first row, slab) for each (start, end) of `bounds` of the base's tensor `key` in its output
+        dtype, the caller's to change until it asks for the next: a dense tensor is read a slab at a
+        time (into `workspace`'s buffers when given), a dequantized one whole (its slabs are row views)."""
+        out = self.out[key]
+        if out.item is None and (len(bounds) > 1 or workspace is not None and out.shape):
+            stored = torch_dtype_of(self.src.headers[key][0])
+            path = str(self.src.files[key])
+            for first, slab in read_row_slabs(path, key, stored, out.shape, bounds, workspace):
+                if slab.dtype != out.dtype and workspace is not None:
+                    slab = workspace.take("cast", out.dtype, slab.shape).copy_(slab)
+                yield first, slab.to(out.dtype)
+        elif len(bounds) == 1:
+            yield 0, self.tensor(key)
+        else:
+            whole = self.tensor(key)
+            for first, end in bounds:
+                yield first, whole[first:end]
 
     def mergers(self, job: MergeJob) -> list:
         """One `AdapterMerger` per adapter of `job`, in order, on this base's model class and dtype."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from qfinal.checkpoint import writer as _shards
+from qfinal.checkpoint.row_slabs import Workspace
 from qfinal.errors import CheckpointError
 
 
@@ -84,25 +85,68 @@ class Session:
                         hint="merge them one at a time",
                     )
         self.unit_of = {key: path for path, keys in self.unit_keys.items() for key in keys}
+        self.row_merges = self._row_merges()
+        self.workspace = Workspace()  # slab buffers, reused: a slab is written before the next is read
 
     def close(self) -> None:
         self.base.close()
 
-    def tensors(self, keys):
-        """(key, tensor) for `keys`, in order; a merged module's other tensors wait for their turn."""
+    def _row_merges(self) -> dict[str, tuple[str, list, list]]:
+        """Units every adapter merges as a plain LoRA (`adapters.lora_rows`) and no adapter file
+        replaces a tensor of: unit path -> (its weight's key, the deltas in merge order, the slabs)."""
+        from qfinal.adapters.lora_rows import merge_bounds
+
+        shapes = {key: out.shape for key, out in self.base.out.items()}
+        rows: dict[str, tuple[str, list, list]] = {}
+        for path, keys in self.unit_keys.items():
+            found, deltas = set(), []
+            for merger in self.mergers:
+                if any(key in merger.overrides for key in keys):
+                    break
+                if path in merger.units:
+                    row = merger.row_delta(path, shapes)
+                    if row is None:
+                        break
+                    found.add(row[0])
+                    deltas.append(row[1])
+            else:
+                if len(found) == 1:
+                    key = found.pop()
+                    bounds = merge_bounds(*shapes[key])
+                    if all(delta.exact_in(bounds) for delta in deltas):
+                        rows[path] = (key, deltas, bounds)
+        return rows
+
+    def pieces(self, keys):
+        """(key, byte offset or None, tensor) for `keys` in order, in the output dtype: a large tensor
+        in slabs of rows at their offsets (None: the tensor whole). A module peft merges as a whole
+        gives its other tensors later, when their turn comes."""
         wanted, pending = set(keys), {}
         for key in keys:
+            out = self.base.out[key]
             if key in pending:
-                yield key, _cast(pending.pop(key), self.base.out[key], key)
+                yield key, None, _cast(pending.pop(key), out, key)
                 continue
             path = self.unit_of.get(key)
+            rows = self.row_merges.get(path) if path is not None else None
+            overridden = any(key in merger.overrides for merger in self.mergers)
+            if (path is None or rows is not None) and not overridden:
+                merged = rows is not None and rows[0] == key
+                deltas = rows[1] if merged else ()
+                bounds = rows[2] if merged else self.base.slab_bounds(key)
+                row_bytes = math.prod(out.shape[1:]) * out.dtype.itemsize
+                for first, slab in self.base.slabs(key, bounds, self.workspace):
+                    for delta in deltas:
+                        delta.add_to(first, slab, self.workspace)
+                    yield key, first * row_bytes, _cast(slab, out, key, whole=False)
+                continue
             if path is None:
-                yield key, _cast(self._start(key, self.mergers), self.base.out[key], key)
+                yield key, None, _cast(self._start(key, self.mergers), out, key)
                 continue
             unit = self._unit(path)
             value = unit.pop(key)
             pending.update((k, v) for k, v in unit.items() if k in wanted)
-            yield key, _cast(value, self.base.out[key], key)
+            yield key, None, _cast(value, out, key)
 
     def _start(self, key: str, mergers) -> torch.Tensor:
         """The tensor before `mergers` merge: the last one's file copy of it (an embedding layer saved
@@ -125,8 +169,8 @@ class Session:
         return {k: self.base.tensor(k) if v is None else v for k, v in unit.items()}
 
 
-def _cast(value: torch.Tensor, out: OutTensor, key: str) -> torch.Tensor:
-    if list(value.shape) != list(out.shape):
+def _cast(value: torch.Tensor, out: OutTensor, key: str, whole: bool = True) -> torch.Tensor:
+    if whole and list(value.shape) != list(out.shape):
         raise CheckpointError(f"merged tensor {key!r} has shape {list(value.shape)}, the base {out.shape}")
     return value.to(out.dtype).contiguous()
 
@@ -164,19 +208,19 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
     result = ShardResult(file=Path(spec.path).name)
     result.merged = [k for k in spec.keys if k in session.unit_of]
 
-    def produced():
-        for key, tensor in session.tensors(spec.keys):
-            yield key, tensor
-            result.tensors += 1
+    entries = [(k, out[k].dtype, out[k].shape) for k in spec.keys]
+    with _shards.ShardWriter(spec.path, entries, metadata={"format": "pt"}) as writer:
+        done = None
+        for key, at, tensor in session.pieces(spec.keys):
+            if at is None:
+                writer.write(key, tensor)
+            else:
+                writer.write_part(key, at, tensor)
             result.nbytes += tensor.numel() * tensor.element_size()
             del tensor
-            advance(1)
-
-    _shards.write_safetensors_streaming(
-        spec.path,
-        [(k, out[k].dtype, out[k].shape) for k in spec.keys],
-        produced(),
-        metadata={"format": "pt"},
-    )
+            if key != done:
+                done = key
+                result.tensors += 1
+                advance(1)
     result.peak_rss_bytes = peak_rss_bytes()
     return result

@@ -11,76 +11,37 @@ of the data), built once every slab is done. Peak memory is then one slab, not o
 from __future__ import annotations
 
 import math
-import os
 
 from qfinal.checkpoint.dtypes import element_size
+from qfinal.checkpoint.row_slabs import CHUNK_ENV, read_row_slabs, rows_per_slab, slab_bounds
 from qfinal.ops.quantize_plan import BLOCKSIZE, QuantOptions, TensorJob
 
-CHUNK_ENV = "QFINAL_QUANTIZE_CHUNK_BYTES"  # read at each call: bytes of input (or cast copy) per slab
-CHUNK_BYTES = 16 << 20
+__all__ = ["CHUNK_ENV", "computed_in_slabs", "row_step", "whole_absmax"]
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-
-
-def chunk_bytes() -> int:
-    value = os.environ.get(CHUNK_ENV, "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else CHUNK_BYTES
 
 
 def row_step(job: TensorJob, header) -> int | None:
     """Rows per slab, or None when the tensor is read whole (small, 1-D, or transposed for Conv1D)."""
     st_dtype, shape = header
-    if job.transpose or len(shape) < 2 or shape[0] <= 1:
-        return None
-    cols = math.prod(shape[1:])
-    if cols == 0:
+    if job.transpose or len(shape) < 2:
         return None
     itemsize = max(element_size(st_dtype), _ITEMSIZE.get(job.cast, 4), 4)  # fp32 temporaries count
-    rows = max(1, chunk_bytes() // (cols * itemsize))
-    if job.kind == "4bit":
-        unit = BLOCKSIZE // math.gcd(cols, BLOCKSIZE)  # rows * cols a multiple of the blocksize
-        rows = max(unit, rows // unit * unit)
-    return rows if rows < shape[0] else None
-
-
-def _data_start(path: str, key: str) -> int:
-    """Where `key`'s bytes start in the safetensors file `path` (its header was validated on opening)."""
-    import json
-    import struct
-
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
-    return 8 + length + header[key]["data_offsets"][0]
+    cols = math.prod(shape[1:])
+    unit = BLOCKSIZE // math.gcd(cols, BLOCKSIZE) if job.kind == "4bit" and cols else 1  # whole 4-bit blocks
+    return rows_per_slab(shape, itemsize, unit)
 
 
 def slabs(src, job: TensorJob, step: int):
-    """The tensor `job.key` as consecutive slabs of `step` rows, each cast as the loader casts it.
-    Read with pread, slab by slab (safetensors' `get_slice` reads the whole tensor first)."""
-    import numpy as np
+    """The tensor `job.key` as consecutive slabs of `step` rows, each cast as the loader casts it."""
     import torch
 
     from qfinal.checkpoint.dtypes import torch_dtype_of
 
     st_dtype, shape = src.headers[job.key]
-    dtype, stored = getattr(torch, job.cast), torch_dtype_of(st_dtype)
-    row_bytes = math.prod(shape[1:]) * element_size(st_dtype)
-    path = str(src.files[job.key])
-    start = _data_start(path, job.key)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for first in range(0, shape[0], step):
-            rows = min(step, shape[0] - first)
-            buffer = np.empty(rows * row_bytes, np.uint8)
-            view, done = memoryview(buffer), 0
-            while done < len(view):
-                got = os.preadv(fd, [view[done:]], start + first * row_bytes + done)
-                if got <= 0:
-                    raise OSError(f"{path}: unexpected end of file reading {job.key!r}")
-                done += got
-            slab = torch.from_numpy(buffer).view(stored).reshape(rows, *shape[1:])
-            yield slab.to(dtype=dtype)
-    finally:
-        os.close(fd)
+    dtype = getattr(torch, job.cast)
+    bounds = slab_bounds(shape[0], step)
+    for _first, slab in read_row_slabs(str(src.files[job.key]), job.key, torch_dtype_of(st_dtype), shape, bounds):
+        yield slab.to(dtype=dtype)
 
 
 def four_bit_slabs(src, job: TensorJob, options: QuantOptions, step: int, absmax: list):
