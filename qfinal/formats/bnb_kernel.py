@@ -81,13 +81,26 @@ def _block_absmax(buf, count):
 
 
 def _block_codes(buf, count, scale, divide, bounds, order, codes):
-    """The 4-bit code of each element: the bucket of x*scale (x/scale when `divide`) among `bounds`."""
+    """The 4-bit code of each element: the bucket of x*scale (x/scale when `divide`) among `bounds`.
+    Two passes, so that LLVM vectorizes the first (15 compares per element, no table look-up): the
+    bucket (16 for NaN), then the code through the table's order."""
+    if divide:
+        for i in range(count):
+            s = buf[i] / scale
+            k = np.uint8(0)
+            for b in range(15):
+                k += np.uint8(s > bounds[b])
+            codes[i] = k if s == s else np.uint8(16)
+    else:
+        for i in range(count):
+            s = buf[i] * scale
+            k = np.uint8(0)
+            for b in range(15):
+                k += np.uint8(s > bounds[b])
+            codes[i] = k if s == s else np.uint8(16)
     for i in range(count):
-        s = buf[i] / scale if divide else buf[i] * scale
-        k = 0
-        for b in range(15):
-            k += s > bounds[b]
-        codes[i] = order[15] if s != s else order[k]
+        k = codes[i]
+        codes[i] = order[15] if k == 16 else order[k]
 
 
 def _quantize_blocks(src, n, blocksize, kind, bounds, order, packed, absmax):
