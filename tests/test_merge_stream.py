@@ -53,6 +53,20 @@ TYPES = {
     "delora": lambda: peft.DeloraConfig(r=4, target_modules=LIN),
     "waveft": lambda: peft.WaveFTConfig(n_frequency=16, target_modules=LIN),
     "gralora": lambda: peft.GraloraConfig(r=4, gralora_k=2, target_modules=LIN),
+    "deft": lambda: peft.DeftConfig(target_modules=LIN),
+    "glora": lambda: peft.GloraConfig(target_modules=LIN),
+    "hira": lambda: peft.HiraConfig(target_modules=LIN),
+    "peanut": lambda: peft.PeanutConfig(target_modules=LIN),
+    "pvera": lambda: peft.PveraConfig(target_modules=["q_proj", "v_proj"]),
+    "supertuning": lambda: peft.SupertuningConfig(target_modules=LIN),
+    "tinylora": lambda: peft.TinyLoraConfig(target_modules=LIN),
+    "unilora": lambda: peft.UniLoraConfig(target_modules=LIN),
+}
+# peft derives these layers from the base weights at injection (SVD): refused, never merged wrong
+BASE_AT_INJECTION = {
+    "frod": lambda: peft.FrodConfig(target_modules=LIN),
+    "osf": lambda: peft.OSFConfig(target_modules=LIN),
+    "psoft": lambda: peft.PsoftConfig(target_modules=LIN),
 }
 FIXTURE_LORA = {  # fixture -> LoRA targets (GPT-2's Conv1D needs fan_in_fan_out)
     "llama_tied": dict(target_modules=["q_proj", "v_proj", "embed_tokens"]),
@@ -397,3 +411,16 @@ def test_lora_falls_back_to_peft_where_the_probe_fails(root, llama, monkeypatch)
     monkeypatch.setattr(lora_rows.RowDelta, "add_to", lambda *a: pytest.fail("row merge used"))
     run_merge(llama, root / "ours_lora_probe", [str(adapter)])
     _assert_same(root / "ours_lora_probe", theirs, llama)
+
+
+@pytest.mark.parametrize("kind", list(BASE_AT_INJECTION))
+def test_types_built_from_the_base_weights_are_refused(root, llama, kind, tmp_path):
+    """FROD, OSF, PSOFT: a hollow-base injection gave other bytes than peft; refused, nothing written."""
+    from qfinal.errors import ConfigError
+
+    config = BASE_AT_INJECTION[kind]()
+    config.task_type = "CAUSAL_LM"
+    adapter = _adapter(llama, root / f"adapter_{kind}", config, seed=31)
+    with pytest.raises(ConfigError, match="from the base weights"):
+        run_merge(llama, tmp_path / "out", [str(adapter)])
+    assert not (tmp_path / "out").exists()

@@ -23,6 +23,7 @@ from typing import Collection
 import torch
 
 from qfinal.adapters.lora_rows import RowDelta, row_delta
+from qfinal.adapters.peft_types import streaming_merge_refusal
 from qfinal.adapters.prepare import Prepared
 from qfinal.compat.peft_merge import check_merge_allowed, own_tensors, swap_tensor
 from qfinal.errors import CheckpointError, ConfigError
@@ -42,6 +43,13 @@ class AdapterMerger:
     def __init__(self, prep: Prepared, model_class, hf_config, dtype: torch.dtype, checkpoint_keys: Collection[str]):
         self.prep = prep
         self.name = prep.name
+        why = streaming_merge_refusal(str(prep.config.get("peft_type")))
+        if why is not None:
+            raise ConfigError(
+                f"adapter '{prep.name}' cannot be merged shard by shard: {why}",
+                where=str(prep.spec.path),
+                hint="merge it in memory: qfinal save BASE OUT --adapter DIR --merge",
+            )
         keys = set(checkpoint_keys)
         hollow = _hollow_model(model_class, hf_config, dtype)
         aliases: dict[int, list[str]] = {}

@@ -25,6 +25,20 @@ _NO_BNB_MERGE = {"ADALORA", "IA3", "LOHA", "LOKR"}
 # ... and these cannot even run on a 4-bit layer: the LyCORIS layers take the packed weight's shape
 _NO_BNB_4BIT = {"LOHA", "LOKR"}
 _FOUR_BIT = ("nf4", "fp4", "4-bit")
+# peft builds these layers from the base weights when it injects them (an SVD of the weight: OSF,
+# PSOFT; FROD likewise): `qfinal merge` injects into a hollow base, so it would merge a different
+# adapter. They merge in memory (`save`/`load --merge`), where peft sees the real weights.
+_BASE_AT_INJECTION = {"FROD", "OSF", "PSOFT"}
+
+
+def streaming_merge_refusal(peft_type: str) -> str | None:
+    """Why `qfinal merge` (adapters injected into a hollow base) cannot merge `peft_type`, or None."""
+    if peft_type in _BASE_AT_INJECTION:
+        return (
+            f"peft builds {peft_type} layers from the base weights as it injects them; the streaming "
+            "merge never holds those weights"
+        )
+    return None
 
 
 def known_peft_types():
