@@ -252,11 +252,16 @@ def test_ray_failures_name_the_shard(ray_cluster, source, reference, tmp_path, m
 # ----------------------------------------------------------------------------------------- options
 
 
-def test_ray_missing_is_one_line(source, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "command", [["dequantize"], ["quantize"], ["merge", "--adapter", "missing-adapter"]], ids=lambda c: c[0]
+)
+def test_ray_missing_is_one_line(source, tmp_path, capsys, monkeypatch, command):
+    """Every command with --executor refuses it the same way, before reading anything."""
     import builders
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    code, stdout, stderr = builders.run_cli(capsys, "dequantize", source, tmp_path / "out", "--executor", "ray")
+    name, *rest = command
+    code, stdout, stderr = builders.run_cli(capsys, name, source, tmp_path / "out", *rest, "--executor", "ray")
     assert code == 2 and stdout == "" and len(stderr.splitlines()) == 1, stderr
     assert "Ray is not installed" in stderr and "qfinal[ray]" in stderr and "Traceback" not in stderr
     assert_nothing_published(tmp_path)

@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from qfinal.errors import ConfigError
+
+OUTPUT_DTYPES = ("float16", "bfloat16", "float32")  # what dequantize and merge write floating tensors in
+
+
+def check_output_dtype(name: str | None, where: str = "--dtype") -> None:
+    """Refuse an output dtype qfinal does not write, in one line, before torch is imported."""
+    if name is not None and name not in OUTPUT_DTYPES:
+        raise ConfigError(f"unsupported dtype {name!r}", where=where, hint="use float16, bfloat16 or float32")
+
 
 class Code(NamedTuple):
     """What one safetensors dtype code is."""

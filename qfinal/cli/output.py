@@ -128,6 +128,10 @@ class Steps:
             self.inner = None
         self.progress.update(self.task, description=name, refresh=True)
 
+    def counter(self, what: str):
+        """A `progress(done, total)` callback drawing `within(done, total, what)`."""
+        return lambda done, total: self.within(done, total, what)
+
     def within(self, done: int, total: int | None, what: str = "") -> None:
         if self.inner is None:
             self.inner = self.progress.add_task(f"  {what}", total=total)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from qfinal.errors import ConfigError
-from qfinal.ops.executors import STOP_SECONDS, Executor, Meter, outcome, task_failure, worker_lost
+from qfinal.ops.executors import STOP_SECONDS, Executor, Meter, outcome, ray_missing, task_failure, worker_lost
 
 
 def import_ray():
@@ -19,9 +19,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise ConfigError(
-            "Ray is not installed", where="--executor ray", hint="pip install 'qfinal[ray]', or use --workers N"
-        ) from None
+        raise ray_missing() from None
     return ray
 
 

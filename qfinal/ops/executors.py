@@ -23,6 +23,7 @@ bar in-process and from the pool; on Ray a shard's units count when it finishes.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import traceback
@@ -59,7 +60,15 @@ def make_executor(executor: str | None = None, workers: int | None = None, addre
         raise ConfigError("in-process runs one shard at a time", where="--workers", hint="use --executor pool")
     if kind == "pool" and workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if kind == "ray" and importlib.util.find_spec("ray") is None:  # one line before any work, not mid-run
+        raise ray_missing()
     return Executor(kind, workers, address)
+
+
+def ray_missing() -> ConfigError:
+    return ConfigError(
+        "Ray is not installed", where="--executor ray", hint="pip install 'qfinal[ray]', or use --workers N"
+    )
 
 
 class TaskError(RuntimeError):

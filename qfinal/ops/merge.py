@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 from qfinal.checkpoint import writer as _shards
 from qfinal.checkpoint.atomic import atomic_dir, check_output_dir
+from qfinal.checkpoint.dtypes import check_output_dtype
 from qfinal.checkpoint.sources import resolve_source
 from qfinal.errors import ConfigError, OutputError
 from qfinal.ops.merge_shard import MergeJob, ShardSpec, release_session, session_for
@@ -60,8 +61,7 @@ def plan_merge(
 ) -> MergePlan:
     """What `merge` will write, decided from the headers, every adapter loaded and checked first
     (a refusal raises here, before OUT is touched). `adapters`: folders, or (folder, name)."""
-    if dtype is not None and dtype not in ("float16", "bfloat16", "float32"):
-        raise ConfigError(f"unsupported dtype {dtype!r}", where="--dtype", hint="use float16, bfloat16 or float32")
+    check_output_dtype(dtype)
     if not adapters:
         raise ConfigError("no adapter to merge", where="--adapter", hint="name at least one adapter folder")
     resolved = resolve_source(base)

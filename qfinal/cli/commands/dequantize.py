@@ -21,18 +21,13 @@ def dequantize(
     quiet: QuietOpt = False,
 ) -> int:
     """Stream a bnb checkpoint back to plain fp16/bf16/fp32 safetensors, shard by shard."""
-    from qfinal.errors import ConfigError
+    from qfinal.checkpoint.dtypes import check_output_dtype
+    from qfinal.ops.executors import make_executor
     from qfinal.sizes import parse_size
 
-    if dtype not in ("float16", "bfloat16", "float32"):
-        raise ConfigError(f"unknown dtype {dtype!r}", where="--dtype", hint="use float16, bfloat16 or float32")
+    check_output_dtype(dtype)
     parse_size(max_shard_size)  # refuse a bad size before torch is imported
-    from qfinal.ops.executor_ray import import_ray
-    from qfinal.ops.executors import make_executor
-
     where = make_executor(executor, workers, address)
-    if where.kind == "ray":
-        import_ray()  # not installed: one line, before any work
     from qfinal.cli.output import Output, quiet_libraries
     from qfinal.ops.dequantize import run_dequantize
 
@@ -40,7 +35,7 @@ def dequantize(
     quiet_libraries()
     steps = ["dequantize", "verify"] if verify else ["dequantize"]
     with output.stages(steps) as on_step:
-        progress = (lambda done, total: on_step.within(done, total, "tensors written")) if on_step else None
+        progress = on_step.counter("tensors written") if on_step else None
         report = run_dequantize(
             source,
             out,

@@ -47,24 +47,22 @@ def merge(
     quiet: QuietOpt = False,
 ) -> int:
     """Merge PEFT adapters into a base shard by shard, bit-identical to peft's merge_and_unload."""
-    from qfinal.errors import ConfigError
-
-    if dtype is not None and dtype not in ("float16", "bfloat16", "float32"):
-        raise ConfigError(f"unknown dtype {dtype!r}", where="--dtype", hint="use float16, bfloat16 or float32")
+    from qfinal.checkpoint.dtypes import check_output_dtype
+    from qfinal.ops.executors import make_executor
     from qfinal.ops.merge_quantize import check_quantize
 
+    check_output_dtype(dtype)
     check_quantize(quantize, bool(double_quant))
+    chosen = make_executor(executor, workers, address)
     from qfinal.cli.output import Output, quiet_libraries
-    from qfinal.ops.executors import make_executor
     from qfinal.ops.merge import run_merge
 
-    chosen = make_executor(executor, workers, address)
     output = Output(json_path=json, quiet=quiet)
     quiet_libraries()
     with output.stages(["merge"] if quantize is None else ["merge", "quantize"]) as on_step:
         if on_step:
             on_step("merge")
-        progress = (lambda done, total: on_step.within(done, total, "tensors written")) if on_step else None
+        progress = on_step.counter("tensors written") if on_step else None
         report = run_merge(
             base,
             out,

@@ -42,17 +42,13 @@ def quantize(
     quiet: QuietOpt = False,
 ) -> int:
     """Quantize a dense checkpoint to bitsandbytes nf4/fp4/int8 tensor by tensor, as transformers would save it."""
+    from qfinal.ops.executors import make_executor
     from qfinal.ops.quantize import check_options
     from qfinal.sizes import parse_size
 
     check_options(quantize, bool(double_quant))
     parse_size(max_shard_size)  # refuse a bad size before torch is imported
-    from qfinal.ops.executor_ray import import_ray
-    from qfinal.ops.executors import make_executor
-
     where = make_executor(executor, workers, address)
-    if where.kind == "ray":
-        import_ray()  # not installed: one line, before any work
     from qfinal.cli.output import Output, quiet_libraries
     from qfinal.ops.quantize import run_quantize
 
@@ -66,7 +62,7 @@ def quantize(
     output = Output(json_path=json, quiet=quiet)
     quiet_libraries()
     with output.stages(["plan"] if dry_run else ["plan", "quantize"]) as on_step:
-        progress = (lambda done, total: on_step.within(done, total, "tensors written")) if on_step else None
+        progress = on_step.counter("tensors written") if on_step else None
         report = run_quantize(
             source,
             out,
