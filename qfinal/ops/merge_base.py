@@ -19,10 +19,9 @@ import torch
 from qfinal.checkpoint.dtypes import element_size, torch_dtype_of
 from qfinal.checkpoint.row_slabs import read_row_slabs, rows_per_slab, slab_bounds
 from qfinal.errors import CheckpointError, ConfigError
+from qfinal.ops.dequantize import DTYPES
 from qfinal.ops.dequantize_plan import SourceReader, plan_items, stored_format
 from qfinal.ops.merge_shard import MergeJob, OutTensor
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class Base:
