@@ -87,14 +87,6 @@ class ReportConfig(_Strict):
     )
 
 
-class ExecutorConfig(_Strict):
-    """Where per-shard work (dequantize, quantize, merge: one task per output shard) runs."""
-
-    kind: Literal["inprocess", "pool", "ray"] | None = Field(None, description="default: inprocess; pool with workers")
-    workers: int | None = Field(None, ge=1, description="pool size; on Ray, the most shards in flight")
-    address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else the local one)")
-
-
 class RunConfig(_Strict):
     """One finalization: what to load and how. CLI flags override these values."""
 
@@ -121,7 +113,6 @@ class RunConfig(_Strict):
     offline: bool = Field(False, description="hub id only: use the local cache, never download (as HF_HUB_OFFLINE=1)")
     stop_after: str | None = None
     report: ReportConfig = ReportConfig()
-    executor: ExecutorConfig = ExecutorConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -153,9 +144,6 @@ OVERRIDE_PATHS = {
     "quant_storage": ("quantize", "quant_storage"),
     "int8_threshold": ("quantize", "int8_threshold"),
     "fail_on": ("validate", "fail_on"),
-    "executor": ("executor", "kind"),
-    "workers": ("executor", "workers"),
-    "address": ("executor", "address"),
 }
 
 

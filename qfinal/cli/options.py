@@ -33,7 +33,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; re
 StopAfterOpt = Annotated[Optional[str], typer.Option(help="Stop the pipeline after this stage.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
 ShardOpt = Annotated[str, typer.Option(help="Largest output shard, e.g. 2GB or 500MB.")]
-# Where per-shard work runs (qfinal/ops/executors.py); config: executor.kind / .workers / .address.
+# Where per-shard work runs (qfinal/ops/executors.py).
 ExecutorOpt = Annotated[
     Optional[str],
     typer.Option(help="Where output shards are written: inprocess|pool|ray (default: inprocess; pool with --workers)."),
