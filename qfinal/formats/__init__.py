@@ -67,10 +67,15 @@ def held_bytes(tensor) -> int:
     return next(counted, tensor.numel() * tensor.element_size())
 
 
-def planned_bytes(name: str, inventory) -> int | None:
-    """Bytes parameter `name` will hold once loaded where some format loads it as stored
-    components (read from the headers), else None."""
-    return next((b for f in FORMATS.values() if (b := f.planned_bytes(name, inventory)) is not None), None)
+def planned_sizes(inventory) -> dict[str, int]:
+    """Bytes each parameter will hold once loaded where some format loads it as stored components
+    (read from the headers once); parameters absent from it are counted from the skeleton."""
+    sizes: dict[str, int] = {}
+    if inventory is None:
+        return sizes
+    for f in reversed(list(FORMATS.values())):  # the first format that counts a parameter wins
+        sizes.update(f.planned_sizes(inventory) or {})
+    return sizes
 
 
 def holds_packed_data(tensor) -> bool:

@@ -12,8 +12,6 @@ bit streams are refused. The arithmetic is AWQ's `dequantize_gemm` (GPTQModel's 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from qfinal.errors import CheckpointError
 from qfinal.formats.base import Read, StoredWeight
 from qfinal.formats.int_packing import (
@@ -68,13 +66,8 @@ class Awq(PackedIntFormat):
     def config_errors(self, qc: dict) -> list[str]:
         return _config_errors(qc)
 
-    def scheme(self, raw_config: dict, where: str) -> IntScheme:
-        qc = raw_config["quantization_config"]
-        errors = _config_errors(qc)
-        if errors:
-            raise CheckpointError(f"awq quantization_config: {errors[0]}", where=where)
-        scheme = IntScheme("awq", bits=4, group_size=qc.get("group_size", 128), sym=not qc.get("zero_point", True))
-        return replace(scheme, method=self.label(scheme))
+    def read_scheme(self, qc: dict) -> IntScheme:
+        return IntScheme("awq", bits=4, group_size=qc.get("group_size", 128), sym=not qc.get("zero_point", True))
 
     def module_problem(self, parts: dict, headers: dict, scheme: IntScheme) -> tuple[str | None, list[int]]:
         """qweight/qzeros/scales of one module against the scheme (a g_idx is stray); its [out, in]."""

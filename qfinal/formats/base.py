@@ -3,17 +3,19 @@
 A format answers, for its own checkpoints and models: is this config.json mine (`detect`); are
 the stored quant-state tensors consistent with it (`quant_state_findings`, headers only); which
 stored tensors are quant state; how one weight is rebuilt from its stored tensors (streaming
-`dequantize`); how a loaded model is dequantized in memory; and what transformers' quantizer is
-told and did. Adding a format is one module implementing this class plus one line in the registry.
+`dequantize`); how a loaded model is dequantized in memory; and what transformers' quantizer did
+(bitsandbytes, the only method qfinal quantizes with, also says what it is told). Adding a format
+is one module implementing this class plus one line in the registry.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from qfinal.errors import CheckpointError, ConfigError
+from qfinal.errors import CheckpointError
 from qfinal.report import Finding
 
 MAX_LISTED = 8  # keys named inline in one finding message
@@ -135,10 +137,10 @@ class QuantFormat(ABC):
         that (a tensor subclass keeping components of its own); None otherwise."""
         return None
 
-    def planned_bytes(self, name: str, inventory) -> int | None:
-        """Bytes parameter `name` will hold once loaded, read from the checkpoint's headers, where
-        the format loads it as stored components rather than a tensor of the skeleton's shape and
-        dtype (what `qfinal plan` counts otherwise); None otherwise."""
+    def planned_sizes(self, inventory) -> dict[str, int] | None:
+        """Bytes each parameter will hold once loaded, read once from the checkpoint's headers, for
+        the parameters the format loads as stored components rather than tensors of the skeleton's
+        shape and dtype (what `qfinal plan` counts otherwise); None when it loads none so."""
         return None
 
     def dequantize_in_memory(self, model, dtype, original_classes: dict[str, str]) -> str:
@@ -152,38 +154,41 @@ class QuantFormat(ABC):
         done = finish_dequantized(model, dtype, original_classes)
         return f"dequantized to {str(dtype).removeprefix('torch.')}; {done}"
 
-    def refuse_in_memory_dequantize(self):
-        """For a format whose loaded modules only its checkpoint files can be dequantized from."""
-        raise CheckpointError(
-            f"a model holding {self.name} weights cannot be dequantized in memory",
-            hint="dequantize the checkpoint's files: qfinal dequantize SRC OUT",
-        )
-
-    def refuse_quantize(self, q):
-        """quantizer_config for a format qfinal only reads: no quantizer, or a ConfigError for a
-        `quantize:` method, which would requantize already quantized weights."""
-        if q.method == "none":
-            return None
-        raise ConfigError(
-            f"quantize method {q.method!r} cannot be applied to this {self.name} checkpoint",
-            hint="dequantize it first: qfinal dequantize SRC OUT",
-        )
-
     # ------------------------------------------------------------------ transformers' quantizer
+    # Only a format `qfinal.formats.quantizer_format` hands to transformers (loaded faithfully, not
+    # dequantized on load, not refused) is ever asked these and `dequantize_in_memory`.
 
-    @abstractmethod
-    def quantizer_config(self, q):
-        """The transformers quantization config for qfinal's `quantize:` options, None for none."""
-
-    @abstractmethod
     def describe_method(self, hf_quantizer) -> str:
         """The method a transformers quantizer applies, as the report names it."""
+        return "none" if hf_quantizer is None else self.name
 
-    @abstractmethod
     def converted_and_skipped(
         self, model, original_classes: dict[str, str], hf_quantizer, user_skips
     ) -> tuple[list[dict], list[dict]]:
         """The modules the quantizer swapped (from/to class) and those it kept, with why."""
+        return [], []
+
+
+def stored_checkpoint(folder: Path):
+    """SOURCE's inventory and a reader of its tensors by key across its shards, found as the loader
+    finds them (`inspect_checkpoint`: the index checked, the files confined to the folder): what
+    the `--verify` references read. CheckpointError for a checkpoint with a problem."""
+    from qfinal.checkpoint.inventory import inspect_checkpoint
+    from qfinal.checkpoint.reader import TensorReader
+
+    inventory = inspect_checkpoint(Path(folder))
+    inventory.raise_for_problems()
+    if inventory.format != "safetensors":
+        raise CheckpointError("--verify reads safetensors checkpoints only", where=str(folder))
+    return inventory, TensorReader.for_inventory(inventory)
+
+
+def all_stored_tensors(folder: Path) -> dict:
+    """Every tensor of the checkpoint by key, shard by shard in name order, each shard's keys sorted."""
+    inventory, reader = stored_checkpoint(folder)
+    keys = sorted(inventory.tensors, key=lambda key: (inventory.tensors[key].file, key))
+    with reader:
+        return {key: reader.get(key) for key in keys}
 
 
 def finish_dequantized(model, dtype, original_classes: dict[str, str]) -> str:

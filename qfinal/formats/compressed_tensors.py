@@ -338,19 +338,5 @@ class CompressedTensors(QuantFormat):
             return METHOD
         return None
 
-    def dequantize_in_memory(self, model, dtype, original_classes: dict[str, str]) -> str:
-        if self.loaded_method(model) is not None:
-            self.refuse_in_memory_dequantize()
-        return super().dequantize_in_memory(model, dtype, original_classes)
-
-    def quantizer_config(self, q):
-        return self.refuse_quantize(q)
-
-    def describe_method(self, hf_quantizer) -> str:
-        return "none" if hf_quantizer is None else METHOD
-
-    def converted_and_skipped(self, model, original_classes: dict[str, str], hf_quantizer, user_skips):
-        return [], []
-
 
 COMPRESSED_TENSORS = CompressedTensors()

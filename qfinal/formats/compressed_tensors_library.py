@@ -13,21 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qfinal.errors import CheckpointError
-
-
-def _stored_tensors(folder: Path) -> dict:
-    import json
-
-    from safetensors.torch import load_file
-
-    index = folder / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    )
-    state = {}
-    for name in files:
-        state.update(load_file(folder / name))
-    return state
+from qfinal.formats.base import all_stored_tensors
 
 
 def _install(model, state: dict) -> list[str]:
@@ -80,7 +66,7 @@ def library_reference(model_class, folder: Path, raw_config: dict):
     compressor = ModelCompressor(quantization_config=quant_config)
     with torch.no_grad():
         compressor.compress_model(model)
-        homeless = _install(model, _stored_tensors(folder))
+        homeless = _install(model, all_stored_tensors(folder))
         if homeless:
             raise CheckpointError(
                 f"compressed-tensors lays out no place for {len(homeless)} stored tensor(s), e.g. {homeless[0]}",

@@ -50,8 +50,10 @@ def expand_groups(param, cols: int, group_size: int, g_idx=None):
 
 
 def expand_blocks(param, rows: int, cols: int, block: tuple[int, int]):
-    """A [ceil(rows/bh), ceil(cols/bw)] block grid as [rows, cols] (last blocks may be partial)."""
-    return param.repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
+    """A [..., ceil(rows/bh), ceil(cols/bw)] block grid as [..., rows, cols] (last blocks may be
+    partial; leading dims, as of stacked expert weights, kept)."""
+    param = param.repeat_interleave(block[0], dim=-2)[..., :rows, :]
+    return param.repeat_interleave(block[1], dim=-1)[..., :cols]
 
 
 def per_element(param, shape: list[int], strategy: str, group_size: int | None, block, g_idx=None):

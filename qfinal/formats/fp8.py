@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from qfinal.errors import CheckpointError
-from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, listing
+from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, listing, stored_checkpoint
+from qfinal.formats.compressed_tensors_math import expand_blocks
 from qfinal.report import Finding
 
 SCALE_SUFFIX = ".weight_scale_inv"
@@ -102,9 +103,7 @@ def dequantize_fp8_weight(weight, scale_inv, block: tuple[int, int] | None):
     if block is None:
         return values * scale.reshape(())
     rows, cols = values.shape[-2:]
-    scale = scale.repeat_interleave(block[0], dim=-2)[..., :rows, :]
-    scale = scale.repeat_interleave(block[1], dim=-1)[..., :cols]
-    return values * scale
+    return values * expand_blocks(scale, rows, cols, block)
 
 
 class FineGrainedFP8(QuantFormat):
@@ -226,7 +225,6 @@ class FineGrainedFP8(QuantFormat):
         a partial last block, which it gets wrong: those are recomputed element by element (each
         element times scale[row // bh, col // bw]), a path independent of `dequantize_fp8_weight`."""
         import torch
-        from safetensors import safe_open
 
         from qfinal.checkpoint.sources import read_config_json
 
@@ -234,53 +232,24 @@ class FineGrainedFP8(QuantFormat):
         reference = model_class.from_pretrained(folder, dtype=torch.float32).eval()
         if block is None:
             return reference
-        with torch.no_grad():
-            for file in sorted(folder.glob("*.safetensors")):
-                with safe_open(str(file), "pt") as fh:
-                    for key in fh.keys():
-                        shape = fh.get_slice(key).get_shape()
-                        if not key.endswith(SCALE_SUFFIX) or len(shape) != 2:
-                            continue
-                        weight = fh.get_tensor(key[: -len("_scale_inv")])
-                        rows, cols = weight.shape
-                        if rows % block[0] == 0 and cols % block[1] == 0:
-                            continue
-                        scale = fh.get_tensor(key).to(torch.float32)
-                        per_element = scale[(torch.arange(rows) // block[0])[:, None], torch.arange(cols) // block[1]]
-                        reference.get_parameter(key[: -len("_scale_inv")]).copy_(weight.to(torch.float32) * per_element)
+        inventory, reader = stored_checkpoint(folder)
+        with torch.no_grad(), reader:
+            for key, entry in inventory.tensors.items():
+                if not key.endswith(SCALE_SUFFIX) or len(entry.shape) != 2:
+                    continue
+                name = key[: -len("_scale_inv")]
+                rows, cols = inventory.tensors[name].shape
+                if rows % block[0] == 0 and cols % block[1] == 0:
+                    continue
+                weight, scale = reader.get(name), reader.get(key).to(torch.float32)
+                per_element = scale[(torch.arange(rows) // block[0])[:, None], torch.arange(cols) // block[1]]
+                reference.get_parameter(name).copy_(weight.to(torch.float32) * per_element)
         return reference
 
     def loaded_method(self, model) -> str | None:
         if any(type(m).__name__ in QUANTIZED_CLASSES for m in model.modules()):
             return "fp8"
         return None
-
-    def dequantize_in_memory(self, model, dtype, original_classes: dict[str, str]) -> str:
-        if self.loaded_method(model) is not None:
-            self.refuse_in_memory_dequantize()
-        # On CPU transformers already dequantized it while loading: only the dtype is left to mend.
-        return super().dequantize_in_memory(model, dtype, original_classes)
-
-    def quantizer_config(self, q):
-        return self.refuse_quantize(q)
-
-    def describe_method(self, hf_quantizer) -> str:
-        if hf_quantizer is None:
-            return "none"
-        block = getattr(hf_quantizer.quantization_config, "weight_block_size", None)
-        return f"fp8 (block {list(block)})" if block else "fp8 (per tensor)"
-
-    def converted_and_skipped(self, model, original_classes: dict[str, str], hf_quantizer, user_skips):
-        converted, skipped = [], []
-        for name, module in model.named_modules():
-            before, after = original_classes.get(name), type(module).__name__
-            if before is None:
-                continue
-            if after in QUANTIZED_CLASSES and before != after:
-                converted.append({"module": name, "from": before, "to": after})
-            elif before == "Linear" and after == before:
-                skipped.append({"module": name, "reason": "not converted by the fp8 quantizer"})
-        return converted, skipped
 
 
 FP8 = FineGrainedFP8()

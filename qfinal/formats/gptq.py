@@ -16,7 +16,6 @@ Here the arithmetic is GPTQModel's torch kernel's: integer codes minus zeros, ti
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 from qfinal.errors import CheckpointError
 from qfinal.formats.base import Read, StoredWeight
@@ -94,12 +93,8 @@ class Gptq(PackedIntFormat):
     def config_errors(self, qc: dict) -> list[str]:
         return _config_errors(qc)
 
-    def scheme(self, raw_config: dict, where: str) -> IntScheme:
-        qc = raw_config["quantization_config"]
-        errors = _config_errors(qc)
-        if errors:
-            raise CheckpointError(f"gptq quantization_config: {errors[0]}", where=where)
-        scheme = IntScheme(
+    def read_scheme(self, qc: dict) -> IntScheme:
+        return IntScheme(
             "gptq",
             bits=qc["bits"],
             group_size=qc.get("group_size", 128),
@@ -107,7 +102,6 @@ class Gptq(PackedIntFormat):
             desc_act=qc.get("desc_act", False),
             zero_offset=_format_of(qc) == "gptq",
         )
-        return replace(scheme, method=self.label(scheme))
 
     def module_problem(self, parts: dict, headers: dict, scheme: IntScheme) -> tuple[str | None, list[int]]:
         """qweight/qzeros/scales/g_idx of one module against the scheme; its [out, in] shape."""

@@ -10,7 +10,7 @@ each format says how one module's tensors must look (`module_problem`) and how i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 from qfinal.errors import CheckpointError
@@ -96,13 +96,25 @@ def group_count(in_features: int, group_size: int) -> int:
 
 
 class PackedIntFormat(QuantFormat):
-    """The header checks, key classification and refusals GPTQ and AWQ share."""
+    """The config reading, header checks and key classification GPTQ and AWQ share."""
 
     quantized_classes: tuple[str, ...] = ()
 
     def config_errors(self, qc: dict) -> list[str]:
         """What is wrong with the format's quantization_config fields (those qfinal reads)."""
         raise NotImplementedError
+
+    def read_scheme(self, qc: dict) -> IntScheme:
+        """The scheme of a quantization_config `config_errors` finds nothing wrong with."""
+        raise NotImplementedError
+
+    def scheme(self, raw_config: dict, where: str) -> IntScheme:
+        qc = raw_config["quantization_config"]
+        errors = self.config_errors(qc)
+        if errors:
+            raise CheckpointError(f"{self.name} quantization_config: {errors[0]}", where=where)
+        scheme = self.read_scheme(qc)
+        return replace(scheme, method=self.label(scheme))
 
     def module_problem(self, parts: dict[str, str], headers: dict, scheme: IntScheme) -> tuple[str | None, list[int]]:
         """Why one module's stored tensors do not match `scheme` (or None) and its weight's [out, in]."""
@@ -195,18 +207,6 @@ class PackedIntFormat(QuantFormat):
         from qfinal.formats.int_packing_reference import library_reference
 
         return library_reference(self, model_class, folder)
-
-    def dequantize_in_memory(self, model, dtype, original_classes: dict[str, str]) -> str:
-        self.refuse_in_memory_dequantize()
-
-    def quantizer_config(self, q):
-        return self.refuse_quantize(q)
-
-    def describe_method(self, hf_quantizer) -> str:
-        return "none" if hf_quantizer is None else self.name
-
-    def converted_and_skipped(self, model, original_classes: dict[str, str], hf_quantizer, user_skips):
-        return [], []
 
 
 def shape_problem(role: str, got: list[int], want: list[int], why: str) -> str | None:

@@ -14,26 +14,12 @@ import io
 from pathlib import Path
 
 from qfinal.errors import SourceError
+from qfinal.formats.base import all_stored_tensors
 
 INSTALL_HINT = (
     "install GPTQModel without its requirements (they pull a CUDA torch): pip install --no-deps gptqmodel==7.7.0 "
     "pypcre logbar device-smi tokenicer defuser threadpoolctl pillow requests; or drop --verify"
 )
-
-
-def _stored_tensors(folder: Path) -> dict:
-    """Every tensor of the checkpoint's safetensors files, by key."""
-    import json
-
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
-    tensors = {}
-    for name in files or ["model.safetensors"]:
-        with safe_open(folder / name, "pt") as fh:
-            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return tensors
 
 
 def _gptqmodel_weight(method: str, weight, tensors: dict):
@@ -73,7 +59,7 @@ def library_reference(fmt, model_class, folder: Path):
         )
     folder = Path(folder)
     scheme = fmt.scheme(read_config_json(folder), str(folder))
-    tensors = _stored_tensors(folder)
+    tensors = all_stored_tensors(folder)
     headers = {k: (safetensors_dtype(t.dtype), list(t.shape)) for k, t in tensors.items()}
     weights = fmt.find_weights(headers, tensors.__getitem__, scheme, str(folder))
     consumed = {key for w in weights for key in w.parts.values()}

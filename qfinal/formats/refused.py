@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from qfinal.errors import CheckpointError, ConfigError
+from qfinal.errors import CheckpointError
 from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight
 from qfinal.report import Finding
 
@@ -63,15 +63,5 @@ class RefusedFormat(QuantFormat):
     def dequantize(self, weight: StoredWeight, read: Read, where: str):
         raise CheckpointError(f"{self.name} checkpoint: {self.reason}", where=where)
 
-    def quantizer_config(self, q):
-        raise ConfigError(f"{self.name} checkpoint: {self.reason}")
-
-    def describe_method(self, hf_quantizer) -> str:
-        return self.name
-
-    def converted_and_skipped(self, model, original_classes: dict[str, str], hf_quantizer, user_skips):
-        return [], []
-
 
 HQQ = RefusedFormat("hqq", HQQ_REASON)
-REFUSED = (HQQ,)

@@ -201,13 +201,15 @@ class TorchAO(QuantFormat):
         parts = (getattr(tensor, attr, None) for attr in tensor.__tensor_flatten__()[0])
         return sum(p.numel() * p.element_size() for p in parts if p is not None)
 
-    def planned_bytes(self, name: str, inventory) -> int | None:
+    def planned_sizes(self, inventory) -> dict[str, int] | None:
         """transformers rebuilds each torchao weight from its stored components unchanged (same
         shapes and dtypes), so it holds exactly their bytes."""
-        if inventory is None:
-            return None
-        sizes = [entry.nbytes for key, entry in inventory.tensors.items() if (c := component_of(key)) and c[0] == name]
-        return sum(sizes) if sizes else None
+        sizes: dict[str, int] = {}
+        for key, entry in inventory.tensors.items():
+            found = component_of(key)
+            if found:
+                sizes[found[0]] = sizes.get(found[0], 0) + entry.nbytes
+        return sizes or None
 
     def dequantize_in_memory(self, model, dtype, original_classes: dict[str, str]) -> str:
         """Each torchao weight replaced by its `dequantize()` (transformers raises
@@ -225,9 +227,6 @@ class TorchAO(QuantFormat):
         return f"{count} torchao weight(s) dequantized to {str(dtype).removeprefix('torch.')}; " + (
             finish_dequantized(model, dtype, original_classes)
         )
-
-    def quantizer_config(self, q):
-        return self.refuse_quantize(q)
 
     def describe_method(self, hf_quantizer) -> str:
         if hf_quantizer is None:

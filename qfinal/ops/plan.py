@@ -47,18 +47,19 @@ def _bnb_4bit_bytes(numel: int, qc) -> int:
 def expected_bytes(model, hf_quantizer, converted: set[str], inventory=None) -> dict[str, int]:
     """Bytes per parameter/buffer name once loaded (ties counted once). A weight some format
     loads as its stored components (torchao) counts those, from `inventory`'s headers."""
-    from qfinal.formats import planned_bytes
+    from qfinal.formats import planned_sizes
 
     out: dict[str, int] = {}
     qc = getattr(hf_quantizer, "quantization_config", None)
     persistent = set(model.state_dict(keep_vars=True))
     tied_targets = set(getattr(model, "all_tied_weights_keys", None) or {})  # not tied yet on the skeleton
+    planned = planned_sizes(inventory)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if name not in persistent or name in tied_targets:
             continue
         module = name.rpartition(".")[0]
         numel = tensor.numel()
-        stored = planned_bytes(name, inventory)
+        stored = planned.get(name)
         if stored is not None:
             out[name] = stored
         elif module in converted and name.endswith(".weight"):
