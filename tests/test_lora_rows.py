@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 from qfinal.adapters import lora_rows  # noqa: E402
 from qfinal.adapters.lora_rows import ROW_ALIGN, merge_bounds, row_delta  # noqa: E402
-from qfinal.checkpoint.row_slabs import CHUNK_ENV  # noqa: E402
+from qfinal.checkpoint.row_slabs import CHUNK_ENV, Workspace  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -43,11 +43,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _merged_in_rows(layer, bounds):
+    """As the merge does it: one workspace, its buffers reused from slab to slab."""
     weight = layer.get_base_layer().weight.detach().clone()
     delta = row_delta(layer, "default", list(weight.shape))
     assert delta is not None
+    workspace = Workspace()
     for first, end in bounds:
-        delta.add_to(first, weight[first:end])
+        delta.add_to(first, weight[first:end], workspace)
     return weight
 
 

@@ -153,7 +153,9 @@ def test_lora_on_every_fixture(root, checkpoints, fixture):
         assert (ours / "model.safetensors.index.json").is_file()
     else:
         assert (ours / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
-    assert _model(ours) is not None  # plain from_pretrained loads it
+    # plain from_pretrained loads it, every tensor from the file
+    _loaded, info = builders.model_class_for(ours).from_pretrained(ours, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])
@@ -213,6 +215,32 @@ def test_qlora_merges_into_the_dequantized_weights(root, checkpoints, llama):
     assert "logits_vs_unmerged" not in original.extra["merge"]
     config = (root / "ours_qlora" / "config.json").read_text()
     assert "quantization_config" not in config and '"dtype": "float16"' in config
+
+
+def test_adapters_in_folders_of_the_same_name(root, llama, tmp_path):
+    """Two adapters both in a folder named `ck`: named ck and ck_2, as `qfinal save` names them,
+    and merged in turn as peft does."""
+    adapters = [
+        _adapter(llama, tmp_path / "a" / "ck", TYPES["lora"](), seed=21),
+        _adapter(llama, tmp_path / "b" / "ck", TYPES["loha"](), seed=22),
+    ]
+    theirs = _peft_merged(_model(llama), adapters, tmp_path / "peft")
+    report = run_merge(llama, tmp_path / "ours", [str(a) for a in adapters])
+    assert [a["name"] for a in report.extra["merge"]["adapters"]] == ["ck", "ck_2"]
+    _assert_same(tmp_path / "ours", theirs, llama)
+
+
+def test_bad_config_json_is_one_line(llama, tmp_path, capsys):
+    """A base whose config.json is not JSON: exit 2, one line, nothing written."""
+    adapter = tmp_path / "adapter"
+    _adapter(llama, adapter, TYPES["lora"](), seed=1)
+    base = tmp_path / "base"
+    shutil.copytree(llama, base)
+    (base / "config.json").write_text("{not json", encoding="utf-8")
+    code, _out, err = builders.run_cli(capsys, "merge", base, tmp_path / "out", "--adapter", adapter)
+    assert code == 2 and "config.json is not valid JSON" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_refusals_write_nothing(root, checkpoints, llama, tmp_path, capsys):
@@ -387,7 +415,7 @@ def test_lora_merged_in_slabs_of_rows_equals_peft(root, checkpoints, monkeypatch
     calls = []
     real = lora_rows.RowDelta.add_to
 
-    def spy(self, first, slab, workspace=None):
+    def spy(self, first, slab, workspace):
         calls.append(first)
         return real(self, first, slab, workspace)
 

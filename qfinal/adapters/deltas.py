@@ -23,7 +23,6 @@ from typing import Collection
 import torch
 
 from qfinal.adapters.lora_rows import RowDelta, row_delta
-from qfinal.adapters.peft_types import streaming_merge_refusal
 from qfinal.adapters.prepare import Prepared
 from qfinal.compat.peft_merge import check_merge_allowed, own_tensors, swap_tensor
 from qfinal.errors import CheckpointError, ConfigError
@@ -36,20 +35,14 @@ class AdapterMerger:
     """One adapter injected by peft into a hollow copy of the base (`model_class(hf_config)` in `dtype`).
 
     `units` maps each module peft merges (its path in the base model) to the checkpoint keys of the
-    base tensors it changes or may change; `unit_of` is the reverse. `checkpoint_keys` are the base
-    checkpoint's tensor names (in output space).
+    base tensors it changes or may change. `checkpoint_keys` are the base checkpoint's tensor names
+    (in output space). `merge_base` refuses first the types a hollow base cannot merge
+    (`peft_types.streaming_merge_refusal`).
     """
 
     def __init__(self, prep: Prepared, model_class, hf_config, dtype: torch.dtype, checkpoint_keys: Collection[str]):
         self.prep = prep
         self.name = prep.name
-        why = streaming_merge_refusal(str(prep.config.get("peft_type")))
-        if why is not None:
-            raise ConfigError(
-                f"adapter '{prep.name}' cannot be merged shard by shard: {why}",
-                where=str(prep.spec.path),
-                hint="merge it in memory: qfinal save BASE OUT --adapter DIR --merge",
-            )
         keys = set(checkpoint_keys)
         hollow = _hollow_model(model_class, hf_config, dtype)
         aliases: dict[int, list[str]] = {}
@@ -62,14 +55,11 @@ class AdapterMerger:
         self.peft_model = _inject(hollow, prep)
         self._load(keys)
         self.units: dict[str, tuple[str, ...]] = {}
-        self.unit_of: dict[str, str] = {}
         self._rel: dict[str, list[tuple[str, str]]] = {}
         for path, module in _merge_units(self.peft_model):
             rel = self._base_tensors(path, module, keys)
             self._rel[path] = rel
             self.units[path] = tuple(key for _r, key in rel)
-            for _r, key in rel:
-                self.unit_of[key] = path
 
     def _load(self, keys: set[str]) -> None:
         """Load the adapter's tensors with `load_adapter`, as `PeftModel.from_pretrained` does."""

@@ -59,8 +59,8 @@ def slabs_are_exact(bounds: list[tuple[int, int]], in_features: int, rank: int, 
 
 @dataclass
 class RowDelta:
-    """One adapter's delta, rows on demand: `add_to(first, slab)` is peft's `weight.data += delta`
-    on rows `first : first + len(slab)`."""
+    """One adapter's delta, rows on demand: `add_to(first, slab, workspace)` is peft's
+    `weight.data += delta` on rows `first : first + len(slab)`."""
 
     lora_A: torch.Tensor  # [r, in]
     lora_B: torch.Tensor  # [out, r]
@@ -70,20 +70,14 @@ class RowDelta:
     def exact_in(self, bounds: list[tuple[int, int]]) -> bool:
         return slabs_are_exact(bounds, self.lora_A.shape[1], self.lora_A.shape[0], self.lora_A.dtype)
 
-    def add_to(self, first: int, slab: torch.Tensor, workspace=None) -> None:
+    def add_to(self, first: int, slab: torch.Tensor, workspace) -> None:
         """`workspace` (`checkpoint.row_slabs.Workspace`): the temporaries go in its buffers."""
         up = self.lora_B[first : first + slab.shape[0]]
-        if workspace is None:
-            delta = up @ self.lora_A
-            delta = delta * self.scaling
-            if self.cast_back is not None:
-                delta = delta.to(dtype=self.cast_back)
-        else:
-            delta = workspace.take("delta", self.lora_A.dtype, [up.shape[0], self.lora_A.shape[1]])
-            torch.matmul(up, self.lora_A, out=delta)
-            delta.mul_(self.scaling)
-            if self.cast_back is not None:
-                delta = workspace.take("delta_cast", self.cast_back, delta.shape).copy_(delta)
+        delta = workspace.take("delta", self.lora_A.dtype, [up.shape[0], self.lora_A.shape[1]])
+        torch.matmul(up, self.lora_A, out=delta)
+        delta.mul_(self.scaling)
+        if self.cast_back is not None:
+            delta = workspace.take("delta_cast", self.cast_back, delta.shape).copy_(delta)
         slab += delta
 
 

@@ -26,15 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from qfinal.adapters.peft_types import describe
 from qfinal.checkpoint import writer as _shards
-from qfinal.checkpoint.atomic import atomic_dir, check_output_dir
+from qfinal.checkpoint.atomic import atomic_dir
 from qfinal.checkpoint.dtypes import check_output_dtype
-from qfinal.checkpoint.sources import resolve_source
+from qfinal.checkpoint.side_files import copy_side_files
+from qfinal.checkpoint.sources import read_config_json, resolve_source
 from qfinal.errors import ConfigError, OutputError
 from qfinal.ops.merge_shard import MergeJob, ShardSpec, release_session, session_for
 from qfinal.report import Finding, Report
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _FP32 = 4
 
 
@@ -65,7 +66,8 @@ def plan_merge(
     if not adapters:
         raise ConfigError("no adapter to merge", where="--adapter", hint="name at least one adapter folder")
     resolved = resolve_source(base)
-    quantized = _quant_method(resolved.folder)
+    config = read_config_json(resolved.folder)
+    quantized = _quant_method(config)
     if base_weights is not None:
         if quantized is None:
             raise ConfigError(
@@ -73,13 +75,15 @@ def plan_merge(
                 where=str(base_weights),
             )
         resolved = resolve_source(base_weights)
-        if _quant_method(resolved.folder) is not None:
+        config = read_config_json(resolved.folder)
+        if _quant_method(config) is not None:
             raise ConfigError("--base-weights must be a dense checkpoint", where=str(base_weights))
     job = MergeJob(
         base=str(resolved.folder),
         confine_to=str(resolved.confine_to),
         adapters=tuple(_adapter_pair(a) for a in adapters),
         dtype=dtype or ("float16" if quantized else None),
+        config=config,
         allow_pickle=allow_pickle,
     )
     session = session_for(job)
@@ -110,28 +114,18 @@ def plan_merge(
     )
 
 
-def describe(config: dict) -> str:
-    from qfinal.adapters.peft_types import describe as describe_type
-
-    return describe_type(config)
-
-
 def _fp32(out) -> int:
     return out.numel() * _FP32
 
 
-def _adapter_pair(adapter) -> tuple[str, str]:
-    from qfinal.adapters.prepare import AdapterSpec, name_for
-
+def _adapter_pair(adapter) -> tuple[str, str | None]:
+    """(folder, name); a name not given stays None, for `prepare_all` to name it as `qfinal save` does."""
     path, name = (adapter, None) if isinstance(adapter, (str, Path)) else adapter
-    return str(path), name_for(AdapterSpec(path=str(path), name=name), Path(path).expanduser())
+    return str(path), name
 
 
-def _quant_method(folder: Path) -> str | None:
-    config = (
-        json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
-    )
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
+def _quant_method(config: dict) -> str | None:
+    qc = config.get("quantization_config")
     return (qc.get("quant_method") or "quantized") if isinstance(qc, dict) else None
 
 
@@ -157,11 +151,10 @@ def write_merge(
     folder = Path(plan.job.base)
     if out.resolve() == folder.resolve():
         raise OutputError("output folder is the base folder", where=str(out), hint="write the merge somewhere else")
-    check_output_dir(out, force)
-    files: list[str] = []
+    files = [name for name, _keys in plan.files]
     with atomic_dir(out, force=force) as tmp:
         specs = [ShardSpec(plan.job, str(tmp / name), tuple(keys)) for name, keys in plan.files]
-        results = run_tasks(
+        run_tasks(
             merge_shard,
             specs,
             executor,
@@ -169,21 +162,20 @@ def write_merge(
             units=[len(keys) for _n, keys in plan.files],
             progress=progress,
         )
-        files += [r.file for r in results]
         if len(plan.files) > 1:
             weight_map = {k: name for name, keys in plan.files for k in keys}
             _shards.write_index(tmp, weight_map, plan.total_bytes)
             files.append(_shards.INDEX_FILE)
         _write_config(folder, plan, tmp / "config.json")
         files.append("config.json")
-        files += _copy_small_files(folder, Path(plan.job.confine_to), tmp)
+        files += copy_side_files(folder, Path(plan.job.confine_to), tmp)
     return sorted(files)
 
 
 def _write_config(folder: Path, plan: MergePlan, path: Path) -> None:
     """The base's config.json: as it is for a dense base in its own dtype; else without
     quantization_config and with the output dtype."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = dict(plan.job.config)
     if plan.job.dtype is None and "quantization_config" not in config:
         shutil.copyfile(folder / "config.json", path)
         return
@@ -193,20 +185,6 @@ def _write_config(folder: Path, plan: MergePlan, path: Path) -> None:
         config.pop("torch_dtype", None)
         config["dtype"] = plan.job.dtype
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _copy_small_files(folder: Path, confine_to: Path, tmp: Path) -> list[str]:
-    """Tokenizer, generation config and the like; not weights, indexes or config.json."""
-    copied = []
-    for path in sorted(folder.iterdir()):
-        name = path.name
-        if name.startswith(".") or name == "config.json" or name.endswith(_WEIGHT_SUFFIXES) or not path.is_file():
-            continue
-        if name.endswith(".index.json") or not path.resolve().is_relative_to(confine_to):
-            continue
-        shutil.copyfile(path, tmp / name)
-        copied.append(name)
-    return copied
 
 
 def run_merge(
@@ -263,7 +241,17 @@ def run_merge(
             report.quantization = f"{plan.quantization}, then {quantize}" if plan.quantization else quantize
         if not dry_run:
             quantized = _write(
-                plan, Path(out), info, base, quantize, double_quant, do_compare, force, executor, progress, on_quantize
+                plan,
+                Path(out),
+                info,
+                base=base,
+                quantize=quantize,
+                double_quant=double_quant,
+                compare=do_compare,
+                force=force,
+                executor=executor,
+                progress=progress,
+                on_quantize=on_quantize,
             )
     finally:
         release_session()
@@ -288,7 +276,7 @@ def run_merge(
     return report
 
 
-def _write(plan, out, info, base, quantize, double_quant, do_compare, force, executor, progress, on_quantize):
+def _write(plan, out, info, *, base, quantize, double_quant, compare, force, executor, progress, on_quantize):
     """OUT, plain or requantized (then the quantize step's report is returned)."""
     if quantize is None:
         info["files"] = write_merge(plan, out, force=force, executor=executor, progress=progress)
@@ -296,7 +284,7 @@ def _write(plan, out, info, base, quantize, double_quant, do_compare, force, exe
     from qfinal.ops.merge_quantize import merge_then_quantize
 
     def before_quantize(merged: Path) -> None:
-        if do_compare:
+        if compare:
             info["logits_vs_unmerged"] = _compare(base, merged, plan)
 
     quantized = merge_then_quantize(

@@ -11,15 +11,15 @@ into a hollow copy of this base's model class).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from qfinal.adapters.peft_types import streaming_merge_refusal
 from qfinal.checkpoint.dtypes import element_size, torch_dtype_of
 from qfinal.checkpoint.row_slabs import read_row_slabs, rows_per_slab, slab_bounds
 from qfinal.errors import CheckpointError, ConfigError
-from qfinal.ops.dequantize import DTYPES
+from qfinal.ops.dequantize import DTYPES, _materialize
 from qfinal.ops.dequantize_plan import SourceReader, plan_items, stored_format
 from qfinal.ops.merge_shard import MergeJob, OutTensor
 
@@ -28,7 +28,7 @@ class Base:
     def __init__(self, job: MergeJob):
         self.folder = Path(job.base)
         self.where = str(self.folder)
-        self.config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+        self.config = job.config
         self.src = SourceReader(self.folder, Path(job.confine_to))
         self.fmt = self.scheme = None
         if self.config.get("quantization_config") is not None:
@@ -88,14 +88,7 @@ class Base:
         if out.item is None:
             value = self.src.get(key)
             return value if value.dtype == out.dtype else value.to(out.dtype)
-        item = out.item
-        if item.kind == "copy":
-            value = self.src.get(item.parts["tensor"])
-        else:
-            value = item.fmt.dequantize(item.weight, self.src.get, self.where)
-        if item.transpose:
-            value = value.t()
-        return value.to(item.dtype).contiguous()  # src.get and dequantize give fresh tensors
+        return _materialize(out.item, self.src, self.where)  # src.get and dequantize give fresh tensors
 
     def slab_bounds(self, key: str) -> list[tuple[int, int]]:
         """Row slabs in which to copy the base's tensor `key` (`checkpoint.row_slabs`)."""
@@ -104,18 +97,19 @@ class Base:
         widest = max(out.dtype.itemsize, element_size(stored) if stored else 4)
         return slab_bounds(out.shape[0] if out.shape else 1, rows_per_slab(out.shape, widest))
 
-    def slabs(self, key: str, bounds, workspace=None):
+    def slabs(self, key: str, bounds, workspace):
         """(first row, slab) for each (start, end) of `bounds` of the base's tensor `key` in its output
         dtype, the caller's to change until it asks for the next: a dense tensor is read a slab at a
-        time (into `workspace`'s buffers when given), a dequantized one whole (its slabs are row views)."""
+        time into `workspace`'s buffers (`checkpoint.row_slabs.Workspace`), a dequantized one whole
+        (its slabs are row views)."""
         out = self.out[key]
-        if out.item is None and (len(bounds) > 1 or workspace is not None and out.shape):
+        if out.item is None and (len(bounds) > 1 or out.shape):
             stored = torch_dtype_of(self.src.headers[key][0])
             path = str(self.src.files[key])
             for first, slab in read_row_slabs(path, key, stored, out.shape, bounds, workspace):
-                if slab.dtype != out.dtype and workspace is not None:
+                if slab.dtype != out.dtype:
                     slab = workspace.take("cast", out.dtype, slab.shape).copy_(slab)
-                yield first, slab.to(out.dtype)
+                yield first, slab
         elif len(bounds) == 1:
             yield 0, self.tensor(key)
         else:
@@ -131,6 +125,8 @@ class Base:
         hf_config, model_class = self.model_class()
         specs = [AdapterSpec(path=path, name=name, merge=True) for path, name in job.adapters]
         prepared = prepare_all(specs, job.allow_pickle)
+        for prep in prepared:  # before any adapter is injected
+            _refuse_streaming(prep)
         return [AdapterMerger(p, model_class, hf_config, self.dtype, self.out) for p in prepared]
 
     def model_class(self):
@@ -156,6 +152,17 @@ class Base:
 
     def close(self) -> None:
         self.src.close()
+
+
+def _refuse_streaming(prep) -> None:
+    """An adapter peft cannot merge into a hollow base (`peft_types.streaming_merge_refusal`)."""
+    why = streaming_merge_refusal(str(prep.config.get("peft_type")))
+    if why is not None:
+        raise ConfigError(
+            f"adapter '{prep.name}' cannot be merged shard by shard: {why}",
+            where=str(prep.spec.path),
+            hint="merge it in memory: qfinal save BASE OUT --adapter DIR --merge",
+        )
 
 
 def open_base(job: MergeJob) -> Base:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -29,8 +28,9 @@ class MergeJob:
 
     base: str  # the base's folder
     confine_to: str  # files must resolve inside it
-    adapters: tuple[tuple[str, str], ...]  # (folder, name) in merge order
+    adapters: tuple[tuple[str, str | None], ...]  # (folder, name; None: named as `prepare_all` names it)
     dtype: str | None  # output dtype of floating tensors; None: as stored (dense base only)
+    config: dict = field(hash=False)  # the base's config.json, read once by the planning
     allow_pickle: bool = False
 
 
@@ -39,15 +39,6 @@ class ShardSpec:
     job: MergeJob
     path: str  # the output file (in the run's temporary folder)
     keys: tuple[str, ...]  # the output tensors it holds
-
-
-@dataclass
-class ShardResult:
-    file: str
-    tensors: int = 0
-    nbytes: int = 0
-    merged: list[str] = field(default_factory=list)  # tensors an adapter changed (or may have)
-    peak_rss_bytes: int = 0
 
 
 @dataclass
@@ -128,7 +119,7 @@ class Session:
                 yield key, None, _cast(pending.pop(key), out, key)
                 continue
             path = self.unit_of.get(key)
-            rows = self.row_merges.get(path) if path is not None else None
+            rows = self.row_merges.get(path)
             overridden = any(key in merger.overrides for merger in self.mergers)
             if (path is None or rows is not None) and not overridden:
                 merged = rows is not None and rows[0] == key
@@ -141,17 +132,17 @@ class Session:
                     yield key, first * row_bytes, _cast(slab, out, key, whole=False)
                 continue
             if path is None:
-                yield key, None, _cast(self._start(key, self.mergers), out, key)
+                yield key, None, _cast(self._start(key), out, key)
                 continue
             unit = self._unit(path)
             value = unit.pop(key)
             pending.update((k, v) for k, v in unit.items() if k in wanted)
             yield key, None, _cast(value, out, key)
 
-    def _start(self, key: str, mergers) -> torch.Tensor:
-        """The tensor before `mergers` merge: the last one's file copy of it (an embedding layer saved
-        with the adapter replaces the base's as the adapter loads), else the base's."""
-        for merger in reversed(mergers):
+    def _start(self, key: str) -> torch.Tensor:
+        """The tensor before the adapters merge: the last one's file copy of it (an embedding layer
+        saved with the adapter replaces the base's as the adapter loads), else the base's."""
+        for merger in reversed(self.mergers):
             if key in merger.overrides:
                 return merger.overrides[key].clone()
         return self.base.tensor(key)
@@ -198,16 +189,12 @@ def release_session() -> None:
         _SESSION = None
 
 
-def merge_shard(spec: ShardSpec) -> ShardResult:
+def merge_shard(spec: ShardSpec) -> None:
     """Write one output shard of the merge (`spec.path`); the executors' per-shard function."""
     from qfinal.ops.executors import advance
-    from qfinal.pipeline.context import peak_rss_bytes
 
     session = session_for(spec.job)
     out = session.base.out
-    result = ShardResult(file=Path(spec.path).name)
-    result.merged = [k for k in spec.keys if k in session.unit_of]
-
     entries = [(k, out[k].dtype, out[k].shape) for k in spec.keys]
     with _shards.ShardWriter(spec.path, entries, metadata={"format": "pt"}) as writer:
         done = None
@@ -216,11 +203,7 @@ def merge_shard(spec: ShardSpec) -> ShardResult:
                 writer.write(key, tensor)
             else:
                 writer.write_part(key, at, tensor)
-            result.nbytes += tensor.numel() * tensor.element_size()
             del tensor
             if key != done:
                 done = key
-                result.tensors += 1
                 advance(1)
-    result.peak_rss_bytes = peak_rss_bytes()
-    return result
