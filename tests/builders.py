@@ -299,3 +299,58 @@ def perturbed_copy(source: Path, dest: Path, key: str = PERTURBED, delta: float 
     state[key][3, 5] += delta
     save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
     return dest
+
+
+def edited_copy(src: Path, dest: Path, edit=None, config_edit=None, metadata_edit=None) -> Path:
+    """A copy of the single-file checkpoint folder `src`: its tensors dict through `edit`, its
+    safetensors metadata (the source's, kept) through `metadata_edit`, config.json's
+    quantization_config through `config_edit`. Without a tensor or metadata edit the safetensors
+    file is copied byte for byte."""
+    from safetensors.torch import load_file, save_file
+
+    dest.mkdir()
+    for f in src.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    if edit is not None or metadata_edit is not None:
+        with safe_open(str(src / "model.safetensors"), "pt") as fh:
+            metadata = dict(fh.metadata() or {})
+        tensors = load_file(src / "model.safetensors")
+        if edit is not None:
+            edit(tensors)
+        if metadata_edit is not None:
+            metadata_edit(metadata)
+        save_file(tensors, dest / "model.safetensors", metadata=metadata or None)
+    if config_edit is not None:
+        raw = json.loads((dest / "config.json").read_text())
+        config_edit(raw["quantization_config"])
+        (dest / "config.json").write_text(json.dumps(raw))
+    return dest
+
+
+def dequantize_each(sources: dict[str, Path], root: Path, dtype: str) -> dict[str, Path]:
+    """name -> OUT of `qfinal dequantize SRC OUT --dtype DTYPE -q` for each source, run through
+    the CLI (exit 0 asserted); each OUT is `root / name`. For module-scoped fixtures: no capsys."""
+    from qfinal.cli.app import main
+
+    outs = {}
+    for name, src in sources.items():
+        outs[name] = root / name
+        with pytest.raises(SystemExit) as exit_info:
+            main(["dequantize", str(src), str(outs[name]), "--dtype", dtype, "-q"])
+        assert exit_info.value.code == 0, name
+    return outs
+
+
+def assert_diff_rows(rows: list[dict], dense: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    """`qfinal diff QUANTIZED DENSE_ORIGINAL`'s tensor rows: one for every tensor of `dense`; each
+    weight in `reference` (the format's own dequantization) "different" by exactly its relative
+    error against the dense original, computed here in float64; every other tensor "identical"."""
+    by_name = {row["name"]: row for row in rows}
+    assert set(by_name) >= set(dense), sorted(set(dense) - set(by_name))
+    for key, row in by_name.items():
+        if key not in reference:
+            assert row["status"] == "identical", key
+            continue
+        ref, orig = reference[key].double(), dense[key].double()
+        expected = ((ref - orig).norm() / orig.norm()).item()
+        assert row["status"] == "different" and row["rel_error"] == pytest.approx(expected, rel=1e-9), key

@@ -1,16 +1,20 @@
 """GPTQ and AWQ fixtures made by GPTQModel itself, with GPTQModel's own dequantization of each.
 
-Run as a script by tests/test_format_gptq_awq.py in a child interpreter that finds GPTQModel in
+Run as a script (`made_by_gptqmodel`) in a child interpreter that finds GPTQModel in
 `.venv/gptqmodel-only`: its import patches safetensors and transformers, and transformers changes
-course when it is importable, which the rest of the suite must not see. The test module imports
-only the plain data (VARIANTS, LAYERS, ROLES, quantization_config) from here.
+course when it is importable, which the rest of the suite must not see. The test modules import
+only the plain data (VARIANTS, LAYERS, ROLES, quantization_config) and the child launchers
+(`made_by_gptqmodel`, `gptqmodel_env`) from here, never GPTQModel.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,6 +44,34 @@ LAYERS = {
 }
 LAYERS["awq_g64"] = dict(method="awq", bits=4, group_size=64, sym=False, shape=(40, 192))
 ROLES = ("qweight", "qzeros", "scales", "g_idx")
+GPTQMODEL_ONLY = Path(sys.prefix) / "gptqmodel-only"
+
+
+# ----------------------------------------------------------------------------------------- the test side
+
+
+def gptqmodel_env(**extra: str) -> dict[str, str]:
+    """The environment of a child interpreter that finds GPTQModel in `.venv/gptqmodel-only` (the
+    Makefile installs it there) before whatever this interpreter finds."""
+    path = os.pathsep.join(p for p in (str(GPTQMODEL_ONLY), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", **extra}
+
+
+def made_by_gptqmodel(root: Path) -> Path:
+    """`root`, holding every fixture and reference (`build`), built by this file run as a script in
+    a child interpreter (`gptqmodel_env`); a `root` that exists is taken as built. Skips the calling
+    test when GPTQModel is in neither place."""
+    import pytest
+
+    if not (GPTQMODEL_ONLY / "gptqmodel").is_dir() and importlib.util.find_spec("gptqmodel") is None:
+        pytest.skip("gptqmodel is not installed (the Makefile puts it in .venv/gptqmodel-only)")
+    if not root.exists():
+        env = gptqmodel_env(GPTQMODEL_CPU_WORKERS="2")
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), str(root)], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    return root
 
 
 # ----------------------------------------------------------------------------------------- the library side
@@ -168,6 +200,6 @@ def build(root: Path) -> None:
     save_file(layers, root / "layers.safetensors")
 
 
-if __name__ == "__main__":  # run by test_format_gptq_awq.py's `made` fixture in its own interpreter
+if __name__ == "__main__":  # run by `made_by_gptqmodel` in its own interpreter
     build(Path(sys.argv[1]))
     sys.exit(0)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -143,32 +143,8 @@ def built(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dequantized(built, tmp_path_factory):
     """name -> OUT of `qfinal dequantize SRC OUT --dtype bfloat16`, through the CLI."""
-    from qfinal.cli.app import main
-
-    root = tmp_path_factory.mktemp("ct-out")
-    outs = {}
-    for name, (src, _) in built.items():
-        outs[name] = root / name
-        with pytest.raises(SystemExit) as exit_info:
-            main(["dequantize", str(src), str(outs[name]), "--dtype", "bfloat16", "-q"])
-        assert exit_info.value.code == 0, name
-    return outs
-
-
-def edited(src: Path, dest: Path, edit, config_edit=None) -> Path:
-    """A copy of `src` whose tensors went through `edit` (and quantization_config through `config_edit`)."""
-    dest.mkdir()
-    for f in src.iterdir():
-        if f.name != "model.safetensors":
-            (dest / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(src / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
-    if config_edit is not None:
-        raw = json.loads((dest / "config.json").read_text())
-        config_edit(raw["quantization_config"])
-        (dest / "config.json").write_text(json.dumps(raw))
-    return dest
+    sources = {name: src for name, (src, _) in built.items()}
+    return builders.dequantize_each(sources, tmp_path_factory.mktemp("ct-out"), "bfloat16")
 
 
 # ----------------------------------------------------------------------------------------- dequantize
@@ -225,7 +201,7 @@ def test_one_step_off_zero_point_is_caught(built, tmp_path):
         tensors[key] = tensors[key].clone()
         tensors[key][0, 0] += 1  # the first row's zero point, first group: +1 in the low nibble
 
-    dequantize_checkpoint(edited(src, tmp_path / "src", bump), tmp_path / "out", dtype="bfloat16")
+    dequantize_checkpoint(builders.edited_copy(src, tmp_path / "src", bump), tmp_path / "out", dtype="bfloat16")
     written = load_file(tmp_path / "out" / "model.safetensors")
     wrong = [k for k, v in reference.items() if not builders.bits_equal(written[k], v.to(torch.bfloat16))]
     assert wrong == ["model.layers.1.mlp.up_proj.weight"]
@@ -328,7 +304,7 @@ def test_validate_fast_and_dequantize_refuse_broken_quant_state(capsys, built, t
     """Headers alone catch each defect (exit 1, the quantization_config check); `qfinal dequantize`
     refuses the same checkpoint with exit 2 and writes nothing."""
     fixture, edit, config_edit = BROKEN[broken]
-    path = edited(built[fixture][0], tmp_path / broken, edit, config_edit)
+    path = builders.edited_copy(built[fixture][0], tmp_path / broken, edit, config_edit)
     code, report = builders.run_json(capsys, "validate", path, "--fast")
     assert code == 1
     assert "quantization_config" in builders.failing_checks(report)
@@ -347,7 +323,7 @@ def test_weight_shape_contradicting_the_packing_is_refused(built, tmp_path):
     from qfinal.errors import CheckpointError
     from qfinal.ops.dequantize import dequantize_checkpoint
 
-    path = edited(
+    path = builders.edited_copy(
         built["w4a16_channel_asym_ragged"][0],
         tmp_path / "bad",
         _replace(f"{Q}.weight_shape", lambda v: v + torch.tensor([0, 40])),
@@ -447,7 +423,7 @@ def test_activation_order_g_idx(capsys, built, tmp_path):
     def actorder(qc):
         qc["config_groups"]["group_0"]["weights"]["actorder"] = "group"
 
-    path = edited(built["w4a16_g32_asym"][0], tmp_path / "src", _with_g_idx, actorder)
+    path = builders.edited_copy(built["w4a16_g32_asym"][0], tmp_path / "src", _with_g_idx, actorder)
     code, report = builders.run_json(capsys, "validate", path, "--fast")
     assert code == 0, builders.failing_checks(report)
     dequantize_checkpoint(path, tmp_path / "out", dtype="bfloat16")
@@ -464,7 +440,7 @@ def test_activation_order_g_idx(capsys, built, tmp_path):
         expected = torch.empty(shape, dtype=scale.dtype)
         expected[:, order] = dequantize(codes[:, order], scale, zero_point, args)
         assert builders.bits_equal(written[f"{module}.weight"], expected), module
-    missing = edited(path, tmp_path / "missing", _drop(f"{Q}.weight_g_idx"))
+    missing = builders.edited_copy(path, tmp_path / "missing", _drop(f"{Q}.weight_g_idx"))
     code, report = builders.run_json(capsys, "validate", missing, "--fast")
     assert code == 1 and "weight_g_idx" in str(builders.failing_checks(report))
 
@@ -482,13 +458,6 @@ def test_diff_reports_what_compressed_tensors_cost_per_layer_and_in_logits(built
     assert code == 1  # quantization changed values: not identical, and no tolerance was given
     diff = report["extra"]["diff"]
     dense = load_file(tmp_path / "dense" / "model.safetensors")
-    rows = {row["name"]: row for row in diff["tensors"]}
-    assert set(rows) >= set(dense) and len(reference) == 14
-    for key, row in rows.items():
-        if key not in reference:
-            assert row["status"] == "identical", key
-            continue
-        ref, orig = reference[key].double(), dense[key].double()
-        expected = ((ref - orig).norm() / orig.norm()).item()
-        assert row["status"] == "different" and row["rel_error"] == pytest.approx(expected, rel=1e-9), key
+    assert len(reference) == 14
+    builders.assert_diff_rows(diff["tensors"], dense, reference)
     builders.assert_output_cost(diff["output"], builders.output_cost(tmp_path / "dense", torch.bfloat16, reference))

@@ -71,18 +71,6 @@ def fp8_checkpoint(path: Path, hidden: int) -> Path:
     return path
 
 
-def edited(src: Path, dest: Path, edit) -> Path:
-    """A copy of `src` whose tensors dict went through `edit`."""
-    dest.mkdir()
-    for f in src.iterdir():
-        if f.name != "model.safetensors":
-            (dest / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(src / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
-    return dest
-
-
 @pytest.fixture(scope="module")
 def fp8(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")
@@ -92,16 +80,7 @@ def fp8(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dequantized(fp8, tmp_path_factory):
     """name -> OUT of `qfinal dequantize SRC OUT --dtype bfloat16`, run through the CLI."""
-    from qfinal.cli.app import main
-
-    root = tmp_path_factory.mktemp("fp8-out")
-    outs = {}
-    for name, src in fp8.items():
-        outs[name] = root / name
-        with pytest.raises(SystemExit) as exit_info:
-            main(["dequantize", str(src), str(outs[name]), "--dtype", "bfloat16", "-q"])
-        assert exit_info.value.code == 0
-    return outs
+    return builders.dequantize_each(fp8, tmp_path_factory.mktemp("fp8-out"), "bfloat16")
 
 
 def scaled_pairs(src: Path):
@@ -143,17 +122,17 @@ BROKEN = {
 
 @pytest.mark.parametrize("broken", list(BROKEN))
 def test_validate_fast_fails_on_bad_scales(capsys, fp8, tmp_path, broken):
-    path = edited(fp8["ragged"], tmp_path / broken, BROKEN[broken])
+    path = builders.edited_copy(fp8["ragged"], tmp_path / broken, BROKEN[broken])
     code, report = builders.run_json(capsys, "validate", path, "--fast")
     assert code == 1
     assert "quantization_config" in builders.failing_checks(report)
 
 
 def test_validate_fast_fails_on_bad_block_size(capsys, fp8, tmp_path):
-    path = edited(fp8["divisible"], tmp_path / "bad_block", lambda t: None)
-    raw = json.loads((path / "config.json").read_text())
-    raw["quantization_config"]["weight_block_size"] = [16, 16]  # the stored grid is for [32, 32]
-    (path / "config.json").write_text(json.dumps(raw))
+    """config.json says [16, 16] blocks; the stored scale grid is for [32, 32]."""
+    path = builders.edited_copy(
+        fp8["divisible"], tmp_path / "bad_block", config_edit=lambda qc: qc.update(weight_block_size=[16, 16])
+    )
     code, report = builders.run_json(capsys, "validate", path, "--fast")
     assert code == 1
     assert "quantization_config" in builders.failing_checks(report)
@@ -207,7 +186,7 @@ def test_dequantize_refuses_misshapen_scale(fp8, tmp_path):
     from qfinal.errors import CheckpointError
     from qfinal.ops.dequantize import dequantize_checkpoint
 
-    path = edited(fp8["ragged"], tmp_path / "bad", BROKEN["floor_div_grid"])
+    path = builders.edited_copy(fp8["ragged"], tmp_path / "bad", BROKEN["floor_div_grid"])
     with pytest.raises(CheckpointError, match="weight_scale_inv has shape"):
         dequantize_checkpoint(path, tmp_path / "out", dtype="bfloat16")
     assert not (tmp_path / "out").exists()
@@ -260,7 +239,7 @@ def test_load_requantize_equals_transformers_on_the_dequantized_checkpoint(fp8, 
 
 
 def test_load_refuses_misshapen_scale(fp8, tmp_path, capsys):
-    path = edited(fp8["ragged"], tmp_path / "bad", BROKEN["floor_div_grid"])
+    path = builders.edited_copy(fp8["ragged"], tmp_path / "bad", BROKEN["floor_div_grid"])
     code, _out, err = builders.run_cli(capsys, "load", path)
     assert code == 2, err
     (line,) = err.strip().splitlines()
@@ -277,14 +256,8 @@ def test_diff_reports_what_fp8_cost_per_layer_and_in_logits(fp8, tmp_path, capsy
     assert code == 1  # quantization changed values: not identical, and no tolerance was given
     diff = report["extra"]["diff"]
     dense = load_file(tmp_path / "dense" / "model.safetensors")
-    rows = {row["name"]: row for row in diff["tensors"]}
     scaled = {key: reference(weight, scale, BLOCK, torch.float32) for key, weight, scale in scaled_pairs(fp8["ragged"])}
-    for key, row in rows.items():
-        if key not in scaled:
-            assert row["status"] == "identical", key
-            continue
-        expected = ((scaled[key].double() - dense[key].double()).norm() / dense[key].double().norm()).item()
-        assert row["status"] == "different" and row["rel_error"] == pytest.approx(expected, rel=1e-9), key
+    builders.assert_diff_rows(diff["tensors"], dense, scaled)
     assert len(scaled) == 14 and 0 < diff["output"]["kl_divergence"] < 1e-3
     assert 0 < diff["output"]["logits_max_abs"] < 1 and diff["output"]["top1_agreement"] is not None
 

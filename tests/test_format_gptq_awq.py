@@ -1,7 +1,7 @@
 """GPTQ and AWQ (GEMM) checkpoints: header checks, `qfinal dequantize` (and --verify), `qfinal load`.
 
 Fixtures and references both come from GPTQModel, run once in a child interpreter
-(tests/gptq_awq_fixtures.py as a script) that finds it in `.venv/gptqmodel-only`: its import
+(tests/gptq_awq_fixtures.py as a script, `made_by_gptqmodel`) that finds it in `.venv/gptqmodel-only`: its import
 patches safetensors and transformers, which the rest of the suite must not see. A tiny Llama's
 projections are packed by GPTQModel's own packers (`TorchLinear.pack_original` then its v2 -> v1
 export; `AwqTorchLinear.pack`) from per-group min/max scales, with zero points of 0 and 2^bits-1
@@ -21,17 +21,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import builders  # noqa: E402
-from gptq_awq_fixtures import LAYERS, ROLES, VARIANTS, quantization_config  # noqa: E402
-
-GPTQMODEL_ONLY = Path(sys.prefix) / "gptqmodel-only"
-FIXTURES = Path(__file__).parent / "gptq_awq_fixtures.py"
-
+from gptq_awq_fixtures import (  # noqa: E402
+    LAYERS,
+    ROLES,
+    VARIANTS,
+    gptqmodel_env,
+    made_by_gptqmodel,
+    quantization_config,
+)
 
 # ----------------------------------------------------------------------------------------- fixtures
 
@@ -40,45 +43,14 @@ FIXTURES = Path(__file__).parent / "gptq_awq_fixtures.py"
 def made(tmp_path_factory) -> Path:
     """The fixtures and references, built by GPTQModel in a child interpreter that finds it in
     `.venv/gptqmodel-only` (the Makefile installs it there) or wherever this interpreter does."""
-    if not (GPTQMODEL_ONLY / "gptqmodel").is_dir() and importlib.util.find_spec("gptqmodel") is None:
-        pytest.skip("gptqmodel is not installed (the Makefile puts it in .venv/gptqmodel-only)")
-    root = tmp_path_factory.mktemp("gptq-awq") / "made"
-    path = os.pathsep.join(p for p in (str(GPTQMODEL_ONLY), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(FIXTURES), str(root)], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return root
+    return made_by_gptqmodel(tmp_path_factory.mktemp("gptq-awq") / "made")
 
 
 @pytest.fixture(scope="module")
 def dequantized(made, tmp_path_factory) -> dict[str, Path]:
     """name -> OUT of `qfinal dequantize SRC OUT --dtype float16`, run through the CLI."""
-    from qfinal.cli.app import main
-
-    root = tmp_path_factory.mktemp("gptq-awq-out")
-    outs = {}
-    for name in VARIANTS:
-        outs[name] = root / name
-        with pytest.raises(SystemExit) as exit_info:
-            main(["dequantize", str(made / name), str(outs[name]), "--dtype", "float16", "-q"])
-        assert exit_info.value.code == 0
-    return outs
-
-
-def edited(src: Path, dest: Path, edit=None, config_edit=None) -> Path:
-    """A copy of `src` whose tensors went through `edit` and config.json's quantization_config through `config_edit`."""
-    dest.mkdir()
-    for f in src.iterdir():
-        (dest / f.name).write_bytes(f.read_bytes())
-    if edit is not None:
-        tensors = load_file(src / "model.safetensors")
-        edit(tensors)
-        save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
-    if config_edit is not None:
-        raw = json.loads((dest / "config.json").read_text())
-        config_edit(raw["quantization_config"])
-        (dest / "config.json").write_text(json.dumps(raw))
-    return dest
+    sources = {name: made / name for name in VARIANTS}
+    return builders.dequantize_each(sources, tmp_path_factory.mktemp("gptq-awq-out"), "float16")
 
 
 def spec_config(spec) -> dict:
@@ -172,8 +144,6 @@ def test_dequantize_to_bfloat16_casts_the_library_result_once(made, tmp_path):
 def test_verify_compares_with_gptqmodel(made, tmp_path):
     """`--verify` rebuilds the reference with GPTQModel's own torch kernels (in a child that finds
     it): every tensor bit-identical and the logits equal, for GPTQ act-order and AWQ."""
-    path = os.pathsep.join(p for p in (str(GPTQMODEL_ONLY), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     script = (
         "import sys; from qfinal.ops.dequantize import run_dequantize\n"
         "for name in sys.argv[3:]:\n"
@@ -183,7 +153,7 @@ def test_verify_compares_with_gptqmodel(made, tmp_path):
     )
     done = subprocess.run(
         [sys.executable, "-c", script, str(made), str(tmp_path), "gptq4_act_sym", "awq"],
-        env=env,
+        env=gptqmodel_env(),
         capture_output=True,
         text=True,
     )
@@ -275,7 +245,7 @@ BROKEN = {**{k: ("gptq4", *v) for k, v in BROKEN_GPTQ.items()}, **{k: ("awq", *v
 @pytest.mark.parametrize("broken", list(BROKEN))
 def test_validate_fast_fails_on_bad_quant_state(capsys, made, tmp_path, broken):
     source, edit, config_edit, message = BROKEN[broken]
-    path = edited(made / source, tmp_path / broken, edit, config_edit)
+    path = builders.edited_copy(made / source, tmp_path / broken, edit, config_edit)
     code, report = builders.run_json(capsys, "validate", path, "--fast")
     assert code == 1
     failing = builders.failing_checks(report).get("quantization_config", [])
@@ -300,7 +270,7 @@ def test_unreadable_quantization_config_is_refused_with_the_reason(capsys, made,
     from qfinal.checks.quant import quantization_findings
 
     source, fields, message = UNREADABLE_CONFIG[case]
-    path = edited(made / source, tmp_path / case, config_edit=lambda qc: qc.update(fields))
+    path = builders.edited_copy(made / source, tmp_path / case, config_edit=lambda qc: qc.update(fields))
     raw = json.loads((path / "config.json").read_text())
     findings = quantization_findings(raw, inspect_checkpoint(path))
     assert [f.severity for f in findings] == ["error"] and message in findings[0].message
@@ -313,7 +283,7 @@ def test_unreadable_quantization_config_is_refused_with_the_reason(capsys, made,
 
 
 def test_act_order_without_g_idx_fails(capsys, made, tmp_path):
-    path = edited(made / "gptq4_act_sym", tmp_path / "no_g_idx", lambda t: t.pop(f"{Q}.g_idx"))
+    path = builders.edited_copy(made / "gptq4_act_sym", tmp_path / "no_g_idx", lambda t: t.pop(f"{Q}.g_idx"))
     code, report = builders.run_json(capsys, "validate", path, "--fast")
     assert code == 1
     failing = builders.failing_checks(report)["quantization_config"]
@@ -326,7 +296,7 @@ def test_dequantize_and_load_refuse_bad_quant_state(capsys, made, tmp_path, brok
     from qfinal.ops.dequantize import dequantize_checkpoint
 
     source, edit, config_edit, message = BROKEN[broken]
-    path = edited(made / source, tmp_path / broken, edit, config_edit)
+    path = builders.edited_copy(made / source, tmp_path / broken, edit, config_edit)
     with pytest.raises(CheckpointError, match=message):
         dequantize_checkpoint(path, tmp_path / "out", dtype="float16")
     assert not (tmp_path / "out").exists()
@@ -351,13 +321,6 @@ def test_diff_reports_what_quantizing_cost_per_layer_and_in_logits(capsys, made,
     diff = report["extra"]["diff"]
     dense = load_file(tmp_path / "dense" / "model.safetensors")
     refs = load_file(made / "refs" / f"{name}.safetensors")
-    rows = {row["name"]: row for row in diff["tensors"]}
-    assert set(rows) >= set(dense) and len(refs) == 14
-    for key, row in rows.items():
-        if key not in refs:
-            assert row["status"] == "identical", key
-            continue
-        ref, orig = refs[key].double(), dense[key].double()
-        expected = ((ref - orig).norm() / orig.norm()).item()
-        assert row["status"] == "different" and row["rel_error"] == pytest.approx(expected, rel=1e-9), key
+    assert len(refs) == 14
+    builders.assert_diff_rows(diff["tensors"], dense, refs)
     builders.assert_output_cost(diff["output"], builders.output_cost(tmp_path / "dense", torch.float16, refs))

@@ -131,11 +131,15 @@ def test_dequantize_refuses_hqq(hqq, tmp_path, capsys):
 
 
 def test_load_refuses_hqq(hqq, capsys):
-    """Without hqq installed transformers itself refuses (ImportError): qfinal says it in one line."""
+    """qfinal refuses before transformers runs (which without hqq raises ImportError, and with it
+    loads random weights): one line naming the config and qfinal's own reason, not transformers' error."""
+    from qfinal.formats.refused import HQQ_REASON
+
     code, _out, err = builders.run_cli(capsys, "load", hqq)
     assert code == 2
     (line,) = err.strip().splitlines()
-    assert "hqq" in line.lower()
+    assert line.startswith(f"qfinal: error: {hqq / 'config.json'}: hqq checkpoint: "), line
+    assert HQQ_REASON in line and "random" in line, line
 
 
 def test_validate_fast_reports_hqq_without_hqq_installed(hqq, capsys):

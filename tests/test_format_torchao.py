@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers as tf
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,23 +65,6 @@ def theirs(torchao_ckpt):
 
 def quantized_weights(model) -> dict[str, object]:
     return {k: v for k, v in model.state_dict().items() if hasattr(v, "qdata")}
-
-
-def edited(src: Path, dest: Path, edit=None, edit_metadata=None) -> Path:
-    """A copy of `src` whose tensors (and safetensors metadata) went through the edits."""
-    dest.mkdir()
-    for f in src.iterdir():
-        if f.name != "model.safetensors":
-            (dest / f.name).write_bytes(f.read_bytes())
-    with safe_open(str(src / "model.safetensors"), "pt") as fh:
-        metadata = dict(fh.metadata())
-    tensors = load_file(src / "model.safetensors")
-    if edit:
-        edit(tensors)
-    if edit_metadata:
-        edit_metadata(metadata)
-    save_file(tensors, dest / "model.safetensors", metadata=metadata)
-    return dest
 
 
 # ----------------------------------------------------------------------------------------- layout
@@ -138,8 +121,8 @@ BROKEN = {
 
 @pytest.mark.parametrize("broken", list(BROKEN))
 def test_validate_fast_fails_on_bad_quant_state(capsys, torchao_ckpt, tmp_path, broken):
-    name, edit, edit_metadata = BROKEN[broken]
-    path = edited(torchao_ckpt[name], tmp_path / broken, edit, edit_metadata)
+    name, edit, metadata_edit = BROKEN[broken]
+    path = builders.edited_copy(torchao_ckpt[name], tmp_path / broken, edit, metadata_edit=metadata_edit)
     code, report = builders.run_json(capsys, "validate", path, "--fast")
     assert code == 1
     assert "quantization_config" in builders.failing_checks(report)
@@ -149,7 +132,9 @@ def test_dropped_metadata_is_one_line_exit_2(capsys, torchao_ckpt, tmp_path):
     """transformers' torchao quantizer raises ValueError on a file whose metadata lost
     `tensor_names`: qfinal names the checkpoint and the cause in one line, exit 2 (not an internal
     error), in load and in `validate --fast` alike."""
-    path = edited(torchao_ckpt["int4"], tmp_path / "no_metadata", edit_metadata=lambda m: m.pop("tensor_names"))
+    path = builders.edited_copy(
+        torchao_ckpt["int4"], tmp_path / "no_metadata", metadata_edit=lambda m: m.pop("tensor_names")
+    )
     for argv in (("validate", path, "--fast"), ("load", path)):
         code, _out, err = builders.run_cli(capsys, *argv)
         assert code == 2, err
@@ -159,10 +144,10 @@ def test_dropped_metadata_is_one_line_exit_2(capsys, torchao_ckpt, tmp_path):
 
 def test_unsupported_torchao_config_is_refused(capsys, torchao_ckpt, tmp_path):
     """int4 weight-only (tinygemm packing) has no CPU path: validate says so, dequantize refuses."""
-    path = edited(torchao_ckpt["int4"], tmp_path / "int4wo")
-    raw = json.loads((path / "config.json").read_text())
-    raw["quantization_config"]["quant_type"]["default"] = {"_type": "Int4WeightOnlyConfig", "_version": 2, "_data": {}}
-    (path / "config.json").write_text(json.dumps(raw))
+    int4wo = {"_type": "Int4WeightOnlyConfig", "_version": 2, "_data": {}}
+    path = builders.edited_copy(
+        torchao_ckpt["int4"], tmp_path / "int4wo", config_edit=lambda qc: qc["quant_type"].update(default=int4wo)
+    )
     code, report = builders.run_json(capsys, "validate", path, "--fast")
     assert code == 1
     (finding,) = builders.failing_checks(report)["quantization_config"]
@@ -178,16 +163,7 @@ def test_unsupported_torchao_config_is_refused(capsys, torchao_ckpt, tmp_path):
 @pytest.fixture(scope="module")
 def dequantized(torchao_ckpt, tmp_path_factory):
     """name -> OUT of `qfinal dequantize SRC OUT --dtype bfloat16`, run through the CLI."""
-    from qfinal.cli.app import main
-
-    root = tmp_path_factory.mktemp("torchao-out")
-    outs = {}
-    for name, src in torchao_ckpt.items():
-        outs[name] = root / name
-        with pytest.raises(SystemExit) as exit_info:
-            main(["dequantize", str(src), str(outs[name]), "--dtype", "bfloat16", "-q"])
-        assert exit_info.value.code == 0
-    return outs
+    return builders.dequantize_each(torchao_ckpt, tmp_path_factory.mktemp("torchao-out"), "bfloat16")
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
@@ -337,15 +313,8 @@ def test_diff_reports_what_torchao_cost_per_layer_and_in_logits(plain, theirs, t
     diff = report["extra"]["diff"]
     dense = load_file(tmp_path / "dense" / "model.safetensors")
     reference = {k: w.dequantize() for k, w in quantized_weights(theirs[name]).items()}
-    rows = {row["name"]: row for row in diff["tensors"]}
-    assert set(rows) >= set(dense) and len(reference) == QUANTIZED
-    for key, row in rows.items():
-        if key not in reference:
-            assert row["status"] == "identical", key
-            continue
-        ref, orig = reference[key].double(), dense[key].double()
-        expected = ((ref - orig).norm() / orig.norm()).item()
-        assert row["status"] == "different" and row["rel_error"] == pytest.approx(expected, rel=1e-9), key
+    assert len(reference) == QUANTIZED
+    builders.assert_diff_rows(diff["tensors"], dense, reference)
     # the logits are transformers' torchao model's own, run with torchao's kernels
     expected = builders.output_cost(tmp_path / "dense", torch.bfloat16, candidate=theirs[name])
     builders.assert_output_cost(diff["output"], expected)

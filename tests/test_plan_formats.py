@@ -8,9 +8,7 @@ must count the tensor subclasses' own components.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +25,6 @@ import qfinal  # noqa: E402
 from qfinal.ops.plan import measured_bytes_per_device, plan  # noqa: E402
 
 tf.logging.set_verbosity_error()
-GPTQMODEL_ONLY = Path(sys.prefix) / "gptqmodel-only"
 
 
 def _fp8(root: Path) -> Path:
@@ -46,27 +43,17 @@ def _compressed_tensors(root: Path) -> Path:
 
 def _gptq_awq(root: Path, name: str) -> Path:
     """Built by GPTQModel in a child interpreter, as tests/test_format_gptq_awq.py builds them."""
-    if not (GPTQMODEL_ONLY / "gptqmodel").is_dir() and importlib.util.find_spec("gptqmodel") is None:
-        pytest.skip("gptqmodel is not installed (the Makefile puts it in .venv/gptqmodel-only)")
-    made = root.parent / "gptq-awq"  # built once for both
-    if not made.exists():
-        path = os.pathsep.join(p for p in (str(GPTQMODEL_ONLY), os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "PYTHONPATH": path, "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1"}
-        script = Path(__file__).parent / "gptq_awq_fixtures.py"
-        done = subprocess.run([sys.executable, str(script), str(made)], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-    return made / name
+    from gptq_awq_fixtures import made_by_gptqmodel
+
+    return made_by_gptqmodel(root.parent / "gptq-awq") / name  # built once for both
 
 
 def _torchao(root: Path, scheme: str) -> Path:
-    quant = pytest.importorskip("torchao.quantization")
-    configs = {
-        "int8": lambda: quant.Int8WeightOnlyConfig(),
-        "int4": lambda: quant.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=quant.PerGroup(32)),
-    }
+    from test_format_torchao import SCHEMES  # skips the test without torchao
+
     plain = builders.llama(root / "plain", tied=False)
     model = tf.LlamaForCausalLM.from_pretrained(
-        plain, dtype=torch.bfloat16, quantization_config=tf.TorchAoConfig(configs[scheme]())
+        plain, dtype=torch.bfloat16, quantization_config=tf.TorchAoConfig(SCHEMES[scheme]())
     )
     model.save_pretrained(root / scheme, safe_serialization=True)
     return root / scheme
