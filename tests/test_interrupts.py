@@ -422,11 +422,12 @@ def test_report_to_a_device_or_fifo_writes_in_place_and_keeps_the_node(checkpoin
         with open(fifo) as fh:
             received["text"] = fh.read()
 
-    reader = threading.Thread(target=read)
+    reader = threading.Thread(target=read, daemon=True)  # blocks in open() for good if nothing writes
     reader.start()
     code, _out, err = builders.run_cli(capsys, "validate", checkpoints["llama_tied"], "--fast", "--json", fifo)
     reader.join(timeout=60)
     assert code == 0, err
+    assert not reader.is_alive(), "nothing read the report from the FIFO"
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert json.loads(received["text"])["command"].startswith("validate")
     code, _out, err = builders.run_cli(capsys, "validate", checkpoints["llama_tied"], "--fast", "--json", "/dev/null")

@@ -12,6 +12,7 @@ from builders import QUANT_OPTIONS, model_class_for
 from safetensors.torch import save_file
 
 from qfinal.checkpoint.writer import ShardWriter
+from qfinal.ops import quantize_pieces
 from qfinal.ops.dequantize_plan import SourceReader
 from qfinal.ops.quantize import run_quantize
 from qfinal.ops.quantize_pieces import CHUNK_ENV, computed_in_slabs, row_step
@@ -33,6 +34,14 @@ def test_tiny_slabs_write_transformers_bytes(checkpoints, tmp_path, monkeypatch,
     )
     model.save_pretrained(tmp_path / "ref", **({"max_shard_size": shard} if shard else {}))
     monkeypatch.setenv(CHUNK_ENV, "1")
+    slab_counts = []  # slabs per tensor read in slabs: the test fails if slabbing silently stops
+    real = quantize_pieces.read_row_slabs
+
+    def spy(path, key, stored, shape, bounds, workspace=None):
+        slab_counts.append(len(bounds))
+        return real(path, key, stored, shape, bounds, workspace)
+
+    monkeypatch.setattr(quantize_pieces, "read_row_slabs", spy)
     out = tmp_path / "q"
     run_quantize(
         source,
@@ -45,6 +54,7 @@ def test_tiny_slabs_write_transformers_bytes(checkpoints, tmp_path, monkeypatch,
     assert names == sorted(p.name for p in out.iterdir())
     for name in names:
         assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    assert any(count > 1 for count in slab_counts), "no tensor was read in slabs"
 
 
 def _pieces_file(tmp_path, job, options, step):

@@ -66,6 +66,19 @@ def test_output_loads_with_plain_from_pretrained(checkpoints, tmp_path):
         assert bits_equal(state[key], value), key
 
 
+def test_progress_counts_each_tensor_as_its_shard_is_written(checkpoints, tmp_path):
+    """One shard, many tensors: the count moves tensor by tensor, not once the shard is done."""
+    calls = []
+    run_quantize(
+        checkpoints["llama_untied"],
+        tmp_path / "q",
+        method="nf4",
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    total = calls[-1][1]
+    assert total > 1 and calls == [(done, total) for done in range(1, total + 1)]
+
+
 def test_skip_modules_and_dtype_follow_transformers(checkpoints, tmp_path):
     source = checkpoints["llama_untied"]
     config = tf.BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["lm_head", "up_proj"])

@@ -8,10 +8,9 @@ offset bounds the working memory by `chunk_bytes()` instead, whatever the model'
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import os
-import struct
 
 CHUNK_ENV = "QFINAL_CHUNK_BYTES"  # read at each call: bytes of working memory per slab
 CHUNK_BYTES = 16 << 20
@@ -48,11 +47,23 @@ def slab_bounds(rows: int, step: int | None, absorb_tail: bool = False) -> list[
 
 
 def data_start(path: str, key: str) -> int:
-    """Where `key`'s bytes start in the safetensors file `path` (its header was validated on opening)."""
+    """Where `key`'s bytes start in the safetensors file `path`, from its header read and validated
+    once per version of the file (`checkpoint.headers`), not once per tensor read."""
+    stat = os.stat(path)
+    return _data_starts(path, stat.st_size, stat.st_mtime_ns)[key]
+
+
+@functools.lru_cache(maxsize=32)
+def _data_starts(path: str, size: int, mtime_ns: int) -> dict[str, int]:
+    """Each tensor's absolute byte offset in `path` (`size` and `mtime_ns` key the cache)."""
+    from pathlib import Path
+
+    from qfinal.checkpoint.headers import read_safetensors_header
+
+    tensors, _metadata = read_safetensors_header(Path(path))
     with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
-    return 8 + length + header[key]["data_offsets"][0]
+        header_end = 8 + int.from_bytes(fh.read(8), "little")
+    return {name: header_end + entry.start for name, entry in tensors.items()}
 
 
 class Workspace:

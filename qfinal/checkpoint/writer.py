@@ -53,9 +53,16 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def write_index(folder: Path, weight_map: Mapping[str, str], total_size: int) -> None:
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
+def write_index(
+    folder: Path, weight_map: Mapping[str, str], total_size: int, total_parameters: int | None = None
+) -> None:
+    """The shard index as `save_pretrained` writes it: keys sorted, indented by 2, a final newline;
+    the metadata's `total_parameters` only when given (`qfinal quantize` writes it, as transformers does)."""
+    metadata = {"total_size": total_size}
+    if total_parameters is not None:
+        metadata["total_parameters"] = total_parameters
+    index = {"metadata": metadata, "weight_map": dict(weight_map)}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_state_dict(state_dict: Mapping, folder: Path, max_bytes: int) -> list[str]:

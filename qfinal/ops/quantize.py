@@ -16,24 +16,16 @@ executor may run the shards anywhere that sees the same files.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from qfinal.errors import ConfigError
-from qfinal.ops.quantize_plan import BLOCKSIZE, QuantOptions, ShardSpec, TensorJob
+from qfinal.ops.quantize_plan import QuantOptions, ShardSpec, TensorJob
 from qfinal.report import Report
 
 METHODS = ("nf4", "fp4", "int8")
-
-
-@dataclass
-class ShardResult:
-    file_name: str
-    tensors: int
-    nbytes: int
 
 
 @dataclass
@@ -51,58 +43,7 @@ class QuantizePlan:
     source: object = None
 
 
-# --------------------------------------------------------------------------- one tensor
-
-
-def _read(src, job: TensorJob):
-    import torch
-
-    tensor = src.get(job.key).to(dtype=getattr(torch, job.cast))  # the loader's `tensor.to(dtype=...)`
-    return tensor.T if job.transpose else tensor
-
-
-def _four_bit(tensor, options: QuantOptions):
-    import torch
-
-    from qfinal.formats.bnb_kernel import quantize_4bit
-
-    return quantize_4bit(
-        tensor.contiguous(),  # Params4bit._quantize: `self.data.contiguous()`
-        blocksize=BLOCKSIZE,
-        compress_statistics=options.double_quant,
-        quant_type=options.method,
-        quant_storage=getattr(torch, options.quant_storage),
-    )
-
-
-def computed(job: TensorJob, src, options: QuantOptions):
-    """(name, byte offset, tensor) for each output of `job`, as the quantized model's state_dict
-    holds them: a large tensor in pieces at their offsets (`ops.quantize_pieces`), else whole (None)."""
-    import torch
-
-    from qfinal.ops.quantize_pieces import computed_in_slabs, row_step
-
-    step = row_step(job, src.headers[job.key])
-    if step is not None:
-        yield from computed_in_slabs(job, src, options, step)
-        return
-    tensor = _read(src, job)
-    if job.kind == "copy":
-        yield job.key, None, tensor.contiguous()
-    elif job.kind == "4bit":
-        packed, state = _four_bit(tensor, options)
-        del tensor
-        yield job.key, None, packed
-        for name, value in state.as_dict(packed=True).items():
-            yield f"{job.key}.{name}", None, value
-    else:  # Int8Params._quantize: fp16, then bnb's row-wise int8
-        from bitsandbytes.functional import int8_vectorwise_quant
-
-        CB, SCB, _outliers = int8_vectorwise_quant(tensor.contiguous().to(dtype=torch.float16))
-        module = job.key.rpartition(".")[0]
-        yield job.key, None, CB
-        yield f"{module}.SCB", None, SCB
-        yield f"{module}.weight_format", None, torch.tensor(0, dtype=torch.uint8)
+# --------------------------------------------------------------------------- one shard
 
 
 def nested_offset(job: TensorJob, src, options: QuantOptions) -> float:
@@ -111,24 +52,22 @@ def nested_offset(job: TensorJob, src, options: QuantOptions) -> float:
     from qfinal.ops.quantize_pieces import row_step, whole_absmax
 
     plain = QuantOptions(options.method, False, options.quant_storage)
-    step = row_step(job, src.headers[job.key])
-    if step is not None:
-        return whole_absmax(src, job, plain, step).mean().item()
-    _packed, state = _four_bit(_read(src, job), plain)
-    return state.absmax.mean().item()
+    return whole_absmax(src, job, plain, row_step(job, src.headers[job.key])).mean().item()
 
 
-def quantize_shard(spec: ShardSpec) -> ShardResult:
-    """Write one output shard into `spec.out_dir`, reading only the tensors it is made of."""
+def quantize_shard(spec: ShardSpec) -> None:
+    """Write one output shard into `spec.out_dir`, reading only the tensors it is made of; each
+    tensor done is one unit of progress (`ops.executors.advance`)."""
     import torch
 
     from qfinal.checkpoint.writer import ShardWriter
     from qfinal.ops.dequantize_plan import SourceReader
+    from qfinal.ops.executors import advance
+    from qfinal.ops.quantize_pieces import computed
 
     wanted = set(spec.names)
     entries = [(n, getattr(torch, dt), shape) for job in spec.jobs for n, dt, shape in job.outputs if n in wanted]
     src = SourceReader(Path(spec.source), Path(spec.confine_to))
-    nbytes = 0
     try:
         with ShardWriter(Path(spec.out_dir) / spec.file_name, entries, metadata={"format": "pt"}) as writer:
             for job in spec.jobs:
@@ -138,11 +77,10 @@ def quantize_shard(spec: ShardSpec) -> ShardResult:
                             writer.write(name, tensor)
                         else:
                             writer.write_part(name, at, tensor)
-                        nbytes += tensor.numel() * tensor.element_size()
                     del tensor
+                advance()
     finally:
         src.close()
-    return ShardResult(spec.file_name, len(entries), nbytes)
 
 
 # --------------------------------------------------------------------------- the run
@@ -220,9 +158,3 @@ def run_quantize(
         )
     )
     return report
-
-
-def packed_numel(job: TensorJob) -> int:
-    name, dtype, shape = job.outputs[0]
-    size = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4}[dtype]
-    return math.prod(shape) * size

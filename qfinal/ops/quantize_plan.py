@@ -15,11 +15,11 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from qfinal.checkpoint.dtypes import TORCH_TO_CODE, element_size
+from qfinal.checkpoint.writer import shard_file_names
 from qfinal.errors import CheckpointError
 
 BLOCKSIZE = 64  # transformers' Linear4bit never sets another
-STORAGE_SIZES = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "int8": 1, "int64": 8, "int32": 4, "bool": 1}
 
 
 @dataclass(frozen=True)
@@ -45,18 +45,22 @@ class TensorJob:
 class ShardSpec:
     """Everything one worker needs to write one output shard (plain data: picklable)."""
 
-    index: int
     file_name: str
     source: str  # the checkpoint folder
     confine_to: str
-    out_dir: str  # the temporary output folder
     options: QuantOptions
     jobs: list[TensorJob]
-    names: list[str] = field(default_factory=list)  # the output tensors this shard holds
+    names: list[str]  # the output tensors this shard holds
+    out_dir: str = ""  # the temporary output folder, set when it exists
 
 
-def _nbytes(dtype: str, shape) -> int:
-    return math.prod(shape) * _ITEMSIZE[dtype]
+def itemsize(dtype: str) -> int:
+    """Bytes per element of the torch dtype named `dtype` ("bfloat16" -> 2)."""
+    return element_size(TORCH_TO_CODE[dtype])
+
+
+def nbytes(dtype: str, shape) -> int:
+    return math.prod(shape) * itemsize(dtype)
 
 
 def blob_length(job_shape, cast: str, options: QuantOptions, offset: float | None) -> int:
@@ -76,7 +80,7 @@ def four_bit_outputs(key: str, shape, cast: str, options: QuantOptions, offset: 
     """The tensors `Linear4bit._save_to_state_dict` writes for a weight of `shape`, in its order."""
     n = math.prod(shape)
     blocks = -(-n // BLOCKSIZE)
-    size = STORAGE_SIZES[options.quant_storage]
+    size = itemsize(options.quant_storage)
     packed = (n + 1) // 2
     storage_shape = (packed // size, 1) if size > 1 else (packed, 1)
     out = [(key, options.quant_storage, storage_shape)]
@@ -123,12 +127,6 @@ def hub_split(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
     return shards
 
 
-def shard_names(count: int) -> list[str]:
-    if count <= 1:
-        return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
 def ordered_outputs(keys: list[str], jobs: dict[str, TensorJob]) -> list[tuple[str, str, tuple]]:
     """Every output tensor in the order the quantized model's `state_dict()` lists them: a bnb
     module's extra tensors come after its own parameters (weight, bias)."""
@@ -146,25 +144,19 @@ def ordered_outputs(keys: list[str], jobs: dict[str, TensorJob]) -> list[tuple[s
     return out
 
 
-def shard_specs(keys, jobs, max_bytes: int, source, confine_to, out_dir, options, order=None):
+def shard_specs(keys, jobs, max_bytes: int, source, confine_to, options, order):
     """The shards (and total bytes, the index's total_size) of the output, as save_pretrained splits
     them (`order` puts the state dict in save_pretrained's order). A weight whose quant state the
     split puts in another shard is computed for each of them."""
-    outputs = ordered_outputs(keys, jobs)
-    if order is not None:
-        by_name = {o[0]: o for o in outputs}
-        outputs = [by_name[name] for name in order([o[0] for o in outputs])]
-    split = hub_split([(name, _nbytes(dt, shape)) for name, dt, shape in outputs], max_bytes)
+    by_name = {o[0]: o for o in ordered_outputs(keys, jobs)}
+    outputs = [by_name[name] for name in order(list(by_name))]
+    split = hub_split([(name, nbytes(dt, shape)) for name, dt, shape in outputs], max_bytes)
     owner = {o[0]: job for job in jobs.values() for o in job.outputs}
     specs = []
-    for i, (file_name, members) in enumerate(zip(shard_names(len(split)), split)):
-        shard_jobs: dict[str, TensorJob] = {}
-        for name in members:
-            shard_jobs.setdefault(owner[name].key, owner[name])
-        spec = ShardSpec(i, file_name, str(source), str(confine_to), str(out_dir), options, list(shard_jobs.values()))
-        spec.names = list(members)
-        specs.append(spec)
-    total = sum(_nbytes(dt, shape) for _n, dt, shape in outputs)
+    for file_name, members in zip(shard_file_names(len(split)), split):
+        shard_jobs = {owner[name].key: owner[name] for name in members}
+        specs.append(ShardSpec(file_name, str(source), str(confine_to), options, list(shard_jobs.values()), members))
+    total = sum(nbytes(dt, shape) for _n, dt, shape in outputs)
     return specs, total
 
 

@@ -3,7 +3,6 @@ shard specs) and `write_quantized` (the shards, the index and the config, into a
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -11,13 +10,14 @@ from typing import Callable
 from qfinal.checkpoint.atomic import atomic_dir, check_output_dir
 from qfinal.checkpoint.sources import read_config_json, resolve_source
 from qfinal.errors import CheckpointError, ConfigError, OutputError
-from qfinal.ops.quantize import QuantizePlan, nested_offset, packed_numel, quantize_shard
+from qfinal.ops.quantize import QuantizePlan, nested_offset, quantize_shard
 from qfinal.ops.quantize_plan import (
     QuantOptions,
     TensorJob,
     four_bit_outputs,
     int8_outputs,
     missing_from_checkpoint,
+    nbytes,
     shard_specs,
 )
 from qfinal.report import Finding, Report
@@ -121,8 +121,8 @@ def plan_quantize(
     def order(names):
         return save_order(ctx.model, ctx.hf_quantizer, names)
 
-    specs, total = shard_specs(keys, jobs, max_bytes, folder, resolved.confine_to, "", options, order)
-    four_bit = {j.key: packed_numel(j) for j in jobs.values() if j.kind == "4bit"}
+    specs, total = shard_specs(keys, jobs, max_bytes, folder, resolved.confine_to, options, order)
+    four_bit = {j.key: nbytes(*j.outputs[0][1:]) for j in jobs.values() if j.kind == "4bit"}  # the packed weights
     meta = set(ctx.model.state_dict(keep_vars=True))
     plan = QuantizePlan(
         specs=specs,
@@ -180,6 +180,7 @@ def write_quantized(
 ) -> list[str]:
     """Every shard (one task each on `executor`, `ops.executors`), the index when sharded,
     config.json and generation_config.json, atomically."""
+    from qfinal.checkpoint.writer import INDEX_FILE, write_index
     from qfinal.compat.transformers_save import write_configs
     from qfinal.ops.executors import run_tasks
 
@@ -195,14 +196,8 @@ def write_quantized(
         run_tasks(quantize_shard, plan.specs, executor, labels=labels, units=units, progress=progress, preload=preload)
         written += labels
         if len(plan.specs) > 1:
-            index = {
-                "metadata": {"total_parameters": plan.total_parameters, "total_size": plan.total_size},
-                "weight_map": weight_map,
-            }
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-            )
-            written.append("model.safetensors.index.json")
+            write_index(tmp, weight_map, plan.total_size, plan.total_parameters)
+            written.append(INDEX_FILE)
         written += write_configs(plan.model, tmp)
         written += _copy_small_files(plan.source.folder, plan.source.confine_to, tmp)
     return sorted(written)
