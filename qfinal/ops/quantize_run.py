@@ -3,11 +3,11 @@ shard specs) and `write_quantized` (the shards, the index and the config, into a
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable
 
 from qfinal.checkpoint.atomic import atomic_dir, check_output_dir
+from qfinal.checkpoint.side_files import copy_side_files
 from qfinal.checkpoint.sources import read_config_json, resolve_source
 from qfinal.errors import CheckpointError, ConfigError, OutputError
 from qfinal.ops.quantize import QuantizePlan, nested_offset, quantize_shard
@@ -24,7 +24,6 @@ from qfinal.report import Finding, Report
 from qfinal.sizes import parse_size
 
 DEFAULT_SHARD = "50GB"  # save_pretrained's default
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _WRITTEN_BY_US = ("config.json", "generation_config.json", "model.safetensors.index.json")
 
 
@@ -156,20 +155,6 @@ def _input_bytes(job: TensorJob, header) -> int:
     return rows * math.prod(shape[1:]) * element_size(st_dtype) if shape else element_size(st_dtype)
 
 
-def _copy_small_files(folder: Path, confine_to: Path, tmp: Path) -> list[str]:
-    """Tokenizer files and the like: everything beside the weights that transformers did not write."""
-    copied = []
-    for path in sorted(folder.iterdir()):
-        name = path.name
-        if name.startswith(".") or name in _WRITTEN_BY_US or name.endswith(_WEIGHT_SUFFIXES) or not path.is_file():
-            continue
-        if name.endswith(".index.json") or not path.resolve().is_relative_to(confine_to):
-            continue
-        shutil.copyfile(path, tmp / name)
-        copied.append(name)
-    return copied
-
-
 def write_quantized(
     plan: QuantizePlan,
     out: Path,
@@ -199,5 +184,5 @@ def write_quantized(
             write_index(tmp, weight_map, plan.total_size, plan.total_parameters)
             written.append(INDEX_FILE)
         written += write_configs(plan.model, tmp)
-        written += _copy_small_files(plan.source.folder, plan.source.confine_to, tmp)
+        written += copy_side_files(plan.source.folder, plan.source.confine_to, tmp, skip=_WRITTEN_BY_US)
     return sorted(written)
