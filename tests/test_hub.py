@@ -177,6 +177,7 @@ def test_offline_never_reaches_the_hub(hub, checkpoints, tmp_path, capsys, monke
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     code, _report = builders.run_json(capsys, "load", REPO, "--stop-after", "meta_init")
+    assert code == 0
     hub.reset_counts()
     code, report = builders.run_json(capsys, "load", REPO, "--offline")
     assert code == 0 and report["commit"] == commit and hub.requests == []
@@ -236,14 +237,58 @@ def test_save_from_the_hub_fetches_tokenizer_files_but_never_remote_code(hub, ch
     assert not [p for _m, p in hub.requests if p.endswith((".py", "README.md", ".onnx"))]
 
 
-def test_trust_remote_code_is_what_fetches_custom_code(hub, checkpoints, tmp_path, capsys):
-    commit = _publish(hub, checkpoints["llama_tied"], tmp_path)
+def test_trust_remote_code_is_what_fetches_custom_code(hub, checkpoints, tmp_path, capsys, monkeypatch):
+    """The repository's own config class (config.json's auto_map) is fetched, and imported by the
+    header-only `plan`, only with trust_remote_code."""
+    import sys
+
+    monkeypatch.setattr("transformers.dynamic_module_utils.HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # transformers appends the modules folder
+    folder = tmp_path / "custom-code"
+    shutil.copytree(checkpoints["llama_tied"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomLlamaConfig"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_custom.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass CustomLlamaConfig(LlamaConfig):\n    pass\n"
+    )
+    commit = _publish(hub, folder, tmp_path)
     trusting = tmp_path / "trust.yaml"
     trusting.write_text("trust_remote_code: true\n")
-    code, _report = builders.run_json(capsys, "plan", REPO)
-    assert not (_snapshot(tmp_path, commit) / "modeling_custom.py").exists()
+    code, report = builders.run_json(capsys, "plan", REPO)
+    assert code == 0 and report["extra"]["hub"]["downloaded"]
+    assert not [n for n in report["extra"]["hub"]["downloaded"] if n.endswith(".py")]
+    assert not (_snapshot(tmp_path, commit) / "configuration_custom.py").exists()
     code, report = builders.run_json(capsys, "plan", REPO, "--config", str(trusting))
-    assert code == 0 and "modeling_custom.py" in report["extra"]["hub"]["downloaded"]
+    assert code == 0 and report["extra"]["hub"]["headers_only"]
+    assert {"configuration_custom.py", "modeling_custom.py"} <= set(report["extra"]["hub"]["downloaded"])
+
+
+def test_an_adapter_repository_without_weights_is_named(hub, checkpoints, tmp_path):
+    from qfinal.checkpoint.hub import HubRequest, fetch
+    from qfinal.errors import SourceError
+
+    folder = tmp_path / "config-only-adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    hub.add("acme/no-weights", folder)
+    for allow_pickle in (False, True):
+        with pytest.raises(SourceError, match="no adapter_model.safetensors or adapter_model.bin"):
+            fetch("acme/no-weights", HubRequest(adapter=True, allow_pickle=allow_pickle))
+
+
+def test_a_cached_index_without_its_shards_is_not_a_snapshot(checkpoints, tmp_path):
+    """What an interrupted download leaves (the index, not every shard) is not used offline."""
+    from qfinal.checkpoint.hub import PICKLE_INDEX, SAFE_INDEX, holds_weights
+
+    for index, shard in ((SAFE_INDEX, "model-00001-of-00001.safetensors"), (PICKLE_INDEX, "pytorch_model-1.bin")):
+        folder = tmp_path / index
+        folder.mkdir()
+        shutil.copy(checkpoints["llama_tied"] / "config.json", folder)
+        (folder / index).write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
+        assert not holds_weights(folder), index
+        (folder / shard).write_bytes(b"")
+        assert holds_weights(folder), index
 
 
 def test_adapter_given_as_a_hub_id(hub, checkpoints, tmp_path, capsys):
@@ -269,12 +314,14 @@ def test_adapter_given_as_a_hub_id(hub, checkpoints, tmp_path, capsys):
 def test_an_unreachable_hub_falls_back_to_the_cache(hub, checkpoints, tmp_path, capsys, monkeypatch):
     commit = _publish(hub, checkpoints["llama_tied"], tmp_path)
     code, _report = builders.run_json(capsys, "plan", REPO)  # JSON and headers only: nothing to fall back on
+    assert code == 0
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     code, _out, err = builders.run_cli(capsys, "plan", REPO)
     assert code == 2 and "cannot be reached" in err and len(err.strip().splitlines()) == 1
 
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    builders.run_json(capsys, "load", REPO, "--stop-after", "meta_init")
+    code, _report = builders.run_json(capsys, "load", REPO, "--stop-after", "meta_init")
+    assert code == 0
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     code, report = builders.run_json(capsys, "load", REPO, "--stop-after", "meta_init")
     assert code == 0 and report["commit"] == commit

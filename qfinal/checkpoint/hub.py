@@ -16,7 +16,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qfinal.checkpoint.hub_checks import hub_errors, progress_on_tty, transport_errors, verify_download
+from qfinal.checkpoint.hub_checks import (
+    hub_errors,
+    listed_size,
+    progress_on_tty,
+    transport_errors,
+    verify_download,
+)
 from qfinal.errors import CheckpointError, ConfigError, SourceError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -119,7 +125,7 @@ def fetch(repo_id: str, req: HubRequest) -> Fetched:
     if not commit or (req.revision and COMMIT_HASH.match(req.revision) and commit != req.revision):
         raise SourceError(f"the hub answered commit {commit} for {req.revision}", where=repo_id)
     siblings = {s.rfilename: s for s in info.siblings or []}
-    fetched = Fetched(repo_id, commit, _snapshot(repo_id, commit), _repo_folder(repo_id))
+    fetched = Fetched(repo_id, commit, _snapshot(repo_id, commit), _repo_folder(repo_id).resolve())
     _remember_ref(repo_id, req.revision or "main", commit)
     with progress_on_tty():
         for name in _json_files(siblings, req, f"{repo_id}@{commit[:12]}"):
@@ -129,7 +135,7 @@ def fetch(repo_id: str, req: HubRequest) -> Fetched:
         if req.headers_only and tensors and not all(_cached(fetched, n) for n in tensors):
             from qfinal.checkpoint.hub_headers import header_stubs
 
-            return header_stubs(fetched, tensors, {n: _listed_size(siblings[n]) for n in tensors})
+            return header_stubs(fetched, tensors, {n: listed_size(siblings[n]) for n in tensors})
         for name in weights:
             _download(fetched, name, siblings[name])
     return fetched
@@ -197,9 +203,14 @@ def holds_weights(folder: Path, *, adapter: bool = False) -> bool:
         )
     if not (folder / "config.json").is_file():
         return False
-    if any((folder / n).is_file() for n in (SAFE_SINGLE, PICKLE_SINGLE, PICKLE_INDEX)):
+    if any((folder / n).is_file() for n in (SAFE_SINGLE, PICKLE_SINGLE)):
         return True
-    shards = _index_shards(folder / SAFE_INDEX) if (folder / SAFE_INDEX).is_file() else None
+    return any(_holds_shards(folder, index) for index in (SAFE_INDEX, PICKLE_INDEX))
+
+
+def _holds_shards(folder: Path, index: str) -> bool:
+    """The index is cached with every shard it names (a header-only run caches the index alone)."""
+    shards = _index_shards(folder / index) if (folder / index).is_file() else None
     return bool(shards) and all((folder / s).is_file() for s in shards)
 
 
@@ -221,7 +232,13 @@ def _weight_files(fetched: Fetched, siblings: dict, req: HubRequest) -> list[str
     if req.adapter:
         if ADAPTER_FILES[1] in siblings:
             return [ADAPTER_FILES[1]]
-        return _pickle_or_refuse(["adapter_model.bin"], siblings, req, fetched)
+        if "adapter_model.bin" in siblings:
+            return _pickle_or_refuse(["adapter_model.bin"], siblings, req, fetched)
+        raise SourceError(
+            "the repository has no adapter_model.safetensors or adapter_model.bin",
+            where=f"{fetched.repo_id}@{fetched.commit[:12]}",
+            hint="is it a PEFT adapter?",
+        )
     if SAFE_SINGLE in siblings:
         return [SAFE_SINGLE]
     if SAFE_INDEX in siblings:
@@ -272,10 +289,6 @@ def _index_shards(path: Path) -> list[str] | None:
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         return None
     return sorted(set(weight_map.values()))
-
-
-def _listed_size(sibling) -> int | None:
-    return sibling.lfs.size if sibling.lfs else sibling.size
 
 
 def _cached(fetched: Fetched, name: str) -> bool:

@@ -17,7 +17,7 @@ def verify_download(path: Path, sibling, where: str) -> None:
     """Size, then sha256 (LFS files) or the git blob id (small files), as the hub lists them."""
     lfs = getattr(sibling, "lfs", None)
     size = path.stat().st_size
-    expected_size = lfs.size if lfs else getattr(sibling, "size", None)
+    expected_size = listed_size(sibling)
     problem = None
     if expected_size is not None and size != expected_size:
         problem = f"arrived with {size} bytes where the hub lists {expected_size}"
@@ -31,6 +31,12 @@ def verify_download(path: Path, sibling, where: str) -> None:
     path.unlink(missing_ok=True)  # neither this run nor the next may use it
     blob.unlink(missing_ok=True)
     raise SourceError(f"{problem}; removed from the cache, nothing was used", where=where, hint="run the command again")
+
+
+def listed_size(sibling) -> int | None:
+    """The file's size as the hub lists it (an LFS file's is its pointer's target)."""
+    lfs = getattr(sibling, "lfs", None)
+    return lfs.size if lfs else getattr(sibling, "size", None)
 
 
 def _digest(path: Path, h) -> str:

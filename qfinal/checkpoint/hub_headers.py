@@ -24,14 +24,14 @@ from qfinal.errors import CheckpointError, SourceError
 _WORKERS = 8
 
 
-def header_stubs(fetched: Fetched, weights: list[str], sizes: dict[str, int | None]) -> Fetched:
-    """A folder with the JSON files and one header-only stand-in per safetensors file."""
+def header_stubs(fetched: Fetched, shards: list[str], sizes: dict[str, int | None]) -> Fetched:
+    """A folder with the downloaded JSON files and code (custom code's config class, with
+    trust_remote_code) and one header-only stand-in per safetensors file in `shards`."""
     folder = Path(tempfile.mkdtemp(prefix="qfinal-headers-"))
     atexit.register(shutil.rmtree, folder, True)
     for path in fetched.folder.iterdir():
-        if path.name.endswith(".json"):
+        if path.name.endswith((".json", ".py")):
             shutil.copyfile(path, folder / path.name)
-    shards = [n for n in weights if n.endswith(".safetensors")]
     with ThreadPoolExecutor(min(_WORKERS, max(1, len(shards)))) as pool:
         served = list(pool.map(lambda n: _stub(fetched, n, sizes.get(n), folder / n), shards))
     return Fetched(
@@ -76,7 +76,7 @@ def read_range(fetched: Fetched, name: str, start: int, length: int) -> tuple[by
     url = hf_hub_url(fetched.repo_id, name, revision=fetched.commit, endpoint=hub_endpoint())
     headers = build_hf_headers()
     headers.update({"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"})
-    data = b""
+    data = bytearray()
     with hub_errors(fetched.repo_id, name):
         with get_session().stream("GET", url, headers=headers, follow_redirects=True) as response:
             if response.status_code >= 400:
@@ -89,8 +89,8 @@ def read_range(fetched: Fetched, name: str, start: int, length: int) -> tuple[by
                     hint="run the full command, which downloads the weights",
                 )
             for chunk in response.iter_bytes():
-                data += chunk
+                data.extend(chunk)
                 if len(data) >= length:
                     break
     total = response.headers.get("Content-Range", "").rpartition("/")[2]
-    return data[:length], int(total) if total.isdigit() else None
+    return bytes(data[:length]), int(total) if total.isdigit() else None

@@ -6,18 +6,17 @@ otherwise downloaded (only what finalization needs), unless offline.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from qfinal.checkpoint.hub import HUB_ID, HubRequest, fetch, hub_cache_dir, split_hub_id
+from qfinal.checkpoint.hub import HUB_ID, HubRequest, fetch, split_hub_id
 from qfinal.errors import ConfigError, SourceError
 
 __all__ = [
-    "HubRequest",
     "Source",
     "hub_adapters",
-    "hub_cache_dir",
     "hub_request",
     "read_config_json",
     "resolve_source",
@@ -53,8 +52,11 @@ class Source:
         }
 
 
-def resolve_source(source: str | Path, hub: HubRequest | None = None) -> Source:
-    """A local folder, `demo`, or a hub id fetched as `hub` asks (default: download what a load needs)."""
+def resolve_source(source: str | Path | Source, hub: HubRequest | None = None) -> Source:
+    """A local folder, `demo`, or a hub id fetched as `hub` asks (default: download what a load needs).
+    A Source is already resolved: returned as it is, so a hub id's branch is looked up once per run."""
+    if isinstance(source, Source):
+        return source
     hub = hub or HubRequest()
     text = str(source)
     if text == "demo":
@@ -71,7 +73,7 @@ def resolve_source(source: str | Path, hub: HubRequest | None = None) -> Source:
         return Source(text, path.resolve(), path.resolve())
     if HUB_ID.match(text) and not text.startswith((".", "/")):
         repo_id, revision = split_hub_id(text, hub.revision)
-        return from_hub(repo_id, HubRequest(**{**hub.__dict__, "revision": revision}))
+        return from_hub(repo_id, dataclasses.replace(hub, revision=revision))
     raise SourceError("path does not exist", where=text, hint="pass a model folder, a hub id (org/name), or 'demo'")
 
 

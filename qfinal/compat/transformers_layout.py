@@ -99,11 +99,12 @@ def conv1d_layout(folder: Path, where: str, config: dict | None = None):
 
 
 def architecture_class(config) -> tuple[object, type | None]:
-    """(what config.json's `architectures[0]` says, the transformers model class of that name or
-    None): a bare string, a number or a non-model attribute of transformers names no class."""
+    """(what `architectures[0]` of `config` (a transformers config or config.json's dict) says, the
+    transformers model class of that name or None): a bare string, a number or a non-model
+    attribute of transformers names no class."""
     import transformers
 
-    archs = getattr(config, "architectures", None)
+    archs = config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
     listed = isinstance(archs, (list, tuple)) and len(archs) > 0
     name = archs[0] if listed else archs
     cls = getattr(transformers, name, None) if listed and isinstance(name, str) else None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from qfinal.checkpoint.sources import read_config_json, resolve_source
+from qfinal.checkpoint.sources import Source, read_config_json, resolve_source
 from qfinal.errors import SourceError
 from qfinal.ops.dequantize import dtype_name, parse_dtype
 from qfinal.report import Finding
@@ -142,24 +142,23 @@ def logits_tolerance(dtype: torch.dtype) -> float:
     return 16 * u
 
 
-def verify_dequantized(source: Path | str, out: Path, dtype: torch.dtype | str) -> list[Finding]:
-    """Reload OUT with plain transformers and compare with transformers' own dequantization.
+def verify_dequantized(source: Path | str | Source, out: Path, dtype: torch.dtype | str) -> list[Finding]:
+    """Reload OUT with plain transformers and compare with the format's reference dequantization.
 
-    The reference is SOURCE loaded by transformers and `dequantize(torch.float32)`'ed, then cast
-    to `dtype`: bit-identical to `dequantize(dtype)` (the bnb result is float32, or a float16/bfloat16
-    quant-state dtype that float32 holds exactly, so the detour through float32 adds no rounding),
-    and it gives float32 logits to compare with. It is dequantized before any forward pass: on CPUs
-    with AVX512-BF16, bnb repacks 4-bit weights in place on the first eval forward and
-    transformers' dequantize() then returns garbage.
+    The reference is SOURCE as `fmt.verify_reference` gives it, in float32 where the format allows
+    (bnb: transformers' load, then `dequantize(torch.float32)` before any forward pass, which on
+    CPUs with AVX512-BF16 repacks 4-bit weights in place), cast to `dtype`: bit-identical to
+    `dequantize(dtype)`, as float32 holds the bnb result exactly. Its float32 logits are compared
+    with OUT's. Pass the Source `dequantize_checkpoint` resolved: a hub id resolved again could
+    name another commit of a moving branch.
     """
-    import transformers
+    from qfinal.compat.transformers_layout import architecture_class
 
     dtype = parse_dtype(dtype)
     resolved = resolve_source(source)
     out = Path(out)
     config = read_config_json(out)
-    archs = config.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
+    _name, cls = architecture_class(config)
     if cls is None:
         raise SourceError("config.json names no transformers model class", where=str(out))
 

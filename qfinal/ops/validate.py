@@ -52,9 +52,8 @@ def validate(
     config.json, a bad config or allow-list pattern.
     """
     cfg, ignored = _gate_config(config, overrides)
-    if not isinstance(source, Source):  # a hub id: with fast, config.json and the safetensors headers only
-        source = resolve_source(source, hub_request(cfg, allow_pickle=allow_pickle, headers_only=fast))
-    src = source
+    # a hub id: with fast, config.json and the safetensors headers only (a Source stays as it is)
+    src = resolve_source(source, hub_request(cfg, allow_pickle=allow_pickle, headers_only=fast))
     raw = read_config_json(src.folder)  # no or broken config.json: exit 2 before any work
 
     def fresh() -> Context:

@@ -75,6 +75,17 @@ def dense_state(
     return dense, weights
 
 
+def find_stored_weights(fmt: QuantFormat, inventory, raw: dict, where: str) -> list[StoredWeight]:
+    """Every quantized weight of a safetensors inventory, as `qfinal dequantize` finds them: from
+    the headers, reading only the small quant-state blobs the format needs. CheckpointError names
+    the first weight whose stored state cannot be used."""
+    from qfinal.checkpoint.reader import TensorReader
+
+    headers = {key: (entry.dtype, list(entry.shape)) for key, entry in inventory.tensors.items()}
+    with TensorReader.for_inventory(inventory, max_open=0) as reader:
+        return fmt.find_weights(headers, reader.get, fmt.scheme(raw, where), where)
+
+
 def dense_inventory(ctx):
     """The checkpoint's inventory as the plain checkpoint it encodes, for header-only key checks:
     quant-state tensors gone, each quantized weight under its own name with its dequantized shape.
@@ -82,16 +93,11 @@ def dense_inventory(ctx):
     broken to say (the quantization_config check reports why)."""
     import dataclasses
 
-    from qfinal.checkpoint.reader import TensorReader
-
     fmt, inventory = ctx.dequantizing_format, ctx.inventory
     if fmt is None or inventory.format != "safetensors":
         return inventory
-    where = str(ctx.source.folder)
-    headers = {key: (entry.dtype, list(entry.shape)) for key, entry in inventory.tensors.items()}
     try:
-        with TensorReader.for_inventory(inventory, max_open=0) as reader:
-            weights = fmt.find_weights(headers, reader.get, fmt.scheme(ctx.config_json(), where), where)
+        weights = find_stored_weights(fmt, inventory, ctx.config_json(), str(ctx.source.folder))
     except CheckpointError:
         return inventory
     consumed = {key for weight in weights for key in weight.parts.values()}

@@ -46,32 +46,34 @@ def refuse_inconsistent_quant_state(ctx: Context) -> None:
     _refuse_unusable_stored_weights(ctx, raw)
 
 
+def _unloadable(fmt, err, hint: str):
+    """A format's CheckpointError about its stored weights, named as the header checks name theirs
+    (validate reports it)."""
+    from qfinal.checkpoint.headers import checkpoint_error
+
+    return checkpoint_error(
+        f"the {fmt.name} checkpoint cannot be loaded: {err.what}",
+        file=err.where,
+        check="quantization_config",
+        hint=hint,
+    )
+
+
 def _refuse_unusable_stored_weights(ctx: Context, raw: dict) -> None:
     """Each stored weight as `qfinal dequantize` reads it (its small quant-state blobs read): state
     transformers cannot unpack leaves the weight to a random init of packed bytes (a crash), and
     state that does not fit the weight makes bitsandbytes read out of bounds."""
-    from qfinal.checkpoint.headers import checkpoint_error
-    from qfinal.checkpoint.reader import TensorReader
     from qfinal.errors import CheckpointError
     from qfinal.formats import format_for
+    from qfinal.pipeline.dequantize_on_load import find_stored_weights
 
     fmt = format_for(raw)
     if fmt is None:
         return
-    where = str(ctx.source.folder)
-    headers = {key: (entry.dtype, list(entry.shape)) for key, entry in ctx.inventory.tensors.items()}
-    reader = TensorReader.for_inventory(ctx.inventory, max_open=0)
     try:
-        fmt.find_weights(headers, reader.get, fmt.scheme(raw, where), where)
-    except CheckpointError as err:  # named as the header checks name theirs: validate reports it
-        raise checkpoint_error(
-            f"the {fmt.name} checkpoint cannot be loaded: {err.what}",
-            file=err.where,
-            check="quantization_config",
-            hint="re-export the quantized checkpoint",
-        ) from None
-    finally:
-        reader.close()
+        find_stored_weights(fmt, ctx.inventory, raw, str(ctx.source.folder))
+    except CheckpointError as err:
+        raise _unloadable(fmt, err, "re-export the quantized checkpoint") from None
 
 
 def _quantizes_on_load(ctx: Context) -> bool:
@@ -99,7 +101,6 @@ def refuse_what_transformers_loads_wrong(ctx: Context) -> None:
 def _load_dequantizing(ctx: Context, files: list[str]):
     """Load a checkpoint whose format qfinal dequantizes itself (`pipeline.dequantize_on_load`):
     each quantized weight rebuilt as the loader reads it; the report lists them as converted."""
-    from qfinal.checkpoint.headers import checkpoint_error
     from qfinal.errors import CheckpointError
     from qfinal.pipeline.dequantize_on_load import dense_state
     from qfinal.report import ConvertedModule
@@ -113,19 +114,15 @@ def _load_dequantizing(ctx: Context, files: list[str]):
     progress = ctx.on_progress and (lambda done, total: ctx.on_progress(done, total, "bytes read"))
     with read_tensor_by_tensor(files, progress) as state:
         try:
-            dense, weights = dense_state(fmt, fmt.scheme(raw, where), state, ctx.dtype, ctx.model, where)
-        except CheckpointError as err:  # named as the header checks name theirs: validate reports it
-            raise checkpoint_error(
-                f"the {fmt.name} checkpoint cannot be loaded: {err.what}",
-                file=err.where,
-                check="quantization_config",
-                hint="run `qfinal validate --fast` for every problem; re-export the quantized checkpoint",
-            ) from None
+            scheme = fmt.scheme(raw, where)
+            dense, weights = dense_state(fmt, scheme, state, ctx.dtype, ctx.model, where)
+        except CheckpointError as err:
+            hint = "run `qfinal validate --fast` for every problem; re-export the quantized checkpoint"
+            raise _unloadable(fmt, err, hint) from None
         loaded = _hf.load_checkpoint_into(ctx.model, files, ctx.load_config, dense)
     dtype = str(ctx.dtype).removeprefix("torch.")
-    scheme = fmt.scheme(raw, where).label
     ctx.report.keys.converted = [
-        ConvertedModule.model_validate({"module": w.name.rsplit(".", 1)[0], "from": scheme, "to": dtype})
+        ConvertedModule.model_validate({"module": w.name.rsplit(".", 1)[0], "from": scheme.label, "to": dtype})
         for w in weights
     ] + ctx.report.keys.converted
     return loaded

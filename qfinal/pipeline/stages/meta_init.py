@@ -54,16 +54,16 @@ def _dequantize_on_load_if_needed(ctx: Context, hf_config) -> None:
     the model is then built as the plain one, without transformers' quantizer for that format."""
     from qfinal.formats import format_for
 
-    fmt = format_for(ctx.config_json())
-    if fmt is not None and fmt.load_refusal(ctx.config_json()):
-        # checkpoint_dispatch refuses it with the reason; header-only validate reports it as a finding
-        if hasattr(hf_config, "quantization_config"):
-            del hf_config.quantization_config
+    raw = ctx.config_json()
+    fmt = format_for(raw)
+    # A refused format is built without its quantizer too: checkpoint_dispatch refuses it with the
+    # reason, header-only validate reports it as a finding.
+    refused = fmt is not None and fmt.load_refusal(raw)
+    reason = fmt.dequantizes_on_load(raw) if fmt is not None and not refused else None
+    if not refused and reason is None:
         return
-    reason = fmt.dequantizes_on_load(ctx.config_json()) if fmt is not None else None
-    if reason is None:
-        return
-    ctx.dequantizing_format, ctx.dequantizing_reason = fmt, reason
+    if reason is not None:
+        ctx.dequantizing_format, ctx.dequantizing_reason = fmt, reason
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
 
