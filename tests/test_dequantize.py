@@ -386,7 +386,7 @@ def test_existing_out_needs_force(checkpoints, tmp_path):
 
 def test_failure_mid_write_leaves_nothing(sharded_bnb, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real = dq._materialize
+    real = dq.materialize
     seen = []
 
     def flaky(item, src, where, *rest):
@@ -397,7 +397,7 @@ def test_failure_mid_write_leaves_nothing(sharded_bnb, tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(item, src, where, *rest)
 
-    monkeypatch.setattr(dq, "_materialize", flaky)
+    monkeypatch.setattr(dq, "materialize", flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
         dq.dequantize_checkpoint(sharded_bnb, out, max_shard_size="20KB")
     assert len(seen) == 12

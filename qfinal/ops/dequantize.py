@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,8 @@ import torch
 
 from qfinal.checkpoint import writer as _shards
 from qfinal.checkpoint.atomic import atomic_dir, check_output_dir
-from qfinal.checkpoint.sources import read_config_json, resolve_source
+from qfinal.checkpoint.side_files import copy_side_files
+from qfinal.checkpoint.sources import Source, read_config_json, resolve_source, stamp_report
 from qfinal.errors import CheckpointError, ConfigError, OutputError
 from qfinal.ops.dequantize_plan import PlanItem, SourceReader, plan_items, stored_format
 from qfinal.ops.executors import Executor, run_tasks
@@ -43,16 +43,9 @@ from qfinal.sizes import parse_size
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # Files that are weights (or indexes of weights) and must not be copied to OUT.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 # Heavy libraries a shard task imports (bitsandbytes pulls in torch.compile's machinery): a pool's
 # forkserver imports those the planning loaded once, not each worker.
 _WORKER_LIBRARIES = ("bitsandbytes",)
-_WEIGHT_INDEXES = (
-    "model.safetensors.index.json",
-    "pytorch_model.bin.index.json",
-    "tf_model.h5.index.json",
-    "flax_model.msgpack.index.json",
-)
 
 
 @dataclass
@@ -65,6 +58,7 @@ class DequantizeResult:
     cast: list[str] = field(default_factory=list)  # other tensors (cast if floating)
     files: list[str] = field(default_factory=list)  # every file written to OUT
     total_bytes: int = 0  # tensor bytes over all shards (the index's total_size)
+    source: Source | None = None  # SOURCE as resolved (a hub id: its commit), for --verify and the report
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -107,7 +101,7 @@ def _cast(value: torch.Tensor, item: PlanItem, scratch: _Scratch | None) -> torc
     if item.transpose:
         value = value.t()
     if list(value.shape) != item.shape:
-        return value  # _materialize reports the shape
+        return value  # materialize reports the shape
     if value.dtype == item.dtype and value.is_contiguous():
         return value
     if scratch is None:
@@ -115,7 +109,7 @@ def _cast(value: torch.Tensor, item: PlanItem, scratch: _Scratch | None) -> torc
     return scratch.take(item.shape, item.dtype).copy_(value)
 
 
-def _materialize(item: PlanItem, src: SourceReader, where: str, scratch: _Scratch | None = None) -> torch.Tensor:
+def materialize(item: PlanItem, src: SourceReader, where: str, scratch: _Scratch | None = None) -> torch.Tensor:
     """The output tensor for `item`. With `scratch`, the result may live in its buffer: valid only
     until the next call."""
     if item.kind == "copy":
@@ -145,29 +139,6 @@ def _write_config(config: dict, dtype: torch.dtype, path: Path) -> None:
             value.pop("torch_dtype", None)
             value["dtype"] = dtype_name(dtype)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _copy_small_files(folder: Path, confine_to: Path, tmp: Path) -> list[str]:
-    copied = []
-    for path in sorted(folder.iterdir()):
-        name = path.name
-        if (
-            name.startswith(".")
-            or name == "config.json"
-            or name in _WEIGHT_INDEXES
-            or name.endswith(_WEIGHT_SUFFIXES)
-            or not path.is_file()
-        ):
-            continue
-        if not path.resolve().is_relative_to(confine_to):
-            raise CheckpointError(
-                "file resolves outside the model folder",
-                where=str(path),
-                hint="refusing to copy files from outside the checkpoint",
-            )
-        shutil.copyfile(path, tmp / name)
-        copied.append(name)
-    return copied
 
 
 def _shard(items: list[PlanItem], max_bytes: int, result: DequantizeResult):
@@ -208,7 +179,7 @@ def write_shard(task: ShardTask) -> str:
 
         def computed():
             for item in task.items:
-                tensor = _materialize(item, src, task.where, scratch)
+                tensor = materialize(item, src, task.where, scratch)
                 yield item.name, tensor
                 del tensor  # written: drop it before computing the next one
                 advance()
@@ -253,7 +224,7 @@ def _write(
 
 
 def dequantize_checkpoint(
-    source: Path | str,
+    source: Path | str | Source,
     out: Path,
     *,
     dtype: torch.dtype | str = torch.float16,
@@ -290,14 +261,18 @@ def dequantize_checkpoint(
     try:
         items = plan_items(src, dtype, fmt, scheme, conv1d, shapes, prefix, where)
         result = DequantizeResult(
-            out=out, dtype=dtype_name(dtype), quant_method=scheme.method, double_quant=scheme.double_quant
+            out=out,
+            dtype=dtype_name(dtype),
+            quant_method=scheme.method,
+            double_quant=scheme.double_quant,
+            source=resolved,
         )
         sharded = _shard(items, max_bytes, result)
         with atomic_dir(out, force=force) as tmp:
             _write(tmp, src, sharded, result, where, progress, executor)
             _write_config(config, dtype, tmp / "config.json")
             result.files.append("config.json")
-            result.files.extend(_copy_small_files(folder, resolved.confine_to, tmp))
+            result.files.extend(copy_side_files(folder, resolved.confine_to, tmp))
     finally:
         src.close()
     result.files.sort()
@@ -340,6 +315,7 @@ def run_dequantize(
         progress=progress,
         executor=executor,
     )
+    stamp_report(report, result.source)
     report.quantization = result.quant_method + ("+double_quant" if result.double_quant else "")
     report.model_class = (read_config_json(Path(out)).get("architectures") or [None])[0]
     report.stages.append(
@@ -368,7 +344,7 @@ def run_dequantize(
         start = time.perf_counter()
         if on_step:
             on_step("verify")
-        report.findings.extend(verify_dequantized(source, Path(out), dtype))
+        report.findings.extend(verify_dequantized(result.source, Path(out), dtype))  # the commit written
         report.checks = sorted({f.check for f in report.findings})
         report.stages.append(
             StageRecord(

@@ -19,7 +19,7 @@ from qfinal.adapters.peft_types import streaming_merge_refusal
 from qfinal.checkpoint.dtypes import element_size, torch_dtype_of
 from qfinal.checkpoint.row_slabs import read_row_slabs, rows_per_slab, slab_bounds
 from qfinal.errors import CheckpointError, ConfigError
-from qfinal.ops.dequantize import DTYPES, _materialize
+from qfinal.ops.dequantize import DTYPES, materialize
 from qfinal.ops.dequantize_plan import SourceReader, plan_items, stored_format
 from qfinal.ops.merge_shard import MergeJob, OutTensor
 
@@ -88,7 +88,7 @@ class Base:
         if out.item is None:
             value = self.src.get(key)
             return value if value.dtype == out.dtype else value.to(out.dtype)
-        return _materialize(out.item, self.src, self.where)  # src.get and dequantize give fresh tensors
+        return materialize(out.item, self.src, self.where)  # src.get and dequantize give fresh tensors
 
     def slab_bounds(self, key: str) -> list[tuple[int, int]]:
         """Row slabs in which to copy the base's tensor `key` (`checkpoint.row_slabs`)."""
