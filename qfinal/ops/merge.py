@@ -30,8 +30,9 @@ from qfinal.adapters.peft_types import describe
 from qfinal.checkpoint import writer as _shards
 from qfinal.checkpoint.atomic import atomic_dir
 from qfinal.checkpoint.dtypes import check_output_dtype
+from qfinal.checkpoint.row_slabs import chunk_bytes
 from qfinal.checkpoint.side_files import copy_side_files
-from qfinal.checkpoint.sources import read_config_json, resolve_source
+from qfinal.checkpoint.sources import Source, read_config_json, resolve_source, stamp_report
 from qfinal.errors import ConfigError, OutputError
 from qfinal.ops.merge_shard import MergeJob, ShardSpec, release_session, session_for
 from qfinal.report import Finding, Report
@@ -50,6 +51,7 @@ class MergePlan:
     dtype: str
     model_class: str | None = None
     adapters: list[dict] = field(default_factory=list)
+    base_source: Source | None = None  # the base as resolved once (a hub id: one commit for the whole run)
 
 
 def plan_merge(
@@ -65,7 +67,7 @@ def plan_merge(
     check_output_dtype(dtype)
     if not adapters:
         raise ConfigError("no adapter to merge", where="--adapter", hint="name at least one adapter folder")
-    resolved = resolve_source(base)
+    resolved = base_source = resolve_source(base)
     config = read_config_json(resolved.folder)
     quantized = _quant_method(config)
     if base_weights is not None:
@@ -88,18 +90,20 @@ def plan_merge(
     )
     session = session_for(job)
     out = session.base.out
-    biggest_unit = max((sum(_fp32(out[k]) for k in keys) for keys in session.unit_keys.values()), default=0)
+    whole_units = [keys for path, keys in session.unit_keys.items() if path not in session.row_merges]
+    biggest_unit = max((sum(_fp32(out[k]) for k in keys) for keys in whole_units), default=0)
     adapter_bytes = sum(m.adapter_bytes for m in session.mergers)
-    largest = max((o.shape_bytes() for o in out.values()), default=0)
     return MergePlan(
         job=job,
         files=_output_files(session.base.files),
         merged=sorted(session.unit_of),
         total_bytes=sum(o.shape_bytes() for o in out.values()),
-        peak_bytes=adapter_bytes + 3 * biggest_unit + 2 * largest,
+        # the adapters, a module peft merges whole (its tensors and fp32 temporaries), the slab buffers
+        peak_bytes=adapter_bytes + 3 * biggest_unit + 4 * chunk_bytes(),
         quantization=session.base.quantization or quantized,
         dtype=job.dtype or str(session.base.dtype).removeprefix("torch."),
         model_class=(session.base.config.get("architectures") or [None])[0],
+        base_source=base_source,
         adapters=[
             {
                 "name": m.name,
@@ -225,6 +229,7 @@ def run_merge(
             quantization=plan.quantization or "none",
             model_class=plan.model_class,
         )
+        stamp_report(report, plan.base_source)
         info = {
             "out": str(out),
             "dry_run": dry_run,
@@ -244,7 +249,6 @@ def run_merge(
                 plan,
                 Path(out),
                 info,
-                base=base,
                 quantize=quantize,
                 double_quant=double_quant,
                 compare=do_compare,
@@ -267,7 +271,7 @@ def run_merge(
         )
     )
     if do_compare and quantize is None:
-        info["logits_vs_unmerged"] = _compare(base, Path(out), plan)
+        info["logits_vs_unmerged"] = _compare(Path(out), plan)
     report.extra["merge"] = info
     report.findings.extend(merge_findings(plan, info))
     if quantize is not None:
@@ -276,7 +280,7 @@ def run_merge(
     return report
 
 
-def _write(plan, out, info, *, base, quantize, double_quant, compare, force, executor, progress, on_quantize):
+def _write(plan, out, info, *, quantize, double_quant, compare, force, executor, progress, on_quantize):
     """OUT, plain or requantized (then the quantize step's report is returned)."""
     if quantize is None:
         info["files"] = write_merge(plan, out, force=force, executor=executor, progress=progress)
@@ -285,7 +289,7 @@ def _write(plan, out, info, *, base, quantize, double_quant, compare, force, exe
 
     def before_quantize(merged: Path) -> None:
         if compare:
-            info["logits_vs_unmerged"] = _compare(base, merged, plan)
+            info["logits_vs_unmerged"] = _compare(merged, plan)
 
     quantized = merge_then_quantize(
         plan,
@@ -302,10 +306,10 @@ def _write(plan, out, info, *, base, quantize, double_quant, compare, force, exe
     return quantized
 
 
-def _compare(base, merged: Path, plan: MergePlan) -> dict:
+def _compare(merged: Path, plan: MergePlan) -> dict:
     from qfinal.ops.merge_compare import logits_change
 
-    return logits_change(Path(resolve_source(base).folder), merged, plan)
+    return logits_change(Path(plan.base_source.folder), merged, plan)
 
 
 def _add_quantize(report: Report, plan: MergePlan, quantized: Report | None, method: str, base_weights) -> None:
