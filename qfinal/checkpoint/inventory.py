@@ -120,6 +120,7 @@ class CheckpointInventory:
     sharded_metadata: dict | None = None
     tensors: dict[str, TensorEntry] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    metadata: dict[Path, dict[str, str]] = field(default_factory=dict)  # each read file's __metadata__
 
     def add(
         self, check: str, message: str, *, file: str | None = None, key: str | None = None, hint: str | None = None
@@ -213,7 +214,7 @@ def _confined(inv: CheckpointInventory, name: str, confine_to: Path | None, what
 def _read_header_into(inv: CheckpointInventory, path: Path, name: str) -> dict[str, TensorEntry] | None:
     # Named as the index names it: the resolved path may be a hub-cache blob.
     try:
-        tensors, _ = read_safetensors_header(path, display_name=name)
+        tensors, inv.metadata[path] = read_safetensors_header(path, display_name=name)
     except CheckpointError as err:
         inv.add_error(err)
         return None

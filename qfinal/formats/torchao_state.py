@@ -161,16 +161,12 @@ def stored_weight(name: str, parts: dict[str, str], headers: dict, scheme: Torch
 
 def file_metadata(inventory) -> dict[str, str] | None:
     """The `__metadata__` of every safetensors file of `inventory`, merged as transformers merges
-    them; None when a file cannot be read (the inventory reports why)."""
-    from qfinal.checkpoint.headers import read_safetensors_header
-    from qfinal.errors import CheckpointError
-
+    them; None when a file's header was not read (the inventory reports why)."""
+    if any(path not in inventory.metadata for path in inventory.files):
+        return None
     merged: dict[str, str] = {}
     for path in inventory.files:
-        try:
-            merged.update(read_safetensors_header(path, display_name=path.name)[1])
-        except CheckpointError:
-            return None
+        merged.update(inventory.metadata[path])
     return merged
 
 
