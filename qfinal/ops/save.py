@@ -40,7 +40,7 @@ class RoundTripFailed(Exception):
     """Raised inside the atomic block so that a folder that failed its proof is never published."""
 
 
-def copy_side_files(source: Path, dest: Path, confine_to: Path | None = None) -> list[str]:
+def copy_tokenizer_files(source: Path, dest: Path, confine_to: Path | None = None) -> list[str]:
     """A symlink is followed only inside `confine_to` (a hub snapshot's files link into its blobs)."""
     copied = []
     root = (confine_to or source).resolve()
@@ -328,7 +328,7 @@ def save(
             reference = pool.submit(original_logits, result.model) if overlaps_write(result) else None
             step(SAVE_STEPS[1])
             writer = write_model(result, tmp, max_bytes)
-            copied = copy_side_files(result.context.source.folder, tmp, result.context.source.confine_to)
+            copied = copy_tokenizer_files(result.context.source.folder, tmp, result.context.source.confine_to)
             sync_early(tmp, tmp)  # flushed while the round trip is proven
             findings = prove_round_trip(result, tmp, reference.result() if reference else None, step)
             report.findings.extend(findings)
