@@ -18,6 +18,19 @@ from typing import Callable, Iterable, Iterator
 from qfinal.errors import CheckpointError
 from qfinal.report import Finding
 
+_STATE_CHECK = "quantization_config"
+
+
+def problem_findings(problems: Iterable[tuple[str | None, str]]) -> list[Finding]:
+    """A quant-state check's (key, message) problems as error findings."""
+    return [Finding(check=_STATE_CHECK, severity="error", key=k, message=m) for k, m in problems]
+
+
+def matched_findings(summary: str) -> list[Finding]:
+    """A quant-state check that found nothing wrong: one info line, `summary` saying what it checked."""
+    return [Finding(check=_STATE_CHECK, severity="info", message=f"quant state matches quantization_config {summary}")]
+
+
 MAX_LISTED = 8  # keys named inline in one finding message
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator
 
 from qfinal.errors import CheckpointError
-from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, listing
+from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, listing, matched_findings, problem_findings
 from qfinal.formats.bnb_state import (
     BLOB_SUFFIXES,
     PARTS_4BIT,
@@ -175,19 +175,13 @@ class BitsAndBytes(QuantFormat):
         if quantized_modules is not None and not problems:
             problems = module_problems(qc, tensors, states, quantized_modules, key_of)
         if problems:
-            return [Finding(check="quantization_config", severity="error", key=k, message=m) for k, m in problems]
+            return problem_findings(problems)
         double = "+double_quant" if qc.get("bnb_4bit_use_double_quant") else ""
         mode = "int8" if qc.get("load_in_8bit") else qc.get("bnb_4bit_quant_type", "fp4") + double
         checked = (
             f"; {len(set(quantized_modules))} quantized module(s) complete" if quantized_modules is not None else ""
         )
-        return [
-            Finding(
-                check="quantization_config",
-                severity="info",
-                message=f"quant state matches quantization_config ({mode}){checked}",
-            )
-        ]
+        return matched_findings(f"({mode}){checked}")
 
     def find_weights(self, headers: dict, read: Read, scheme: Scheme, where: str) -> list[StoredWeight]:
         by_name = {w.name: w for w in _find_4bit(headers, read, where)}

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 from qfinal.errors import CheckpointError
 from qfinal.formats import compressed_tensors_config as cfg
 from qfinal.formats import compressed_tensors_math as cmath
-from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, listing
+from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, listing, matched_findings, problem_findings
 from qfinal.report import Finding
 
 METHOD = "compressed-tensors"
@@ -228,15 +228,8 @@ class CompressedTensors(QuantFormat):
         if scheme is not None:
             problems = self._tensor_problems(scheme, headers, quantized_modules, key_of)
         if problems:
-            return [Finding(check="quantization_config", severity="error", key=k, message=m) for k, m in problems]
-        return [
-            Finding(
-                check="quantization_config",
-                severity="info",
-                message=f"quant state matches quantization_config ({scheme.method}): "
-                f"{len(_modules(headers))} quantized weight(s)",
-            )
-        ]
+            return problem_findings(problems)
+        return matched_findings(f"({scheme.method}): {len(_modules(headers))} quantized weight(s)")
 
     def _tensor_problems(self, scheme, headers, quantized_modules, key_of) -> list[tuple[str | None, str]]:
         problems: list[tuple[str | None, str]] = []

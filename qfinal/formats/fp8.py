@@ -19,7 +19,16 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from qfinal.errors import CheckpointError
-from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, listing, stored_checkpoint
+from qfinal.formats.base import (
+    QuantFormat,
+    Read,
+    Scheme,
+    StoredWeight,
+    listing,
+    matched_findings,
+    problem_findings,
+    stored_checkpoint,
+)
 from qfinal.formats.compressed_tensors_math import expand_blocks
 from qfinal.report import Finding
 
@@ -143,16 +152,10 @@ class FineGrainedFP8(QuantFormat):
         if not problems:
             problems = self._tensor_problems(self.scheme(raw_config, _WHERE), tensors, quantized_modules, key_of)
         if problems:
-            return [Finding(check="quantization_config", severity="error", key=k, message=m) for k, m in problems]
+            return problem_findings(problems)
         count = sum(k.endswith(SCALE_SUFFIX) for k in tensors)
-        return [
-            Finding(
-                check="quantization_config",
-                severity="info",
-                message=f"quant state matches quantization_config (fp8, weight_block_size "
-                f"{qc.get('weight_block_size', [128, 128])}): {count} scaled weight(s)",
-            )
-        ]
+        block = qc.get("weight_block_size", [128, 128])
+        return matched_findings(f"(fp8, weight_block_size {block}): {count} scaled weight(s)")
 
     def _tensor_problems(self, scheme, tensors, quantized_modules, key_of) -> list[tuple[str | None, str]]:
         problems: list[tuple[str | None, str]] = []

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 from qfinal.errors import CheckpointError
-from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, listing
+from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, listing, matched_findings, problem_findings
 from qfinal.report import Finding
 
 PACKED = "qweight"
@@ -148,15 +148,9 @@ class PackedIntFormat(QuantFormat):
             scheme = self.scheme(raw_config, CONFIG_WHERE)
             problems = self._tensor_problems(headers, scheme, quantized_modules, key_of)
         if problems:
-            return [Finding(check="quantization_config", severity="error", key=k, message=m) for k, m in problems]
+            return problem_findings(problems)
         count = len(module_parts(headers)[0])
-        return [
-            Finding(
-                check="quantization_config",
-                severity="info",
-                message=f"quant state matches quantization_config ({self.label(scheme)}): {count} packed weight(s)",
-            )
-        ]
+        return matched_findings(f"({self.label(scheme)}): {count} packed weight(s)")
 
     def _tensor_problems(self, headers, scheme, quantized_modules, key_of) -> list[tuple[str | None, str]]:
         modules, stray = module_parts(headers)

@@ -16,7 +16,16 @@ import sys
 from typing import Callable, Iterable, Iterator
 
 from qfinal.errors import CheckpointError
-from qfinal.formats.base import QuantFormat, Read, Scheme, StoredWeight, finish_dequantized, listing
+from qfinal.formats.base import (
+    QuantFormat,
+    Read,
+    Scheme,
+    StoredWeight,
+    finish_dequantized,
+    listing,
+    matched_findings,
+    problem_findings,
+)
 from qfinal.formats.torchao_state import (
     component_of,
     file_metadata,
@@ -29,7 +38,6 @@ from qfinal.formats.torchao_state import (
 from qfinal.report import Finding
 
 _WHERE = "config.json:quantization_config"
-_CHECK = "quantization_config"
 
 
 def dequantize_affine(qdata, scale, zero_point, block: list[int], dtype):
@@ -103,7 +111,7 @@ class TorchAO(QuantFormat):
         try:
             scheme = parse_scheme(raw_config)
         except (ValueError, KeyError) as err:
-            return [Finding(check=_CHECK, severity="error", key=_WHERE, message=f"torchao quantization_config: {err}")]
+            return problem_findings([(_WHERE, f"torchao quantization_config: {err}")])
         headers = {k: (e.dtype, list(e.shape)) for k, e in inventory.tensors.items()}
         problems, weights = self._header_problems(headers, scheme, quantized_modules, key_of)
         if not problems and inventory.format == "safetensors":
@@ -111,16 +119,9 @@ class TorchAO(QuantFormat):
             if metadata is not None:
                 problems = [(_WHERE, p) for p in metadata_problems(metadata, weights, scheme)]
         if problems:
-            return [Finding(check=_CHECK, severity="error", key=k, message=m) for k, m in problems]
+            return problem_findings(problems)
         grouping = "per row" if scheme.group is None else f"group {scheme.group}"
-        return [
-            Finding(
-                check=_CHECK,
-                severity="info",
-                message=f"quant state matches quantization_config ({scheme.method}, {grouping}, "
-                f"{scheme.dtype}): {len(weights)} quantized weight(s)",
-            )
-        ]
+        return matched_findings(f"({scheme.method}, {grouping}, {scheme.dtype}): {len(weights)} quantized weight(s)")
 
     def _header_problems(self, headers, scheme, quantized_modules, key_of):
         problems: list[tuple[str | None, str]] = []
