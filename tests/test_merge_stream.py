@@ -3,6 +3,7 @@ for every adapter type peft can merge, on every fixture; QLoRA bases; refusals w
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -62,6 +63,9 @@ TYPES = {
     "tinylora": lambda: peft.TinyLoraConfig(target_modules=LIN),
     "unilora": lambda: peft.UniLoraConfig(target_modules=LIN),
 }
+# held whole (peft's load_adapter): tensors shared by modules, or built anew from the file's, or base
+# tensors saved with the adapter; every other type is read from the file module by module
+HELD_WHOLE = {"vera", "pvera", "randlora", "tinylora", "unilora", "vblora", "shira", "lora_embedding"}
 # peft derives these layers from the base weights at injection (SVD): refused, never merged wrong
 BASE_AT_INJECTION = {
     "frod": lambda: peft.FrodConfig(target_modules=LIN),
@@ -134,6 +138,8 @@ def test_every_mergeable_type_equals_peft(root, llama, kind):
     report = run_merge(llama, root / f"ours_{kind}", [str(adapter)])
     _assert_same(root / f"ours_{kind}", theirs, llama)
     assert report.extra["merge"]["merged_tensors"] > 0
+    [held] = [a["held_whole"] for a in report.extra["merge"]["adapters"]]
+    assert (held is not None) == (kind in HELD_WHOLE), held
     # one file, as save_pretrained writes it: the very bytes
     assert (root / f"ours_{kind}" / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
 
@@ -452,3 +458,68 @@ def test_types_built_from_the_base_weights_are_refused(root, llama, kind, tmp_pa
     with pytest.raises(ConfigError, match="from the base weights"):
         run_merge(llama, tmp_path / "out", [str(adapter)])
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_is_read_module_by_module(root, llama):
+    """Between merges no adapter tensor is in memory; a module's are, while it merges."""
+    from qfinal.ops.merge_shard import MergeJob, Session
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LIN)
+    adapter = _adapter(llama, root / "adapter_by_module", config, seed=41)
+    job = MergeJob(
+        base=str(llama),
+        confine_to=str(llama),
+        adapters=((str(adapter), None),),
+        dtype=None,
+        config=json.loads((llama / "config.json").read_text()),
+    )
+    session = Session(job)
+    try:
+        [merger] = session.mergers
+        assert merger.lazy is not None and merger.held_whole is None
+
+        def adapter_tensors():
+            return [(n, t) for n, t in merger.peft_model.named_parameters() if f".{merger.name}." in n]
+
+        assert adapter_tensors() and all(t.is_meta for _n, t in adapter_tensors())
+        path = next(iter(merger.units))
+        with merger.loaded(path):
+            real = [n for n, t in adapter_tensors() if not t.is_meta]
+            assert real and all(n.startswith(f"base_model.model.{path}.") for n in real)
+            assert all(t.dtype == torch.float32 for _n, t in adapter_tensors())  # peft's autocast, as loaded
+        assert all(t.is_meta for _n, t in adapter_tensors())
+        assert merger.adapter_bytes == max(merger.lazy.unit_bytes(p) for p in merger.units) > 0  # the largest unit's
+    finally:
+        session.close()
+
+
+def test_a_tensor_missing_from_the_file_keeps_peft_initialization(root, llama, tmp_path):
+    """peft leaves an injected tensor the file lacks at its initialization (LoRA's B: zeros); so does
+    the merge, which then holds that adapter whole, and says so."""
+    from safetensors.torch import load_file, save_file
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LIN)
+    adapter = _adapter(llama, root / "adapter_for_missing", config, seed=43)
+    cut = tmp_path / "cut"
+    shutil.copytree(adapter, cut)
+    tensors = load_file(cut / "adapter_model.safetensors")
+    dropped = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    del tensors[dropped]
+    save_file(tensors, cut / "adapter_model.safetensors", metadata={"format": "pt"})
+    theirs = _peft_merged(_model(llama), [cut], tmp_path / "peft")
+    report = run_merge(llama, tmp_path / "ours", [str(cut)])
+    _assert_same(tmp_path / "ours", theirs, llama)
+    [info] = report.extra["merge"]["adapters"]
+    assert info["held_whole"] == "the file leaves a tensor to its initialization"
+    assert any("lacks 1 tensor" in f.message for f in report.findings)
+
+
+def test_heap_threshold_is_fixed_once_and_leaves_a_users_own(monkeypatch):
+    from qfinal.checkpoint import heap
+
+    monkeypatch.setattr(heap, "_done", False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert heap.keep_heap_flat() is False  # the user's choice stands
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    if sys.platform == "linux":  # glibc here
+        assert heap.keep_heap_flat() is True and heap._done is True

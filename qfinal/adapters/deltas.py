@@ -11,19 +11,25 @@ memory), creating and initializing the adapter's tensors as it always does, and 
 loads the file into them exactly as `PeftModel.from_pretrained` does (same casts, autocast to
 fp32, key remapping). To merge one module, its base tensors are put in from the checkpoint, the
 layer's own `merge()` (or `unload_and_optionally_merge_module`, for modules_to_save and trainable
-tokens) runs, and its tensors are read back; the module then goes hollow again. Memory: the
-adapter plus one module's tensors. The result equals peft's bit for bit because it is peft's code
-on the same inputs.
+tokens) runs, and its tensors are read back; the module then goes hollow again. The adapter's own
+tensors are read from its file module by module where `adapters.lazy_adapter` can map them (peft
+injects them on meta, and fills a module's just before its merge); else `load_adapter` loads them
+all. Memory: one module's adapter and base tensors (the whole adapter where it is held). The result
+equals peft's bit for bit because it is peft's code on the same inputs.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from typing import Collection
 
 import torch
 
+from qfinal.adapters.lazy_adapter import plan_lazy
 from qfinal.adapters.lora_rows import RowDelta, row_delta
-from qfinal.adapters.prepare import Prepared
+from qfinal.adapters.prepare import SAFETENSORS_NAME, Prepared
+from qfinal.checkpoint.headers import read_safetensors_header
 from qfinal.compat.peft_merge import check_merge_allowed, own_tensors, swap_tensor
 from qfinal.errors import CheckpointError, ConfigError
 
@@ -44,26 +50,54 @@ class AdapterMerger:
         self.prep = prep
         self.name = prep.name
         keys = set(checkpoint_keys)
-        hollow = _hollow_model(model_class, hf_config, dtype)
-        aliases: dict[int, list[str]] = {}
-        for store in (hollow.named_parameters(remove_duplicate=False), hollow.named_buffers(remove_duplicate=False)):
-            for name, tensor in store:
-                aliases.setdefault(id(tensor), []).append(name)
-        self._aliases = aliases
         self.overrides: dict[str, torch.Tensor] = {}  # checkpoint key -> the adapter file's tensor
-        self.adapter_bytes = sum(t.numel() for t in prep.tensors.values()) * 4  # held in fp32
-        self.peft_model = _inject(hollow, prep)
-        self._load(keys)
+        self.missing: list[str] = []
+        self.lazy = None  # adapters.lazy_adapter.LazyAdapter: the tensors read unit by unit
+        self.held_whole: str | None = "it is a pickle"  # else why the adapter is held whole
+        file = prep.folder / SAFETENSORS_NAME
+        header = read_safetensors_header(file)[0] if file.is_file() and not prep.tensors else None
+        if header is not None:
+            self._inject(model_class, hf_config, dtype, lazy=True)
+            units = [path for path, _module in _merge_units(self.peft_model)]
+            lazy = plan_lazy(self.peft_model, self.name, str(file), header, units, set(self._aliases), dtype)
+            self.lazy, self.held_whole = (lazy, None) if not isinstance(lazy, str) else (None, lazy)
+        if self.lazy is None:  # peft's load_adapter, the whole adapter held
+            self._inject(model_class, hf_config, dtype, lazy=False)
+            self._load(keys, set(header) if header is not None else set(prep.tensors))
+        self._check_merge_allowed()
         self.units: dict[str, tuple[str, ...]] = {}
         self._rel: dict[str, list[tuple[str, str]]] = {}
         for path, module in _merge_units(self.peft_model):
             rel = self._base_tensors(path, module, keys)
             self._rel[path] = rel
             self.units[path] = tuple(key for _r, key in rel)
+        if self.lazy is not None:  # held: one unit's tensors at a time, as peft holds them
+            self.adapter_bytes = max((self.lazy.unit_bytes(path) for path in self.units), default=0)
+        else:  # held whole, in fp32
+            shapes = (
+                [e.shape for e in header.values()] if header is not None else [t.shape for t in prep.tensors.values()]
+            )
+            self.adapter_bytes = sum(math.prod(shape) for shape in shapes) * 4
+        prep.tensors = {}  # loaded: the file's copy is no longer needed
 
-    def _load(self, keys: set[str]) -> None:
+    def _inject(self, model_class, hf_config, dtype: torch.dtype, lazy: bool) -> None:
+        hollow = _hollow_model(model_class, hf_config, dtype)
+        aliases: dict[int, list[str]] = {}
+        self._held = []  # the base's tensors, kept alive: their ids in `_aliases` must not be reused
+        for store in (hollow.named_parameters(remove_duplicate=False), hollow.named_buffers(remove_duplicate=False)):
+            for name, tensor in store:
+                aliases.setdefault(id(tensor), []).append(name)
+                self._held.append(tensor)
+        self._aliases = aliases
+        self.peft_model = _inject(hollow, self.prep, lazy)
+
+    def loaded(self, path: str):
+        """A block in which the unit's adapter tensors are in memory (always, when held whole)."""
+        return self.lazy.loaded(path) if self.lazy is not None else nullcontext()
+
+    def _load(self, keys: set[str], file_keys: set[str]) -> None:
         """Load the adapter's tensors with `load_adapter`, as `PeftModel.from_pretrained` does."""
-        carried = self._carried(keys)
+        carried = self._carried(keys, file_keys)
         _give_storage(self.peft_model, set(self._aliases))
         try:
             result = self.peft_model.load_adapter(str(self.prep.folder), self.name, is_trainable=False)
@@ -81,10 +115,11 @@ class AdapterMerger:
         )
         # injected tensors the file did not fill keep peft's initialization, as in peft
         self.missing = sorted(getattr(result, "missing_keys", []) or [])
-        self.prep.tensors = {}  # loaded: the file's copy is no longer needed
         for name, param in carried.items():
             self.overrides[name] = param.data
             param.data = torch.zeros((), dtype=param.dtype).expand(param.shape)
+
+    def _check_merge_allowed(self) -> None:
         try:
             check_merge_allowed(self.peft_model)
         except ValueError as exc:
@@ -93,14 +128,14 @@ class AdapterMerger:
                 f"peft refuses to merge adapter '{self.name}': {detail}", where=str(self.prep.spec.path)
             ) from None
 
-    def _carried(self, keys: set[str]) -> dict:
+    def _carried(self, keys: set[str], file_keys: set[str]) -> dict:
         """Base tensors the adapter file holds itself (embedding layers saved with
         `save_embedding_layers`): they get memory for `load_adapter` to fill, and then replace the
         base's (`overrides`, by checkpoint key), as loading the adapter replaces them in peft."""
         named = dict(self.peft_model.named_parameters(remove_duplicate=False))
         named.update(self.peft_model.named_buffers(remove_duplicate=False))
         carried = {}
-        for file_key in self.prep.tensors:
+        for file_key in file_keys:
             tensor = named.get(file_key)
             if tensor is None or id(tensor) not in self._aliases:
                 continue
@@ -141,6 +176,10 @@ class AdapterMerger:
 
     def merge_unit(self, path: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The unit's base tensors (checkpoint key -> tensor, owned: merged in place) after peft's merge."""
+        with self.loaded(path):
+            return self._merge_loaded(path, tensors)
+
+    def _merge_loaded(self, path: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         unit = self.peft_model.base_model.model.get_submodule(path)
         base = _base_module(unit)
         saved = []
@@ -216,8 +255,9 @@ def _give_storage(model, base_ids: set[int]) -> None:
             swap_tensor(module, attr, torch.empty(tensor.shape, dtype=tensor.dtype))
 
 
-def _inject(hollow, prep: Prepared):
-    """The PeftModel class `PeftModel.from_pretrained` picks for the adapter's task type, around `hollow`."""
+def _inject(hollow, prep: Prepared, lazy: bool):
+    """The PeftModel class `PeftModel.from_pretrained` picks for the adapter's task type, around
+    `hollow`; with `lazy` the adapter's tensors on meta (`low_cpu_mem_usage`)."""
     from peft import PeftConfig, PeftModel
     from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
@@ -225,7 +265,7 @@ def _inject(hollow, prep: Prepared):
     config.inference_mode = True
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
     try:
-        return cls(hollow, config, prep.name)
+        return cls(hollow, config, prep.name, low_cpu_mem_usage=lazy)
     except ImportError as exc:  # peft's optional-backend checks (gptqmodel without optimum, ...)
         raise ConfigError(
             f"peft cannot build the adapter's layers in this environment: {exc}",

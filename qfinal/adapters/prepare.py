@@ -44,9 +44,15 @@ class Prepared:
 
 
 def prepare_all(
-    specs: Sequence[AdapterSpec], allow_pickle: bool, *, quant: str | None = None, requantize: bool = False
+    specs: Sequence[AdapterSpec],
+    allow_pickle: bool,
+    *,
+    quant: str | None = None,
+    requantize: bool = False,
+    read: bool = True,
 ) -> list[Prepared]:
-    """Every spec checked (unique names, what peft can do with it on a `quant` base), then its tensors read."""
+    """Every spec checked (unique names, what peft can do with it on a `quant` base), then its tensors
+    read; with `read=False` a safetensors file is only found (its reader reads it), a pickle still read."""
     prepared: list[Prepared] = []
     taken: set[str] = set()
     for spec in specs:
@@ -81,7 +87,8 @@ def prepare_all(
             hint="merge some of them, or load one type",
         )
     for prep in prepared:  # only now, every input checked: the tensors
-        prep.tensors = read_tensors(prep.folder, prep.spec, allow_pickle)
+        if read or not (prep.folder / SAFETENSORS_NAME).is_file():
+            prep.tensors = read_tensors(prep.folder, prep.spec, allow_pickle)
     return prepared
 
 

@@ -112,3 +112,11 @@ def read_row_slabs(path: str, key: str, stored, shape, bounds, workspace: Worksp
             yield first, torch.from_numpy(buffer).view(stored).reshape(rows, *shape[1:])
     finally:
         os.close(fd)
+
+
+def read_tensor(path: str, key: str, stored, shape):
+    """`key` of `path` whole, as a fresh tensor of torch dtype `stored`, read with pread: pages of
+    a memory map would stay in the process's RSS after the tensor is gone."""
+    rows = shape[0] if shape else 1
+    [(_first, value)] = list(read_row_slabs(path, key, stored, list(shape) or [1], [(0, rows)]))
+    return value.reshape(shape)

@@ -112,6 +112,7 @@ def plan_merge(
                 "kind": describe(m.prep.config),
                 "modules": len(m.units),
                 "missing": m.missing,
+                "held_whole": m.held_whole,  # None: its tensors read from the file module by module
             }
             for m in session.mergers
         ],
@@ -344,7 +345,12 @@ def merge_findings(plan: MergePlan, info: dict) -> list[Finding]:
                 severity="info",
                 key=adapter["name"],
                 message=f"adapter '{adapter['name']}' ({adapter['kind']}) merged into {adapter['modules']} "
-                f"module(s) of {into} by peft's own layer merge (merge_and_unload's arithmetic)",
+                f"module(s) of {into} by peft's own layer merge (merge_and_unload's arithmetic); "
+                + (
+                    "its tensors read from its file module by module"
+                    if adapter["held_whole"] is None
+                    else f"held whole in memory, as peft holds it ({adapter['held_whole']})"
+                ),
             )
         )
         if adapter["missing"]:

@@ -124,7 +124,7 @@ class Base:
 
         hf_config, model_class = self.model_class()
         specs = [AdapterSpec(path=path, name=name, merge=True) for path, name in job.adapters]
-        prepared = prepare_all(specs, job.allow_pickle)
+        prepared = prepare_all(specs, job.allow_pickle, read=False)
         for prep in prepared:  # before any adapter is injected
             _refuse_streaming(prep)
         return [AdapterMerger(p, model_class, hf_config, self.dtype, self.out) for p in prepared]

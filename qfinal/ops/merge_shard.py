@@ -2,17 +2,19 @@
 
 `merge_shard(spec)` is top-level and its spec picklable, so an executor (`ops.executors`) can run it
 in this process, a pool or on Ray. Each process builds its `Session` once per job (the base's
-headers, each adapter injected by peft into a hollow copy of the base, `adapters.deltas`) and keeps
-it for the job's other shards. A shard's tensors are produced one at a time: a tensor no adapter
-touches is the base's (cast to the output dtype; dequantized for a bnb base); a tensor of a merged
-module comes from that module's merge, adapter after adapter in the order given (peft's result of
-`merge_and_unload()` once per adapter, loaded in turn). A module whose tensors sit in two shards is
-merged once in each: what each shard keeps is the same.
+headers, each adapter injected by peft into a hollow copy of the base, `adapters.deltas`, its
+tensors read per module as it merges) and keeps it for the job's other shards. A shard's tensors
+are produced one at a time: a tensor no adapter touches is the base's (cast to the output dtype;
+dequantized for a bnb base); a tensor of a merged module comes from that module's merge, adapter
+after adapter in the order given (peft's result of `merge_and_unload()` once per adapter, loaded in
+turn). A module whose tensors sit in two shards is merged once in each: what each shard keeps is
+the same.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -60,8 +62,10 @@ class Session:
     """A process's view of one job: the base's tensors by output name, and one merger per adapter."""
 
     def __init__(self, job: MergeJob):
+        from qfinal.checkpoint.heap import keep_heap_flat
         from qfinal.ops.merge_base import open_base
 
+        keep_heap_flat()  # adapters are read per module: their frees would raise glibc's mmap threshold
         self.job = job
         self.base = open_base(job)
         self.mergers = self.base.mergers(job)
@@ -76,6 +80,7 @@ class Session:
                         hint="merge them one at a time",
                     )
         self.unit_of = {key: path for path, keys in self.unit_keys.items() for key in keys}
+        self.shapes = {key: out.shape for key, out in self.base.out.items()}
         self.row_merges = self._row_merges()
         self.workspace = Workspace()  # slab buffers, reused: a slab is written before the next is read
 
@@ -84,29 +89,46 @@ class Session:
 
     def _row_merges(self) -> dict[str, tuple[str, list, list]]:
         """Units every adapter merges as a plain LoRA (`adapters.lora_rows`) and no adapter file
-        replaces a tensor of: unit path -> (its weight's key, the deltas in merge order, the slabs)."""
+        replaces a tensor of: unit path -> (its weight's key, its mergers in merge order, the slabs)."""
         from qfinal.adapters.lora_rows import merge_bounds
 
-        shapes = {key: out.shape for key, out in self.base.out.items()}
         rows: dict[str, tuple[str, list, list]] = {}
         for path, keys in self.unit_keys.items():
-            found, deltas = set(), []
+            found, deltas, mergers = set(), [], []
             for merger in self.mergers:
                 if any(key in merger.overrides for key in keys):
                     break
                 if path in merger.units:
-                    row = merger.row_delta(path, shapes)
+                    row = merger.row_delta(path, self.shapes)
                     if row is None:
                         break
                     found.add(row[0])
                     deltas.append(row[1])
+                    mergers.append(merger)
             else:
                 if len(found) == 1:
                     key = found.pop()
-                    bounds = merge_bounds(*shapes[key])
+                    bounds = merge_bounds(*self.shapes[key])
                     if all(delta.exact_in(bounds) for delta in deltas):
-                        rows[path] = (key, deltas, bounds)
+                        rows[path] = (key, mergers, bounds)
         return rows
+
+    def _row_slabs(self, key: str, path: str | None):
+        """(first row, slab) of `key` with the row-wise deltas of its unit's adapters added, each
+        adapter's tensors in memory meanwhile (`path` None or not a row unit: the base's slabs)."""
+        rows = self.row_merges.get(path)
+        if rows is None or rows[0] != key:
+            yield from self.base.slabs(key, self.base.slab_bounds(key), self.workspace)
+            return
+        with ExitStack() as held:
+            deltas = []
+            for merger in rows[1]:
+                held.enter_context(merger.loaded(path))
+                deltas.append(merger.row_delta(path, self.shapes)[1])
+            for first, slab in self.base.slabs(key, rows[2], self.workspace):
+                for delta in deltas:
+                    delta.add_to(first, slab, self.workspace)
+                yield first, slab
 
     def pieces(self, keys):
         """(key, byte offset or None, tensor) for `keys` in order, in the output dtype: a large tensor
@@ -122,13 +144,8 @@ class Session:
             rows = self.row_merges.get(path)
             overridden = any(key in merger.overrides for merger in self.mergers)
             if (path is None or rows is not None) and not overridden:
-                merged = rows is not None and rows[0] == key
-                deltas = rows[1] if merged else ()
-                bounds = rows[2] if merged else self.base.slab_bounds(key)
                 row_bytes = math.prod(out.shape[1:]) * out.dtype.itemsize
-                for first, slab in self.base.slabs(key, bounds, self.workspace):
-                    for delta in deltas:
-                        delta.add_to(first, slab, self.workspace)
+                for first, slab in self._row_slabs(key, path):
                     yield key, first * row_bytes, _cast(slab, out, key, whole=False)
                 continue
             if path is None:
