@@ -187,3 +187,36 @@ def test_qfinal_save_writes_plain_models_with_the_mapped_writer(checkpoints, tmp
     assert report.ok and report.extra["save"]["writer"] == "save_pretrained"
     shards_written = [p for p in (tmp_path / "out").iterdir() if p.suffix == ".safetensors"]
     assert len(shards_written) > 1 and mapped_calls == [True] * len(shards_written)
+
+
+@pytest.mark.parametrize("failing", ["direct", "all"])
+def test_a_disk_filling_mid_write_raises_its_own_error(tmp_path, monkeypatch, failing):
+    """ENOSPC in the helper thread's direct writes, or in the caller's buffered ones, reaches the
+    caller as that OSError: no staging buffer is left pinned by the error (BufferError at close)."""
+    from qfinal.checkpoint.writer import PositionalFile, ShardWriter
+
+    probe = PositionalFile(tmp_path / "probe")
+    has_direct = probe.direct
+    probe.close()
+    if failing == "direct" and not has_direct:
+        pytest.skip("this filesystem has no O_DIRECT: no helper-thread writes")
+    real = os.pwrite
+    direct_fds = set()
+    original_init = PositionalFile.__init__
+
+    def init(self, path):
+        original_init(self, path)
+        direct_fds.add(self._direct)
+
+    def pwrite(fd, data, offset):
+        if offset > 0 and (failing == "all" or fd in direct_fds):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(PositionalFile, "__init__", init)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    big = torch.ones(5 << 20)  # 20 MiB: more than the two 8 MiB staging buffers
+    with pytest.raises(OSError) as err:
+        with ShardWriter(tmp_path / "x.safetensors", [("w", torch.float32, list(big.shape))]) as writer:
+            writer.write("w", big)
+    assert err.value.errno == errno.ENOSPC

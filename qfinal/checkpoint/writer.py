@@ -242,18 +242,22 @@ class PositionalFile:
         return self._direct is not None
 
     def _pwrite_all(self, fd: int, data, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
+        # every view released even when pwrite fails (ENOSPC): a view kept alive by the error's
+        # traceback would keep a staging buffer from closing (BufferError instead of the error)
+        with memoryview(data) as raw, raw.cast("B") as view:
+            done = 0
+            while done < len(view):
+                with view[done:] as rest:
+                    done += os.pwrite(fd, rest, offset + done)
 
     def _direct_job(self, buffer, n: int, offset: int) -> None:
-        try:
-            self._pwrite_all(self._direct, memoryview(buffer)[:n], offset)
-        except OSError as err:
-            if err.errno != errno.EINVAL:
-                raise
-            self._pwrite_all(self._fd, memoryview(buffer)[:n], offset)  # refused after all: buffered
+        with memoryview(buffer) as whole, whole[:n] as staged:
+            try:
+                self._pwrite_all(self._direct, staged, offset)
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                self._pwrite_all(self._fd, staged, offset)  # refused after all: buffered
 
     def _staging(self):
         if self._pool is None:
