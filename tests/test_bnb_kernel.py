@@ -176,3 +176,52 @@ def test_load_quantize_packs_the_same_bytes_with_and_without_the_kernel(checkpoi
     assert plain.keys() == quantized.keys()
     for key in plain:
         assert bits_equal(quantized[key], plain[key]), key
+
+
+# --------------------------------------------------------------------------- int8 (row-wise)
+
+_INT8_SPECIALS = [0.0, -0.0, 6e-8, -6e-8, 6.1e-5, 65504.0, -65504.0, float("inf"), float("-inf"), 127.0, 2.5, -3.5]
+
+
+@st.composite
+def int8_rows(draw):
+    rows, cols = draw(st.integers(1, 9)), draw(st.integers(1, 300))
+    scale = draw(st.sampled_from([1.0, 1e-4, 1e3, 6e-8]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    A = (torch.randn(rows, cols, generator=g) * scale).to(torch.float16)
+    for _ in range(draw(st.integers(0, 10))):
+        A[draw(st.integers(0, rows - 1)), draw(st.integers(0, cols - 1))] = draw(st.sampled_from(_INT8_SPECIALS))
+    if draw(st.booleans()):  # a row of one repeated value, zeros, or -0.0
+        A[draw(st.integers(0, rows - 1))] = draw(st.sampled_from([0.0, -0.0, 0.5, -65504.0]))
+    if draw(st.booleans()):  # absmax 127: the scale is 1, k + 0.5 values are exact ties of the rounding
+        r = draw(st.integers(0, rows - 1))
+        A[r] = torch.arange(cols, dtype=torch.float32).remainder(8).sub(4).add(0.5).to(torch.float16)
+        A[r, 0] = 127.0
+    for _ in range(draw(st.integers(0, 2))):
+        payload = draw(st.sampled_from([0x7E00, 0xFE00, 0x7E15, 0x7C01]))  # fp16 NaNs
+        A.view(torch.int16)[draw(st.integers(0, rows - 1)), draw(st.integers(0, cols - 1))] = payload - (
+            0x10000 if payload >= 0x8000 else 0
+        )
+    return A
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(int8_rows())
+def test_int8_rowwise_equals_bitsandbytes(A):
+    from qfinal.formats.bnb_int8 import int8_rowwise
+
+    CB, SCB, _outliers = bnb_functional.int8_vectorwise_quant(A.clone())
+    got_CB, got_SCB = int8_rowwise(A)
+    assert bits_equal(got_CB, CB) and bits_equal(got_SCB, SCB)
+
+
+def test_int8_rowwise_on_a_large_matrix_and_its_fallback(monkeypatch):
+    from qfinal.formats import bnb_int8
+
+    A = (torch.randn(1024, 4096, generator=torch.Generator().manual_seed(3)) * 2).to(torch.float16)
+    CB, SCB, _outliers = bnb_functional.int8_vectorwise_quant(A.clone())
+    assert all(bits_equal(g, e) for g, e in zip(bnb_int8.int8_rowwise(A), (CB, SCB)))
+    calls = []
+    monkeypatch.setattr(bnb_functional, "int8_vectorwise_quant", lambda A: calls.append(A) or (CB, SCB, None))
+    monkeypatch.setenv(bnb_kernel.KERNEL_ENV, "bitsandbytes")
+    assert bnb_int8.int8_rowwise(A)[0] is CB and len(calls) == 1  # bitsandbytes' own, when asked

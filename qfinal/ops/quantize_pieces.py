@@ -110,12 +110,12 @@ def computed_in_slabs(job: TensorJob, src, options: QuantOptions, step: int | No
         for name, value in state.as_dict(packed=True).items():
             yield f"{job.key}.{name}", None, value
     else:  # Int8Params._quantize: fp16, then bnb's row-wise int8_vectorwise_quant, per slab
-        from bitsandbytes.functional import int8_vectorwise_quant
+        from qfinal.formats.bnb_int8 import int8_rowwise
 
         module = job.key.rpartition(".")[0]
         scales, at = [], 0
         for slab in slabs(src, job, step):
-            CB, SCB, _outliers = int8_vectorwise_quant(slab.contiguous().to(dtype=torch.float16))
+            CB, SCB = int8_rowwise(slab.contiguous().to(dtype=torch.float16))
             del slab
             scales.append(SCB)
             yield job.key, at, CB
