@@ -291,6 +291,11 @@ def test_cli_dry_run_and_json(root, llama, tmp_path, capsys):
     assert info["peak_bytes_estimate"] > 0 and info["total_bytes"] > 0
     assert code2 == 0 and "config.json" in written["extra"]["merge"]["files"]
     assert exists[0] == 2 and "already exists" in exists[2]
+    [stage] = [s for s in report["stages"] if s["name"] == "merge"]
+    assert "would write" in stage["detail"] and "peak memory needed about" in stage["detail"]
+    [ran] = [s for s in written["stages"] if s["name"] == "merge"]
+    assert ran["peak_rss_bytes"] <= info["peak_bytes_estimate"]  # the run stayed within the estimate
+    assert any("would be merged into" in f["message"] for f in report["findings"])
 
 
 @pytest.mark.slow  # starts worker processes, each importing torch, transformers and peft
@@ -523,3 +528,23 @@ def test_heap_threshold_is_fixed_once_and_leaves_a_users_own(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     if sys.platform == "linux":  # glibc here
         assert heap.keep_heap_flat() is True and heap._done is True
+
+
+def test_an_adapter_peft_cannot_inject_on_meta_is_held_whole(root, llama, tmp_path, monkeypatch):
+    from qfinal.adapters import deltas
+    from qfinal.errors import CheckpointError
+
+    real = deltas._inject
+
+    def inject(hollow, prep, lazy):
+        if lazy:
+            raise CheckpointError("no meta injection here")
+        return real(hollow, prep, lazy)
+
+    monkeypatch.setattr(deltas, "_inject", inject)
+    adapter = _adapter(llama, root / "adapter_lora", TYPES["lora"](), seed=1)
+    theirs = _peft_merged(_model(llama), [adapter], tmp_path / "peft")
+    report = run_merge(llama, tmp_path / "ours", [str(adapter)])
+    _assert_same(tmp_path / "ours", theirs, llama)
+    [info] = report.extra["merge"]["adapters"]
+    assert info["held_whole"] == "peft cannot inject it on the meta device"

@@ -31,7 +31,7 @@ from qfinal.adapters.lora_rows import RowDelta, row_delta
 from qfinal.adapters.prepare import SAFETENSORS_NAME, Prepared
 from qfinal.checkpoint.headers import read_safetensors_header
 from qfinal.compat.peft_merge import check_merge_allowed, own_tensors, swap_tensor
-from qfinal.errors import CheckpointError, ConfigError
+from qfinal.errors import CheckpointError, ConfigError, QfinalError
 
 _PREFIX = "base_model.model."
 _SHOWN = 3
@@ -57,10 +57,14 @@ class AdapterMerger:
         file = prep.folder / SAFETENSORS_NAME
         header = read_safetensors_header(file)[0] if file.is_file() and not prep.tensors else None
         if header is not None:
-            self._inject(model_class, hf_config, dtype, lazy=True)
-            units = [path for path, _module in _merge_units(self.peft_model)]
-            lazy = plan_lazy(self.peft_model, self.name, str(file), header, units, set(self._aliases), dtype)
-            self.lazy, self.held_whole = (lazy, None) if not isinstance(lazy, str) else (None, lazy)
+            try:
+                self._inject(model_class, hf_config, dtype, lazy=True)
+            except QfinalError:  # the eager injection below says why, if it fails as well
+                self.held_whole = "peft cannot inject it on the meta device"
+            else:
+                units = [path for path, _module in _merge_units(self.peft_model)]
+                lazy = plan_lazy(self.peft_model, self.name, str(file), header, units, set(self._aliases), dtype)
+                self.lazy, self.held_whole = (lazy, None) if not isinstance(lazy, str) else (None, lazy)
         if self.lazy is None:  # peft's load_adapter, the whole adapter held
             self._inject(model_class, hf_config, dtype, lazy=False)
             self._load(keys, set(header) if header is not None else set(prep.tensors))

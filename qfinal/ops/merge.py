@@ -64,6 +64,8 @@ def plan_merge(
 ) -> MergePlan:
     """What `merge` will write, decided from the headers, every adapter loaded and checked first
     (a refusal raises here, before OUT is touched). `adapters`: folders, or (folder, name)."""
+    from qfinal.pipeline.context import peak_rss_bytes
+
     check_output_dtype(dtype)
     if not adapters:
         raise ConfigError("no adapter to merge", where="--adapter", hint="name at least one adapter folder")
@@ -98,8 +100,15 @@ def plan_merge(
         files=_output_files(session.base.files),
         merged=sorted(session.unit_of),
         total_bytes=sum(o.shape_bytes() for o in out.values()),
-        # the adapters, a module peft merges whole (its tensors and fp32 temporaries), the slab buffers
-        peak_bytes=adapter_bytes + 3 * biggest_unit + 4 * chunk_bytes(),
+        # what the process holds once planned (imports, the hollow models), the adapters (a module's
+        # tensors where read per module), a module peft merges whole (its tensors and fp32
+        # temporaries), the slab buffers (read, delta, its cast, the fp32 sum, the output cast) and
+        # the writer's two staging buffers
+        peak_bytes=peak_rss_bytes()
+        + adapter_bytes
+        + 3 * biggest_unit
+        + 5 * chunk_bytes()
+        + 2 * _shards.PositionalFile.CHUNK,
         quantization=session.base.quantization or quantized,
         dtype=job.dtype or str(session.base.dtype).removeprefix("torch."),
         model_class=(session.base.config.get("architectures") or [None])[0],
@@ -266,7 +275,12 @@ def run_merge(
             seconds=round(time.perf_counter() - start, 6),
             peak_rss_bytes=peak_rss_bytes(),
             detail=f"{len(plan.adapters)} adapter(s) into {len(plan.merged)} tensor(s); {len(plan.files)} shard(s)"
-            + (" (dry run: nothing written)" if dry_run else "")
+            + (
+                f" (dry run: nothing written); would write {plan.total_bytes:,} bytes of tensors, "
+                f"peak memory needed about {plan.peak_bytes / 2**30:.2f} GiB"
+                if dry_run
+                else ""
+            )
             + (f"; then requantized to {quantize}" if quantize else "")
             + (" (sized from the merge: not in a dry run)" if quantize and dry_run else ""),
         )
@@ -344,7 +358,8 @@ def merge_findings(plan: MergePlan, info: dict) -> list[Finding]:
                 check=MERGE,
                 severity="info",
                 key=adapter["name"],
-                message=f"adapter '{adapter['name']}' ({adapter['kind']}) merged into {adapter['modules']} "
+                message=f"adapter '{adapter['name']}' ({adapter['kind']}) "
+                f"{'would be merged' if info['dry_run'] else 'merged'} into {adapter['modules']} "
                 f"module(s) of {into} by peft's own layer merge (merge_and_unload's arithmetic); "
                 + (
                     "its tensors read from its file module by module"
