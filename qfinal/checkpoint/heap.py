@@ -5,7 +5,9 @@ that threshold to the size of every mmapped block freed, up to 32 MiB. A streami
 few such blocks (an adapter's tensors, read per module) between its slabs, after which the slab-sized
 temporaries come from the heap, where a few small live objects keep the freed space from going back:
 the 1.1B merge's RSS grew by ~30 MB per decoder layer, to 2.3 GB, and `malloc_trim` gave 400 MB back
-at the end. A fixed threshold of 1 MiB (which also stops the raising) kept it flat at 0.46 GB.
+at the end. A fixed threshold (which also stops the raising) keeps it flat: at 1 MiB the 7B merge
+still crept by ~1 MB/s, its adapter tensors (0.1-0.7 MiB each) fragmenting the heap; at 128 KiB,
+glibc's own starting value, the 1.1B and the 7B merges peak at 524 and 528 MB.
 Set once per process, for the rest of it; a threshold the user set (MALLOC_MMAP_THRESHOLD_) is kept.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 128 << 10  # glibc's own starting value, no longer raised
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 _done = False
 
