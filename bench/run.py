@@ -174,6 +174,35 @@ def build_lines(ck: dict[str, Path], work: Path) -> list[Line]:
             targets=[Target("abs_time", 10.0), Target("abs_rss", 1.0 * GB)],
         ),  # headers only: no warm-up
         Line("help", "qfinal --help", cli + ["--help"], targets=[Target("abs_time", 0.5)]),
+        *flat_lines(ck, cli, deq_q, deq_t, save_q, save_t),
+    ]
+
+
+def flat_lines(ck: dict[str, Path], cli: list[str], deq_q, deq_t, save_q, save_t) -> list[Line]:
+    """Peak RSS flat in model size: qfinal on the Llama-7B-shaped checkpoint against qfinal on the
+    1.1B (the "transformers" column holds the 1.1B run). Only with the 7B checkpoints built by hand
+    (bench/README.md); `--only quantize_flat,merge_flat` runs them."""
+    if "bf16_7b" not in ck:
+        return []
+    bf16, bf16_7b, lora, lora_7b = (str(ck[k]) for k in ("bf16", "bf16_7b", "lora", "lora_7b"))
+    quantize = ["quantize", "--quantize", "nf4", "--quiet"]
+    return [
+        Line(
+            "quantize_flat",
+            "quantize nf4: 7B-shaped vs 1.1B, both qfinal",
+            cli + [quantize[0], bf16_7b, str(deq_q), *quantize[1:]],
+            cli + [quantize[0], bf16, str(deq_t), *quantize[1:]],
+            [Target("rss", 1.10)],
+            scratch=[deq_q, deq_t],
+        ),
+        Line(
+            "merge_flat",
+            "merge LoRA r=16: 7B-shaped vs 1.1B, both qfinal",
+            cli + ["merge", bf16_7b, str(save_q), "--adapter", lora_7b, "--quiet"],
+            cli + ["merge", bf16, str(save_t), "--adapter", lora, "--quiet"],
+            [Target("rss", 1.10)],
+            scratch=[save_q, save_t],
+        ),
     ]
 
 
@@ -348,6 +377,11 @@ def ensure_checkpoints(out: Path, quick: bool, log) -> dict[str, Path]:
         if result["exit_code"] != 0:
             raise SystemExit(f"building {kind} failed:\n{result['output_tail']}")
         log(f"    {result['output_tail'].strip().splitlines()[-1]} (peak {result['peak_rss_bytes'] / GB:.2f} GB)")
+    if not quick:  # the 7B geometry, built by hand (13 GB): the flat-memory lines run when it is there
+        big = {"bf16_7b": out / "llama7b-bf16", "lora_7b": out / "llama7b-lora"}
+        if all(checkpoints.is_complete(big[k], checkpoints.spec_for(k[:-3], "llama-7b")) for k in big):
+            log(f"  reuse {big['bf16_7b']}, {big['lora_7b']}")
+            folders.update(big)
     return folders
 
 
@@ -442,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         help="comma-separated line keys: " + "load_bf16,load_nf4,load_int8,"
-        "dequantize_nf4,save_round_trip,validate_fast_70b,help",
+        "dequantize_nf4,save_round_trip,validate_fast_70b,help (quantize_flat,merge_flat need the 7B checkpoints)",
     )
     parser.add_argument("--out", default=str(HERE / "out"), help="checkpoints, scratch and results (default bench/out)")
     parser.add_argument("--json", help="results file (default OUT/results.json, OUT/results-quick.json with --quick)")
