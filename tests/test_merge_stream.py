@@ -548,3 +548,37 @@ def test_an_adapter_peft_cannot_inject_on_meta_is_held_whole(root, llama, tmp_pa
     _assert_same(tmp_path / "ours", theirs, llama)
     [info] = report.extra["merge"]["adapters"]
     assert info["held_whole"] == "peft cannot inject it on the meta device"
+
+
+BASE_REWRITTEN = {  # LoRA initializations that rewrite the base weight as peft injects the adapter
+    "pissa": "pissa",  # W - s B0 A0 from W's SVD
+    "pissa_niter": "pissa_niter_4",  # the same by randomized SVD: peft's own merge differs run to run
+    "olora": "olora",  # W - s B0 A0 from W's QR (in place: fails on a hollow tensor)
+}
+
+
+@pytest.mark.parametrize("kind", list(BASE_REWRITTEN))
+def test_lora_inits_that_rewrite_the_base_are_refused(root, llama, kind, tmp_path):
+    """The merge gave W + s B A where peft gives W - s B0 A0 + s B A (6 tensors differed for
+    PiSSA): refused, naming the initialization, nothing written."""
+    from qfinal.errors import ConfigError
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LIN, init_lora_weights=BASE_REWRITTEN[kind])
+    config.task_type = "CAUSAL_LM"
+    adapter = _adapter(llama, root / f"adapter_{kind}", config, seed=37)
+    with pytest.raises(
+        ConfigError, match=f"changes the base weights as it injects it .init_lora_weights='{BASE_REWRITTEN[kind]}'"
+    ):
+        run_merge(llama, tmp_path / "out", [str(adapter)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_pissa_merges_in_memory_as_peft_does(root, llama, tmp_path, capsys):
+    """What the refusal points to: `save --merge` gives peft's merge of a PiSSA adapter."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LIN, init_lora_weights="pissa")
+    config.task_type = "CAUSAL_LM"
+    adapter = _adapter(llama, root / "adapter_pissa", config, seed=37)
+    theirs = _peft_merged(_model(llama), [adapter], tmp_path / "peft")
+    code, _out, err = builders.run_cli(capsys, "save", llama, tmp_path / "ours", "--adapter", adapter, "--merge")
+    assert code == 0, err
+    _assert_same(tmp_path / "ours", theirs, llama)

@@ -93,7 +93,11 @@ class AdapterMerger:
                 aliases.setdefault(id(tensor), []).append(name)
                 self._held.append(tensor)
         self._aliases = aliases
+        storage = [(tensor, tensor.data_ptr()) for tensor in self._held]
         self.peft_model = _inject(hollow, self.prep, lazy)
+        changed = [aliases[id(tensor)][0] for tensor, at in storage if tensor.data_ptr() != at]
+        if changed:  # PiSSA, OLoRA, LoftQ...: the base's weight minus the initial adapter
+            raise _base_changed(self.prep, changed)
 
     def loaded(self, path: str):
         """A block in which the unit's adapter tensors are in memory (always, when held whole)."""
@@ -278,11 +282,29 @@ def _inject(hollow, prep: Prepared, lazy: bool):
         ) from None
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError, NotImplementedError) as exc:
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, RuntimeError) and "written-to tensor" in detail:  # an in-place write to a hollow tensor
+            raise _base_changed(prep, []) from None
         raise CheckpointError(
             f"peft could not apply adapter '{prep.name}' to this base: {detail[:300]}",
             where=str(prep.spec.path),
             hint="is it an adapter for this model?",
         ) from None
+
+
+def _base_changed(prep: Prepared, tensors: list[str]) -> ConfigError:
+    """peft rewrites base weights as it injects this adapter (an initialization from the weight's
+    SVD, as PiSSA's W - B0 A0): into a hollow base that is another model than peft's."""
+    init = prep.config.get("init_lora_weights")
+    how = f" (init_lora_weights={init!r})" if isinstance(init, str) else ""
+    some = (
+        f": {', '.join(tensors[:2])}" + (f" (+{len(tensors) - 2} more)" if len(tensors) > 2 else "") if tensors else ""
+    )
+    return ConfigError(
+        f"adapter '{prep.name}' cannot be merged shard by shard: peft changes the base weights as it "
+        f"injects it{how}{some}, and the streaming merge never holds them",
+        where=str(prep.spec.path),
+        hint="merge it in memory: qfinal save BASE OUT --adapter DIR --merge",
+    )
 
 
 def _merge_units(peft_model):
