@@ -191,8 +191,9 @@ def test_qfinal_save_writes_plain_models_with_the_mapped_writer(checkpoints, tmp
 
 @pytest.mark.parametrize("failing", ["direct", "all"])
 def test_a_disk_filling_mid_write_raises_its_own_error(tmp_path, monkeypatch, failing):
-    """ENOSPC in the helper thread's direct writes, or in the caller's buffered ones, reaches the
-    caller as that OSError: no staging buffer is left pinned by the error (BufferError at close)."""
+    """ENOSPC in the helper thread's direct writes reaches the caller as that OSError: no staging
+    buffer is left pinned by the error (it was a BufferError at close). "all" (the caller's own
+    buffered writes failing as well) passed before the fix too; it keeps that path covered."""
     from qfinal.checkpoint.writer import PositionalFile, ShardWriter
 
     probe = PositionalFile(tmp_path / "probe")

@@ -109,7 +109,7 @@ class AdapterMerger:
         _give_storage(self.peft_model, set(self._aliases))
         try:
             result = self.peft_model.load_adapter(str(self.prep.folder), self.name, is_trainable=False)
-        except (RuntimeError, ValueError, KeyError) as exc:
+        except Exception as exc:  # peft's refusals, and safetensors' (a dtype it cannot read, a bad file)
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise CheckpointError(
                 f"peft could not load adapter '{self.name}' onto this base: {detail[:300]}",

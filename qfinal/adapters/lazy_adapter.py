@@ -8,10 +8,12 @@ tensor a zero expanded to its shape, no memory. The model tensor that took a pro
 one peft fills from that file key, after every renaming peft does (adapter name, wrappers, the
 transformers conversion). From then on a unit's tensors are read (pread, not mmap: mapped pages
 would stay in the process's RSS) just before its merge, converted to the dtype of the injected
-tensor (peft's eager load copies the file into that tensor: the same conversion), and put back on
-meta after it. Memory: one unit's adapter tensors.
+tensor (peft's eager load copies the file into that tensor: the same conversion; for an fp32,
+fp16 or bf16 model the meta injection gives float tensors the eager one's dtype, fp32), and put
+back on meta after it. What the probe load changed in tensors the file does not fill is undone.
+Memory: one unit's adapter tensors.
 
-The map is used only where it is complete and local. `plan_lazy` returns None (the adapter is then
+The map is used only where it is complete and local. `plan_lazy` returns why not (the adapter is then
 loaded whole by `load_adapter`) when a file key became no model tensor (peft built a new tensor from
 it), a tensor the file does not fill is left on meta (peft would keep its initialization), a file
 key lands outside one merge unit (shared tensors: VeRA's projections, VB-LoRA's bank) or in a base
@@ -31,6 +33,9 @@ from qfinal.checkpoint.row_slabs import read_tensor
 from qfinal.compat.peft_merge import own_tensors, swap_tensor
 
 _PREFIX = "base_model.model."  # a PeftModel's path to the base model's modules
+# model dtypes for which a tensor injected on meta ends in the dtype the eager injection gives it
+# (created in fp32, or cast to the base's 16-bit dtype and autocast back to fp32)
+_MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -83,12 +88,16 @@ def plan_lazy(
     Else why the adapter must be loaded whole (see the module's docstring); the model is then spoilt."""
     from peft import set_peft_model_state_dict
 
+    if dtype not in _MODEL_DTYPES:
+        return f"the model is {dtype}"
     injected = {}  # (id(module), attr) -> the dtype peft gave the tensor: what its eager load copies into
     places: dict[int, int] = {}  # id(tensor) -> how many (module, attr) hold it
+    previous = {}  # (id(module), attr) -> (the tensor, its data): the load may move what the file does not fill
     for module in peft_model.modules():
         for attr, tensor in own_tensors(module):
             injected[id(module), attr] = (tensor.dtype, id(tensor))
             places[id(tensor)] = places.get(id(tensor), 0) + 1
+            previous[id(module), attr] = (tensor, tensor.data)
     probes, stored = {}, {}
     for key, entry in header.items():
         try:
@@ -119,6 +128,8 @@ def plan_lazy(
                 return "the file leaves a tensor to its initialization"
             key = by_storage.get(tensor.data_ptr())
             if key is None:
+                if not _restore(module, attr, tensor, previous.get((id(module), attr))):
+                    return f"peft's load creates {attr!r} in a module"
                 continue
             probe = probes[key]
             if tensor.shape != probe.shape or tensor.stride() != probe.stride():
@@ -146,6 +157,20 @@ def plan_lazy(
         for module, attr in entry.owners:
             swap_tensor(module, attr, hollow)
     return LazyAdapter(path, by_unit)
+
+
+def _restore(module, attr: str, tensor, before) -> bool:
+    """Undo what the probe load did to a tensor the file does not fill: with `low_cpu_mem_usage`
+    peft moves every loaded adapter to its base layer's dtype (AdaLoRA's fp32 `ranknum` became bf16
+    on a bf16 base), which its eager load never does. False for a tensor that was not there."""
+    if before is None:
+        return False
+    old, data = before
+    if tensor is not old:
+        swap_tensor(module, attr, old)
+    if old.dtype != data.dtype or old.data_ptr() != data.data_ptr():
+        old.data = data
+    return True
 
 
 def _unit_of(names: set[str | None], units: list[str]) -> str | None:

@@ -100,7 +100,7 @@ def plan_merge(
         files=_output_files(session.base.files),
         merged=sorted(session.unit_of),
         total_bytes=sum(o.shape_bytes() for o in out.values()),
-        # what the process holds once planned (imports, the hollow models), the adapters (a module's
+        # the process's peak so far (imports, the hollow models), the adapters (a module's
         # tensors where read per module), a module peft merges whole (its tensors and fp32
         # temporaries), the slab buffers (read, delta, its cast, the fp32 sum, the output cast) and
         # the writer's two staging buffers
