@@ -22,7 +22,7 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 from builders import bits_equal  # noqa: E402
 
-from qfinal.compat.bitsandbytes import four_bit_quantize_tables, quantize_4bit_replaced  # noqa: E402
+from qfinal.compat.bitsandbytes import four_bit_quantize_tables, functional_replaced  # noqa: E402
 from qfinal.formats import bnb_kernel  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -125,7 +125,7 @@ def test_forced_fallback_is_bitsandbytes_even_while_patched(monkeypatch):
     A = torch.randn(300, 64)
     monkeypatch.setenv(bnb_kernel.KERNEL_ENV, "bitsandbytes")
     assert bnb_kernel.kernel_name() == "bitsandbytes"
-    with quantize_4bit_replaced(bnb_kernel.quantize_4bit):
+    with functional_replaced("quantize_4bit", bnb_kernel.quantize_4bit):
         assert bnb_functional.quantize_4bit is bnb_kernel.quantize_4bit
         got, _state = bnb_functional.quantize_4bit(A, quant_type="nf4")
     assert bnb_functional.quantize_4bit is not bnb_kernel.quantize_4bit
@@ -221,7 +221,23 @@ def test_int8_rowwise_on_a_large_matrix_and_its_fallback(monkeypatch):
     A = (torch.randn(1024, 4096, generator=torch.Generator().manual_seed(3)) * 2).to(torch.float16)
     CB, SCB, _outliers = bnb_functional.int8_vectorwise_quant(A.clone())
     assert all(bits_equal(g, e) for g, e in zip(bnb_int8.int8_rowwise(A), (CB, SCB)))
+    from qfinal.compat import bitsandbytes as compat
+
     calls = []
-    monkeypatch.setattr(bnb_functional, "int8_vectorwise_quant", lambda A: calls.append(A) or (CB, SCB, None))
+    monkeypatch.setitem(compat._ORIGINALS, "int8_vectorwise_quant", lambda A: calls.append(A) or (CB, SCB, None))
     monkeypatch.setenv(bnb_kernel.KERNEL_ENV, "bitsandbytes")
     assert bnb_int8.int8_rowwise(A)[0] is CB and len(calls) == 1  # bitsandbytes' own, when asked
+
+
+def test_int8_on_load_is_the_fast_path_and_bitsandbytes_own_after(monkeypatch):
+    """Inside `kernels_for_load` bnb's Int8Params reach qfinal's int8 (same bytes); outside, bnb's own."""
+    from qfinal.formats import bnb_int8
+
+    A = (torch.randn(64, 96, generator=torch.Generator().manual_seed(5)) * 4).to(torch.float16)
+    own = bnb_functional.int8_vectorwise_quant
+    with bnb_kernel.kernels_for_load():
+        assert bnb_functional.int8_vectorwise_quant is bnb_int8.int8_vectorwise_quant
+        CB, SCB, outliers = bnb_functional.int8_vectorwise_quant(A)
+    assert bnb_functional.int8_vectorwise_quant is own
+    expected = own(A.clone())
+    assert bits_equal(CB, expected[0]) and bits_equal(SCB, expected[1]) and outliers is None

@@ -80,35 +80,35 @@ def four_bit_quantize_tables(quant_type: str):
     return _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))
 
 
-_ORIGINAL_QUANTIZE_4BIT: list = []  # bitsandbytes' own function, saved before the first patch
+_ORIGINALS: dict = {}  # bitsandbytes' own functions by name, saved before the first patch
 
 
-def original_quantize_4bit():
-    """bitsandbytes' own `functional.quantize_4bit`, even while `quantize_4bit_replaced` is active."""
-    if _ORIGINAL_QUANTIZE_4BIT:
-        return _ORIGINAL_QUANTIZE_4BIT[0]
+def original_functional(name: str):
+    """bitsandbytes' own `functional.<name>`, even while `functional_replaced(name, ...)` is active."""
+    if name in _ORIGINALS:
+        return _ORIGINALS[name]
     from bitsandbytes import functional
 
-    return functional.quantize_4bit
+    return getattr(functional, name)
 
 
 @contextmanager
-def quantize_4bit_replaced(replacement) -> Iterator[None]:
-    """`bitsandbytes.functional.quantize_4bit` is `replacement` inside this block, restored after.
+def functional_replaced(name: str, replacement) -> Iterator[None]:
+    """`bitsandbytes.functional.<name>` is `replacement` inside this block, restored after.
 
-    bnb's `Params4bit._quantize` (which transformers' quantize-on-load goes through) looks the
-    function up on the module at every call, so this reaches it; nothing outside the block sees it.
-    Not re-entrant across threads: qfinal's load runs the loader on one thread."""
+    bnb's `Params4bit._quantize` and `Int8Params._quantize` (which transformers' quantize-on-load
+    goes through) look `quantize_4bit` / `int8_vectorwise_quant` up on the module at every call, so
+    this reaches them; nothing outside the block sees it. Not re-entrant across threads: qfinal's
+    load runs the loader on one thread."""
     from bitsandbytes import functional
 
-    if not _ORIGINAL_QUANTIZE_4BIT:
-        _ORIGINAL_QUANTIZE_4BIT.append(functional.quantize_4bit)
-    previous = functional.quantize_4bit
-    functional.quantize_4bit = replacement
+    _ORIGINALS.setdefault(name, getattr(functional, name))
+    previous = getattr(functional, name)
+    setattr(functional, name, replacement)
     try:
         yield
     finally:
-        functional.quantize_4bit = previous
+        setattr(functional, name, previous)
 
 
 __all__ = [
@@ -117,6 +117,6 @@ __all__ = [
     "cpu_repack_disabled",
     "unpack_quant_state",
     "four_bit_quantize_tables",
-    "original_quantize_4bit",
-    "quantize_4bit_replaced",
+    "functional_replaced",
+    "original_functional",
 ]

@@ -29,12 +29,23 @@ def int8_rowwise(A):
         or A.device.type != "cpu"
         or os.environ.get(KERNEL_ENV, "").strip().lower() == "bitsandbytes"
     ):
-        from bitsandbytes.functional import int8_vectorwise_quant
+        from qfinal.compat.bitsandbytes import original_functional
 
-        CB, SCB, _outliers = int8_vectorwise_quant(A)
+        CB, SCB, _outliers = original_functional("int8_vectorwise_quant")(A)
         return CB, SCB
     absmax = torch.max(A.abs(), dim=1).values.float()  # as bitsandbytes: a NaN keeps its fp16 payload
     wide = A.float()
     wide.mul_((127.0 / absmax).unsqueeze(-1))
     wide.round_()
     return wide.to(torch.int8), absmax
+
+
+def int8_vectorwise_quant(A, threshold=0.0):
+    """`bitsandbytes.functional.int8_vectorwise_quant`'s signature, for quantize-on-load
+    (`formats.bnb_kernel.kernels_for_load`): `int8_rowwise` where no outliers are held back."""
+    if threshold:
+        from qfinal.compat.bitsandbytes import original_functional
+
+        return original_functional("int8_vectorwise_quant")(A, threshold)
+    CB, SCB = int8_rowwise(A)
+    return CB, SCB, None

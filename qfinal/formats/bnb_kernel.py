@@ -287,9 +287,10 @@ def quantize_4bit(
         or quant_type not in ("nf4", "fp4")
         or kernel_name() != "numba"
     ):
-        from qfinal.compat.bitsandbytes import original_quantize_4bit
+        from qfinal.compat.bitsandbytes import original_functional
 
-        return original_quantize_4bit()(A, absmax, out, blocksize, compress_statistics, quant_type, storage)
+        quantize = original_functional("quantize_4bit")
+        return quantize(A, absmax, out, blocksize, compress_statistics, quant_type, storage)
     _out, _absmax = quantize_4bit_raw(A, size, quant_type, storage)
     state = four_bit_state(_absmax, A.shape, A.dtype, size, quant_type, compress_statistics)
     del _absmax
@@ -300,23 +301,26 @@ def quantize_4bit(
 
 
 @contextmanager
-def four_bit_kernel_for_load() -> Iterator[str]:
-    """Inside this block bitsandbytes' `quantize_4bit` (what transformers' quantize-on-load calls
-    through `Params4bit`) is this module's; yields the kernel's name ('numba' or 'bitsandbytes')."""
-    name = kernel_name()
-    if name != "numba":
-        yield name
-        return
-    from qfinal.compat.bitsandbytes import quantize_4bit_replaced
+def kernels_for_load() -> Iterator[str]:
+    """Inside this block bitsandbytes' `quantize_4bit` and `int8_vectorwise_quant` (what
+    transformers' quantize-on-load calls through `Params4bit` / `Int8Params`) are qfinal's
+    (`formats.bnb_int8` for int8); yields the 4-bit kernel's name ('numba' or 'bitsandbytes')."""
+    from qfinal.compat.bitsandbytes import functional_replaced
+    from qfinal.formats.bnb_int8 import int8_vectorwise_quant
 
-    with quantize_4bit_replaced(quantize_4bit):
-        yield name
+    name = kernel_name()
+    with functional_replaced("int8_vectorwise_quant", int8_vectorwise_quant):
+        if name != "numba":
+            yield name
+            return
+        with functional_replaced("quantize_4bit", quantize_4bit):
+            yield name
 
 
 __all__ = [
     "BLOCKSIZES",
     "KERNEL_ENV",
-    "four_bit_kernel_for_load",
+    "kernels_for_load",
     "four_bit_state",
     "kernel_name",
     "quantize_4bit",

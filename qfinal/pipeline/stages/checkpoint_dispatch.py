@@ -11,7 +11,7 @@ from collections import Counter
 
 from qfinal.checkpoint.reader import read_tensor_by_tensor
 from qfinal.compat import transformers as _hf
-from qfinal.formats.bnb_kernel import four_bit_kernel_for_load
+from qfinal.formats.bnb_kernel import kernels_for_load
 from qfinal.pipeline.context import Context, Outcome
 from qfinal.pipeline.stages.base import BaseStage
 from qfinal.report import MismatchedKey
@@ -204,8 +204,8 @@ class CheckpointDispatch(BaseStage):
             ctx.loading_info, ctx.disk_offload_index = _load_dequantizing(ctx, files)
         elif _quantizes_on_load(ctx) and not (device_map and "disk" in device_map.values()):
             progress = ctx.on_progress and (lambda done, total: ctx.on_progress(done, total, "bytes read"))
-            # bitsandbytes' quantize_4bit is qfinal's multi-core kernel in here (byte-identical)
-            with read_tensor_by_tensor(files, progress) as state, four_bit_kernel_for_load():
+            # bitsandbytes' quantize_4bit and int8_vectorwise_quant are qfinal's in here (byte-identical)
+            with read_tensor_by_tensor(files, progress) as state, kernels_for_load():
                 ctx.loading_info, ctx.disk_offload_index = _hf.load_checkpoint_into(
                     model, files, ctx.load_config, state
                 )
