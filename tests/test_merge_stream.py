@@ -654,3 +654,30 @@ def test_the_dry_run_estimate_covers_the_run(root, llama, tmp_path):
     estimate = merge("--dry-run")["extra"]["merge"]["peak_bytes_estimate"]
     [ran] = [s for s in merge()["stages"] if s["name"] == "merge"]
     assert 0 < ran["peak_rss_bytes"] <= estimate < 2 * ran["peak_rss_bytes"]  # covers it, and not wildly
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dry_run_with_quantize_sizes_the_quantized_output(root, checkpoints, tmp_path, monkeypatch, double_quant):
+    """--dry-run --quantize plans the quantize step from the merge's outline (headers over holes):
+    the files, tensor bytes and converted modules of the real run, nothing merged or written."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    base = checkpoints["llama_sharded"]
+    adapter = _adapter(base, root / "adapter_sharded_all", peft.LoraConfig(r=4, target_modules="all-linear"), seed=9)
+    options = dict(quantize="nf4", double_quant=double_quant)
+    dry = run_merge(base, tmp_path / "dry", [str(adapter)], dry_run=True, **options)
+    real = run_merge(base, tmp_path / "real", [str(adapter)], **options)
+    assert not (tmp_path / "dry").exists() and list((tmp_path / "tmp").iterdir()) == []
+    planned, written = dry.extra["quantize"], real.extra["quantize"]
+    assert planned["dry_run"] and planned["files"] == [f for f in written["files"] if f.endswith(".safetensors")]
+    assert [c.module for c in dry.keys.converted] == [c.module for c in real.keys.converted] != []
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "real").glob("*.safetensors"))
+    if double_quant:  # the offsets in the quant-state JSON: a few bytes a weight
+        assert abs(planned["total_bytes"] - written["total_bytes"]) < 32 * len(real.keys.converted)
+    else:
+        assert planned["total_bytes"] == written["total_bytes"]
+    assert planned["total_bytes"] < on_disk < 2 * planned["total_bytes"]  # tensors + headers
+    [stage] = [s for s in dry.stages if s.name == "plan"]
+    assert "would write" in stage.detail and "peak memory needed about" in stage.detail

@@ -156,10 +156,12 @@ def write_merge(
     force: bool = False,
     executor=None,
     progress: Callable[[int, int], None] | None = None,
+    outline: bool = False,
 ) -> list[str]:
-    """Write OUT from `plan` through `atomic_dir`; returns the files written."""
+    """Write OUT from `plan` through `atomic_dir`; returns the files written. With `outline` the
+    shards are headers over holes (`merge_shard.outline_shard`): nothing is merged."""
     from qfinal.ops.executors import run_tasks
-    from qfinal.ops.merge_shard import merge_shard
+    from qfinal.ops.merge_shard import merge_shard, outline_shard
 
     out = Path(out)
     folder = Path(plan.job.base)
@@ -169,7 +171,7 @@ def write_merge(
     with atomic_dir(out, force=force) as tmp:
         specs = [ShardSpec(plan.job, str(tmp / name), tuple(keys)) for name, keys in plan.files]
         run_tasks(
-            merge_shard,
+            outline_shard if outline else merge_shard,
             specs,
             executor,
             labels=[name for name, _k in plan.files],
@@ -254,6 +256,10 @@ def run_merge(
         if quantize is not None:
             info["quantize"] = {"method": quantize, "double_quant": double_quant}
             report.quantization = f"{plan.quantization}, then {quantize}" if plan.quantization else quantize
+        if dry_run and quantize is not None:
+            from qfinal.ops.merge_quantize import plan_requantized
+
+            quantized = plan_requantized(plan, Path(out), method=quantize, double_quant=double_quant, force=force)
         if not dry_run:
             quantized = _write(
                 plan,
@@ -276,13 +282,13 @@ def run_merge(
             peak_rss_bytes=peak_rss_bytes(),
             detail=f"{len(plan.adapters)} adapter(s) into {len(plan.merged)} tensor(s); {len(plan.files)} shard(s)"
             + (
-                f" (dry run: nothing written); would write {plan.total_bytes:,} bytes of tensors, "
-                f"peak memory needed about {plan.peak_bytes / 2**30:.2f} GiB"
+                f" (dry run: nothing written); would write {plan.total_bytes:,} bytes of tensors"
+                + (" (a temporary plain merge beside OUT)" if quantize else "")
+                + f", peak memory needed about {plan.peak_bytes / 2**30:.2f} GiB"
                 if dry_run
                 else ""
             )
-            + (f"; then requantized to {quantize}" if quantize else "")
-            + (" (sized from the merge: not in a dry run)" if quantize and dry_run else ""),
+            + (f"; then {'would be ' if dry_run else ''}requantized to {quantize}" if quantize else ""),
         )
     )
     if do_compare and quantize is None:

@@ -69,6 +69,27 @@ def merge_then_quantize(
             interrupts.forget(token)
 
 
+def plan_requantized(plan, out: Path, *, method: str, double_quant: bool, force: bool) -> Report:
+    """The quantize step of a dry run: `qfinal quantize --dry-run` of the merge's outline (its
+    headers over holes, in a temporary folder, removed after): what OUT would hold and the memory
+    it needs, with nothing merged. Double quantization reads each weight's absmax, here zeros: the
+    quant-state JSON holds an offset of other digits, so sizes may be off by a few bytes a weight."""
+    from qfinal.ops.merge import write_merge
+    from qfinal.ops.quantize import run_quantize
+
+    with interrupts.critical():
+        area = Path(tempfile.mkdtemp(prefix="qfinal-merge-outline-"))
+        token = interrupts.on_interrupt(lambda: interrupts.remove(area))
+    try:
+        outline = area / "merged"
+        write_merge(plan, outline, outline=True)
+        return run_quantize(outline, out, method=method, double_quant=double_quant, force=force, dry_run=True)
+    finally:
+        with interrupts.critical():
+            interrupts.remove(area)
+            interrupts.forget(token)
+
+
 def requantize_findings(plan, method: str, base_weights) -> list[Finding]:
     """A bnb base merged then requantized: its 4-bit rounding and the new one add up (not so for a
     merge into `--base-weights`, the dense original)."""

@@ -224,3 +224,13 @@ def merge_shard(spec: ShardSpec) -> None:
             if key != done:
                 done = key
                 advance(1)
+
+
+def outline_shard(spec: ShardSpec) -> None:
+    """The shard's header at its full size, its data a hole (a sparse file, no disk, no merge): the
+    checkpoint a dry run of `merge --quantize` plans the quantize step from."""
+    out = session_for(spec.job).base.out
+    header, layout = _shards.safetensors_layout([(k, out[k].dtype, out[k].shape) for k in spec.keys], {"format": "pt"})
+    with open(spec.path, "wb") as fh:
+        fh.write(header)
+        fh.truncate(len(header) + max((end for *_x, end in layout.values()), default=0))
