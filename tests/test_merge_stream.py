@@ -19,6 +19,7 @@ from qfinal.ops.merge import run_merge  # noqa: E402
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore")
 from peft import PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.lora.config import BdLoraConfig, KasaConfig  # noqa: E402
 
 LIN = ["q_proj", "v_proj", "down_proj"]
 # LoRA and its variants first, then every other type peft 0.21 merges (tests/test_adapter_types.py
@@ -31,6 +32,13 @@ TYPES = {
         r=4, lora_alpha=8, target_modules=LIN, rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3}
     ),
     "lora_embedding": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+    "kasa": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=LIN, kasa_config=KasaConfig()),
+    "bdlora": lambda: peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=LIN,
+        use_bdlora=BdLoraConfig(target_modules_bd_a=["down_proj"], target_modules_bd_b=["q_proj", "v_proj"], nblocks=2),
+    ),
     "lora_modules_to_save": lambda: peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]
     ),
