@@ -137,19 +137,31 @@ def llama(checkpoints):
     return checkpoints["llama_untied"]
 
 
+def _bf16_base(root: Path, llama: Path) -> Path:
+    bf16 = root / "llama_bf16"
+    if not bf16.exists():
+        _model(llama, dtype=torch.bfloat16).save_pretrained(bf16)
+    return bf16
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", list(TYPES))
-def test_every_mergeable_type_equals_peft(root, llama, kind):
+def test_every_mergeable_type_equals_peft(root, llama, kind, base_dtype):
+    """On a bf16 base too: a 16-bit base is where reading the adapter per module could drift from
+    peft's eager load (peft moves adapters to the base's dtype on a meta load: AdaLoRA's ranknum)."""
+    base = llama if base_dtype == "float32" else _bf16_base(root, llama)
     config = TYPES[kind]()
     config.task_type = "CAUSAL_LM"
     adapter = _adapter(llama, root / f"adapter_{kind}", config, seed=list(TYPES).index(kind) + 1)
-    theirs = _peft_merged(_model(llama), [adapter], root / f"peft_{kind}")
-    report = run_merge(llama, root / f"ours_{kind}", [str(adapter)])
-    _assert_same(root / f"ours_{kind}", theirs, llama)
+    theirs = _peft_merged(_model(base), [adapter], root / f"peft_{kind}_{base_dtype}")
+    ours = root / f"ours_{kind}_{base_dtype}"
+    report = run_merge(base, ours, [str(adapter)])
+    _assert_same(ours, theirs, base)
     assert report.extra["merge"]["merged_tensors"] > 0
     [held] = [a["held_whole"] for a in report.extra["merge"]["adapters"]]
     assert (held is not None) == (kind in HELD_WHOLE), held
     # one file, as save_pretrained writes it: the very bytes
-    assert (root / f"ours_{kind}" / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
+    assert (ours / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("fixture", list(FIXTURE_LORA))
@@ -176,9 +188,7 @@ def test_lora_on_every_fixture(root, checkpoints, fixture):
 def test_bf16_base_and_dtype_option(root, llama, variant):
     """On a bf16 base peft computes LoRA's B @ A in fp32 on CPU and casts the delta back; --dtype
     bfloat16 on an fp32 base equals peft on the base loaded in bf16."""
-    bf16 = root / "llama_bf16"
-    if not bf16.exists():
-        _model(llama, dtype=torch.bfloat16).save_pretrained(bf16)
+    bf16 = _bf16_base(root, llama)
     config = TYPES[variant]()
     adapter = _adapter(llama, root / f"adapter_{variant}", config, seed=list(TYPES).index(variant) + 1)
     theirs = _peft_merged(_model(bf16), [adapter], root / f"peft_bf16_{variant}")
@@ -186,23 +196,6 @@ def test_bf16_base_and_dtype_option(root, llama, variant):
     run_merge(llama, root / f"ours_cast_{variant}", [str(adapter)], dtype="bfloat16")
     _assert_same(root / f"ours_bf16_{variant}", theirs, bf16)
     _assert_same(root / f"ours_cast_{variant}", theirs)
-
-
-@pytest.mark.parametrize("kind", list(TYPES))
-def test_every_mergeable_type_equals_peft_on_a_bf16_base(root, llama, kind):
-    """A 16-bit base is where reading the adapter per module could drift from peft's eager load
-    (peft moves adapters to the base's dtype on a meta load: AdaLoRA's ranknum went bf16)."""
-    bf16 = root / "llama_bf16"
-    if not bf16.exists():
-        _model(llama, dtype=torch.bfloat16).save_pretrained(bf16)
-    config = TYPES[kind]()
-    config.task_type = "CAUSAL_LM"
-    adapter = _adapter(llama, root / f"adapter_{kind}", config, seed=list(TYPES).index(kind) + 1)
-    theirs = _peft_merged(_model(bf16), [adapter], root / f"peft_bf16_all_{kind}")
-    report = run_merge(bf16, root / f"ours_bf16_all_{kind}", [str(adapter)])
-    _assert_same(root / f"ours_bf16_all_{kind}", theirs, bf16)
-    [held] = [a["held_whole"] for a in report.extra["merge"]["adapters"]]
-    assert (held is not None) == (kind in HELD_WHOLE), held
 
 
 def test_several_adapters_merge_in_turn(root, llama):
