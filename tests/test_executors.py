@@ -117,8 +117,10 @@ def ray_cluster():
             os.environ["RAY_AUTH_MODE"] = before
 
 
-def dequantize(source, out, executor, progress=None):
-    return dq.dequantize_checkpoint(source, out, max_shard_size="20KB", executor=executor, progress=progress)
+def dequantize(source, out, executor, progress=None, stats=None):
+    return dq.dequantize_checkpoint(
+        source, out, max_shard_size="20KB", executor=executor, progress=progress, stats=stats
+    )
 
 
 # ----------------------------------------------------------------------------------------- the same bytes
@@ -149,9 +151,12 @@ def test_ray_without_a_cluster_is_one_line(source, tmp_path, capsys, monkeypatch
 
 
 def test_ray_writes_the_same_bytes(ray_cluster, source, reference, tmp_path):
-    out, calls = tmp_path / "out", []
-    result = dequantize(source, out, Executor("ray"), progress=lambda done, total: calls.append((done, total)))
+    from qfinal.ops.executors import TaskStats
+
+    out, calls, stats = tmp_path / "out", [], TaskStats()
+    result = dequantize(source, out, Executor("ray"), lambda done, total: calls.append((done, total)), stats)
     assert snapshot(out) == reference
+    assert stats.worker_peak_bytes > 100 * 2**20  # Ray's workers reported their own peak
     total = len(result.dequantized) + len(result.cast)
     done = [c[0] for c in calls]
     assert done == sorted(done) and done[-1] == total and {c[1] for c in calls} == {total}
@@ -163,7 +168,12 @@ def test_cli_workers_writes_the_same_bytes(source, reference, tmp_path, capsys):
     out = tmp_path / "out"
     code, report = builders.run_json(capsys, "dequantize", source, out, "--max-shard-size", "20KB", "--workers", "2")
     assert code == 0 and report["ok"]
-    assert report["extra"]["dequantize"]["executor"] == {"kind": "pool", "workers": 2}
+    executor = report["extra"]["dequantize"]["executor"]
+    assert {k: executor[k] for k in ("kind", "workers")} == {"kind": "pool", "workers": 2}
+    # the workers' own peak (they import torch: well above 100 MB), said in the stage
+    assert executor["worker_peak_bytes"] > 100 * 2**20
+    [stage] = [s for s in report["stages"] if s["name"] == "dequantize"]
+    assert "each worker peaked at" in stage["detail"]
     assert snapshot(out) == reference
 
 
@@ -178,6 +188,8 @@ def test_quantize_on_a_pool_writes_the_same_bytes(checkpoints, tmp_path):
             src, tmp_path / name, method="nf4", double_quant=True, max_shard_size="20KB", executor=executor
         )
         assert report.ok
+        peak = report.extra["quantize"]["worker_peak_bytes"]
+        assert (peak > 100 * 2**20) if executor else peak == 0  # in-process: the run's own peak is the stage's
         written[name] = snapshot(tmp_path / name)
     assert sum(name.endswith(".safetensors") for name in written["pool"]) > 2
     assert written["pool"] == written["inprocess"]

@@ -322,8 +322,9 @@ def test_pool_executor_writes_the_same_bytes(root, checkpoints):
     adapter = _adapter(
         base, root / "adapter_llama_sharded", peft.LoraConfig(r=4, lora_alpha=8, **FIXTURE_LORA["llama_sharded"]), 7
     )
-    run_merge(base, root / "pool", [str(adapter)], executor=make_executor("pool", 2))
-    run_merge(base, root / "inproc", [str(adapter)])
+    pooled = run_merge(base, root / "pool", [str(adapter)], executor=make_executor("pool", 2))
+    here = run_merge(base, root / "inproc", [str(adapter)])
+    assert pooled.extra["merge"]["worker_peak_bytes"] > 100 * 2**20 and here.extra["merge"]["worker_peak_bytes"] == 0
     files = sorted(p.name for p in (root / "inproc").iterdir())
     assert files == sorted(p.name for p in (root / "pool").iterdir())
     assert all((root / "pool" / f).read_bytes() == (root / "inproc" / f).read_bytes() for f in files)

@@ -36,7 +36,7 @@ from qfinal.checkpoint.side_files import copy_side_files
 from qfinal.checkpoint.sources import Source, read_config_json, resolve_source, stamp_report
 from qfinal.errors import CheckpointError, ConfigError, OutputError
 from qfinal.ops.dequantize_plan import PlanItem, SourceReader, plan_items, stored_format
-from qfinal.ops.executors import Executor, run_tasks
+from qfinal.ops.executors import Executor, TaskStats, run_tasks, worker_peak_note
 from qfinal.report import Report
 from qfinal.sizes import parse_size
 
@@ -201,6 +201,7 @@ def _write(
     where: str,
     progress: Callable[[int, int], None] | None,
     executor: Executor | None,
+    stats: TaskStats | None = None,
 ) -> None:
     """The shards (one task each, on `executor`) and the index of OUT."""
     shards, names, weight_map = sharded
@@ -216,7 +217,9 @@ def _write(
     ]
     units = [len(shard) for shard in shards]
     preload = [name for name in _WORKER_LIBRARIES if name in sys.modules]  # what planning needed
-    written = run_tasks(write_shard, tasks, executor, labels=names, units=units, progress=progress, preload=preload)
+    written = run_tasks(
+        write_shard, tasks, executor, labels=names, units=units, progress=progress, preload=preload, stats=stats
+    )
     result.files.extend(written)
     if len(shards) > 1:
         _shards.write_index(tmp, weight_map, result.total_bytes)
@@ -232,9 +235,11 @@ def dequantize_checkpoint(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     executor: Executor | None = None,
+    stats: TaskStats | None = None,
 ) -> DequantizeResult:
     """Write OUT: SOURCE's quantized checkpoint dequantized to `dtype`, loadable by plain `from_pretrained`.
-    Each output shard is one task on `executor` (default: in this process); the bytes are the same."""
+    Each output shard is one task on `executor` (default: in this process); the bytes are the same.
+    `stats` gets what the workers reported (`ops.executors.TaskStats`)."""
     from qfinal.compat.transformers_layout import conv1d_layout
 
     dtype = parse_dtype(dtype)
@@ -269,7 +274,7 @@ def dequantize_checkpoint(
         )
         sharded = _shard(items, max_bytes, result)
         with atomic_dir(out, force=force) as tmp:
-            _write(tmp, src, sharded, result, where, progress, executor)
+            _write(tmp, src, sharded, result, where, progress, executor, stats)
             _write_config(config, dtype, tmp / "config.json")
             result.files.append("config.json")
             result.files.extend(copy_side_files(folder, resolved.confine_to, tmp))
@@ -306,6 +311,7 @@ def run_dequantize(
     start = time.perf_counter()
     if on_step:
         on_step("dequantize")
+    stats = TaskStats()
     result = dequantize_checkpoint(
         source,
         Path(out),
@@ -314,6 +320,7 @@ def run_dequantize(
         force=force,
         progress=progress,
         executor=executor,
+        stats=stats,
     )
     stamp_report(report, result.source)
     report.quantization = result.quant_method + ("+double_quant" if result.double_quant else "")
@@ -324,7 +331,7 @@ def run_dequantize(
             seconds=round(time.perf_counter() - start, 6),
             peak_rss_bytes=peak_rss_bytes(),
             detail=f"{len(result.dequantized)} weight(s) dequantized, {len(result.cast)} "
-            f"tensor(s) cast, {len(result.files)} file(s) written",
+            f"tensor(s) cast, {len(result.files)} file(s) written" + worker_peak_note(stats.worker_peak_bytes),
         )
     )
     report.keys.converted = [
@@ -336,7 +343,7 @@ def run_dequantize(
         "out": str(result.out),
         "files": result.files,
         "total_bytes": result.total_bytes,
-        "executor": {"kind": ran_on.kind, "workers": ran_on.workers},
+        "executor": {"kind": ran_on.kind, "workers": ran_on.workers, "worker_peak_bytes": stats.worker_peak_bytes},
     }
     if verify:
         from qfinal.ops.dequantize_verify import verify_dequantized

@@ -27,11 +27,11 @@ def _pool_worker(conn, fn) -> None:
         if job is None:
             return
         current[0], spec = job
-        status, value = outcome(fn, spec)
+        status, value, peak = outcome(fn, spec)
         try:
-            conn.send(("done", current[0], status, value))
+            conn.send(("done", current[0], status, value, peak))
         except Exception as err:  # a result that does not pickle
-            conn.send(("done", current[0], "error", describe_error(err)))
+            conn.send(("done", current[0], "error", describe_error(err), peak))
 
 
 def _pool_context(fn, preload: Sequence[str]):
@@ -135,7 +135,8 @@ def _schedule(specs, labels, meter: Meter, procs: list, conns: list) -> list:
                 if message[0] == "advance":
                     meter.advance(message[1], message[2])
                     continue
-                _tag, index, status, value = message
+                _tag, index, status, value, peak = message
+                meter.worker_peak = max(meter.worker_peak, peak)
                 if status != "ok":
                     raise task_failure(value, labels[index])
                 results[index] = value

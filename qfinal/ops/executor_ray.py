@@ -64,9 +64,10 @@ def _run_all(ray, fn, specs, labels, meter: Meter, limit: int) -> list:
             for ref in done:
                 index = running.pop(ref)
                 try:
-                    status, value = ray.get(ref)
+                    status, value, peak = ray.get(ref)
                 except ray.exceptions.RayError as err:
                     raise worker_lost(labels[index], _ray_cause(err)) from None
+                meter.worker_peak = max(meter.worker_peak, peak)
                 if status != "ok":
                     raise task_failure(value, labels[index])
                 results[index] = value

@@ -71,6 +71,14 @@ def ray_missing() -> ConfigError:
     )
 
 
+@dataclass
+class TaskStats:
+    """What a run's worker processes report besides their results: the largest peak RSS of one
+    (0 when the tasks ran in this process, whose own peak the caller measures)."""
+
+    worker_peak_bytes: int = 0
+
+
 class TaskError(RuntimeError):
     """A task raised something other than a QfinalError (a bug): the shard named, the worker's
     traceback attached."""
@@ -91,13 +99,16 @@ def advance(n: int = 1) -> None:
         _reporter(n)
 
 
-def outcome(fn: Callable[[Any], Any], spec: Any) -> tuple[str, Any]:
+def outcome(fn: Callable[[Any], Any], spec: Any) -> tuple[str, Any, int]:
     """`fn(spec)` as data, ("ok", result) or ("error", what it raised), so that an exception that
-    does not pickle still comes back from a worker, with its traceback as text."""
+    does not pickle still comes back from a worker, with its traceback as text; and the worker's
+    peak RSS so far."""
+    from qfinal.pipeline.context import peak_rss_bytes
+
     try:
-        return "ok", fn(spec)
+        return "ok", fn(spec), peak_rss_bytes()
     except Exception as err:
-        return "error", describe_error(err)
+        return "error", describe_error(err), peak_rss_bytes()
 
 
 def describe_error(err: Exception) -> dict:
@@ -144,6 +155,7 @@ class Meter:
         self.units, self.progress = list(units), progress
         self.total, self.done = sum(self.units), 0
         self.reported = [0] * len(self.units)
+        self.worker_peak = 0  # bytes, the largest a worker process reported
 
     def advance(self, index: int, n: int) -> None:
         n = max(0, min(n, self.units[index] - self.reported[index]))
@@ -169,11 +181,12 @@ def run_tasks(
     units: Sequence[int] | None = None,
     progress: Progress | None = None,
     preload: Sequence[str] = (),
+    stats: TaskStats | None = None,
 ) -> list:
     """`[fn(spec) for spec in specs]` on `executor`, in shard order. `labels` name the shards in
     errors; `units[i]` is shard i's share of `progress(done, total)` (default: 1 each). `preload`:
     modules every pool worker needs, imported once by the forkserver instead of once per worker
-    (the first pool of a process sets them)."""
+    (the first pool of a process sets them). `stats` gets what the workers reported."""
     executor = executor or Executor()
     units = list(units) if units is not None else [1] * len(specs)
     if not len(specs) == len(labels) == len(units):
@@ -186,12 +199,21 @@ def run_tasks(
     if executor.kind == "pool":
         from qfinal.ops.executor_pool import run_pool
 
-        return run_pool(fn, specs, labels, meter, executor.workers or 1, preload)
-    if executor.kind == "ray":
+        results = run_pool(fn, specs, labels, meter, executor.workers or 1, preload)
+    elif executor.kind == "ray":
         from qfinal.ops.executor_ray import run_ray
 
-        return run_ray(fn, specs, labels, meter, executor)
-    raise ConfigError(f"unknown executor {executor.kind!r}", where="--executor", hint="use inprocess, pool or ray")
+        results = run_ray(fn, specs, labels, meter, executor)
+    else:
+        raise ConfigError(f"unknown executor {executor.kind!r}", where="--executor", hint="use inprocess, pool or ray")
+    if stats is not None:
+        stats.worker_peak_bytes = meter.worker_peak
+    return results
+
+
+def worker_peak_note(peak: int) -> str:
+    """'; each worker peaked at 612 MiB (at most)' for a stage's detail, '' when the tasks ran here."""
+    return f"; each worker peaked at {peak / 2**20:.0f} MiB (at most)" if peak else ""
 
 
 def _run_inprocess(fn, specs, labels, meter: Meter) -> list:

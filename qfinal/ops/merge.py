@@ -157,9 +157,11 @@ def write_merge(
     executor=None,
     progress: Callable[[int, int], None] | None = None,
     outline: bool = False,
+    stats=None,
 ) -> list[str]:
     """Write OUT from `plan` through `atomic_dir`; returns the files written. With `outline` the
-    shards are headers over holes (`merge_shard.outline_shard`): nothing is merged."""
+    shards are headers over holes (`merge_shard.outline_shard`): nothing is merged. `stats`
+    (`ops.executors.TaskStats`) gets what the workers reported."""
     from qfinal.ops.executors import run_tasks
     from qfinal.ops.merge_shard import merge_shard, outline_shard
 
@@ -177,6 +179,7 @@ def write_merge(
             labels=[name for name, _k in plan.files],
             units=[len(keys) for _n, keys in plan.files],
             progress=progress,
+            stats=stats,
         )
         if len(plan.files) > 1:
             weight_map = {k: name for name, keys in plan.files for k in keys}
@@ -223,6 +226,7 @@ def run_merge(
     """`qfinal merge` as a library call. `compare` (default: for a quantized base) adds the logits
     change of the merge against the base with the adapters unmerged, on the probe batch. `quantize`
     (nf4|fp4|int8) writes the merge requantized, as `qfinal quantize` would from the plain merge."""
+    from qfinal.ops.executors import worker_peak_note
     from qfinal.pipeline.context import peak_rss_bytes
     from qfinal.report import StageRecord
 
@@ -288,6 +292,7 @@ def run_merge(
                 if dry_run
                 else ""
             )
+            + worker_peak_note(info.get("worker_peak_bytes", 0))
             + (f"; then {'would be ' if dry_run else ''}requantized to {quantize}" if quantize else ""),
         )
     )
@@ -303,8 +308,12 @@ def run_merge(
 
 def _write(plan, out, info, *, quantize, double_quant, compare, force, executor, progress, on_quantize):
     """OUT, plain or requantized (then the quantize step's report is returned)."""
+    from qfinal.ops.executors import TaskStats
+
+    stats = TaskStats()
     if quantize is None:
-        info["files"] = write_merge(plan, out, force=force, executor=executor, progress=progress)
+        info["files"] = write_merge(plan, out, force=force, executor=executor, progress=progress, stats=stats)
+        info["worker_peak_bytes"] = stats.worker_peak_bytes
         return None
     from qfinal.ops.merge_quantize import merge_then_quantize
 
@@ -322,8 +331,10 @@ def _write(plan, out, info, *, quantize, double_quant, compare, force, executor,
         progress=progress,
         on_quantize=on_quantize,
         before_quantize=before_quantize,
+        stats=stats,
     )
     info["files"] = quantized.extra["quantize"]["files"]
+    info["worker_peak_bytes"] = stats.worker_peak_bytes
     return quantized
 
 

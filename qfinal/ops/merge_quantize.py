@@ -42,6 +42,7 @@ def merge_then_quantize(
     progress: Callable[[int, int], None] | None = None,
     on_quantize: Callable[[], None] | None = None,
     before_quantize: Callable[[Path], None] | None = None,
+    stats=None,
 ) -> Report:
     """Merge `plan` into a temporary plain checkpoint, then quantize that into `out`; returns the
     quantize run's report. `before_quantize(merged)` sees the plain merge (the logits comparison)."""
@@ -55,7 +56,7 @@ def merge_then_quantize(
         token = interrupts.on_interrupt(lambda: interrupts.remove(area))
     try:
         merged = area / "merged"
-        write_merge(plan, merged, executor=executor, progress=progress)
+        write_merge(plan, merged, executor=executor, progress=progress, stats=stats)
         if before_quantize is not None:
             before_quantize(merged)
         if on_quantize is not None:

@@ -147,14 +147,19 @@ def run_quantize(
     start = time.perf_counter()
     if on_step:
         on_step("quantize")
-    written = write_quantized(plan, Path(out), force=force, progress=progress, executor=executor)
+    from qfinal.ops.executors import TaskStats, worker_peak_note
+
+    stats = TaskStats()
+    written = write_quantized(plan, Path(out), force=force, progress=progress, executor=executor, stats=stats)
     report.extra["quantize"]["files"] = written
+    report.extra["quantize"]["worker_peak_bytes"] = stats.worker_peak_bytes
     report.stages.append(
         StageRecord(
             name="quantize",
             seconds=round(time.perf_counter() - start, 6),
             peak_rss_bytes=peak_rss_bytes(),
-            detail=f"{sum(len(s.jobs) for s in plan.specs)} tensor(s) read, {len(written)} file(s) written",
+            detail=f"{sum(len(s.jobs) for s in plan.specs)} tensor(s) read, {len(written)} file(s) written"
+            + worker_peak_note(stats.worker_peak_bytes),
         )
     )
     return report

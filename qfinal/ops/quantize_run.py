@@ -162,9 +162,11 @@ def write_quantized(
     force: bool,
     progress: Callable[[int, int], None] | None = None,
     executor=None,
+    stats=None,
 ) -> list[str]:
     """Every shard (one task each on `executor`, `ops.executors`), the index when sharded,
-    config.json and generation_config.json, atomically."""
+    config.json and generation_config.json, atomically; `stats` (`ops.executors.TaskStats`) gets
+    what the workers reported."""
     from qfinal.checkpoint.writer import INDEX_FILE, write_index
     from qfinal.compat.transformers_save import write_configs
     from qfinal.ops.executors import run_tasks
@@ -178,7 +180,16 @@ def write_quantized(
         labels = [spec.file_name for spec in plan.specs]
         units = [len(spec.jobs) for spec in plan.specs]
         preload = ("bitsandbytes",)  # imported once by a pool's forkserver, not by each worker
-        run_tasks(quantize_shard, plan.specs, executor, labels=labels, units=units, progress=progress, preload=preload)
+        run_tasks(
+            quantize_shard,
+            plan.specs,
+            executor,
+            labels=labels,
+            units=units,
+            progress=progress,
+            preload=preload,
+            stats=stats,
+        )
         written += labels
         if len(plan.specs) > 1:
             write_index(tmp, weight_map, plan.total_size, plan.total_parameters)
