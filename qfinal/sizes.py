@@ -1,11 +1,23 @@
-"""Shard sizes as users write them ("2GB", "500MB", "1GiB"), with transformers' own rules.
+"""Shard sizes as users write them ("2GB", "500MB", "1GiB"), with transformers' own rules; and
+the process's peak memory.
 
-Kept free of heavy imports so a bad `--max-shard-size` is refused before torch is loaded.
+Kept free of heavy imports so a bad `--max-shard-size` is refused before torch is loaded, and a
+pool worker can report its peak without importing qfinal's config models.
 """
 
 from __future__ import annotations
 
+import resource
+import sys
+
 from qfinal.errors import ConfigError
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
 
 _UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
 

@@ -669,8 +669,16 @@ def test_dry_run_with_quantize_sizes_the_quantized_output(root, checkpoints, tmp
     base = checkpoints["llama_sharded"]
     adapter = _adapter(base, root / "adapter_sharded_all", peft.LoraConfig(r=4, target_modules="all-linear"), seed=9)
     options = dict(quantize="nf4", double_quant=double_quant)
-    dry = run_merge(base, tmp_path / "dry", [str(adapter)], dry_run=True, **options)
+    from qfinal.ops import quantize_run
+
+    def no_data(*_args):  # the outline's data are holes: a dry run must not read them
+        raise AssertionError("the dry run read a weight")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(quantize_run, "nested_offset", no_data)
+        dry = run_merge(base, tmp_path / "dry", [str(adapter)], dry_run=True, **options)
     real = run_merge(base, tmp_path / "real", [str(adapter)], **options)
+    assert dry.extra["merge"]["files"] == dry.extra["quantize"]["files"]  # OUT's files, not the plain merge's
     assert not (tmp_path / "dry").exists() and list((tmp_path / "tmp").iterdir()) == []
     planned, written = dry.extra["quantize"], real.extra["quantize"]
     assert planned["dry_run"] and planned["files"] == [f for f in written["files"] if f.endswith(".safetensors")]
@@ -683,3 +691,8 @@ def test_dry_run_with_quantize_sizes_the_quantized_output(root, checkpoints, tmp
     assert planned["total_bytes"] < on_disk < 2 * planned["total_bytes"]  # tensors + headers
     [stage] = [s for s in dry.stages if s.name == "plan"]
     assert "would write" in stage.detail and "peak memory needed about" in stage.detail
+    from qfinal.errors import OutputError
+
+    for quantize in (None, "nf4"):  # an OUT the run would refuse, the dry run refuses too
+        with pytest.raises(OutputError, match="already exists"):
+            run_merge(base, tmp_path / "real", [str(adapter)], dry_run=True, quantize=quantize)

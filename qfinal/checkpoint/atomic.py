@@ -64,13 +64,18 @@ def _sigterm_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse an existing OUT without --force, and a parent we cannot write, before any work starts."""
-    out = Path(out)
-    if out.exists() and not force:
+def refuse_existing(out: Path, force: bool) -> None:
+    """Refuse an existing OUT without --force (all a dry run checks: it creates no folder)."""
+    if Path(out).exists() and not force:
         raise OutputError(
             "output folder already exists", where=str(out), hint="choose another path or pass --force to replace it"
         )
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse an existing OUT without --force, and a parent we cannot write, before any work starts."""
+    out = Path(out)
+    refuse_existing(out, force)
     parent = out.resolve().parent
     if parent.exists() and not parent.is_dir():
         raise OutputError("parent is not a folder", where=str(parent), hint="choose another output path")

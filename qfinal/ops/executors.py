@@ -103,7 +103,7 @@ def outcome(fn: Callable[[Any], Any], spec: Any) -> tuple[str, Any, int]:
     """`fn(spec)` as data, ("ok", result) or ("error", what it raised), so that an exception that
     does not pickle still comes back from a worker, with its traceback as text; and the worker's
     peak RSS so far."""
-    from qfinal.pipeline.context import peak_rss_bytes
+    from qfinal.sizes import peak_rss_bytes
 
     try:
         return "ok", fn(spec), peak_rss_bytes()

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 from qfinal.adapters.peft_types import describe
 from qfinal.checkpoint import writer as _shards
-from qfinal.checkpoint.atomic import atomic_dir
+from qfinal.checkpoint.atomic import atomic_dir, refuse_existing
 from qfinal.checkpoint.dtypes import check_output_dtype
 from qfinal.checkpoint.row_slabs import chunk_bytes
 from qfinal.checkpoint.side_files import copy_side_files
@@ -234,6 +234,8 @@ def run_merge(
         from qfinal.ops.merge_quantize import check_quantize
 
         check_quantize(quantize, double_quant)
+    if dry_run:  # as the real run would refuse it, before any work
+        refuse_existing(Path(out), force)
     start = time.perf_counter()
     quantized = None
     try:
@@ -264,6 +266,7 @@ def run_merge(
             from qfinal.ops.merge_quantize import plan_requantized
 
             quantized = plan_requantized(plan, Path(out), method=quantize, double_quant=double_quant, force=force)
+            info["files"] = quantized.extra["quantize"]["files"]  # OUT's, as a real run reports them
         if not dry_run:
             quantized = _write(
                 plan,

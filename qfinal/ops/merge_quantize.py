@@ -73,8 +73,9 @@ def merge_then_quantize(
 def plan_requantized(plan, out: Path, *, method: str, double_quant: bool, force: bool) -> Report:
     """The quantize step of a dry run: `qfinal quantize --dry-run` of the merge's outline (its
     headers over holes, in a temporary folder, removed after): what OUT would hold and the memory
-    it needs, with nothing merged. Double quantization reads each weight's absmax, here zeros: the
-    quant-state JSON holds an offset of other digits, so sizes may be off by a few bytes a weight."""
+    it needs, with nothing merged. Double quantization's offsets (each weight's absmax mean, in
+    the quant-state JSON) are not read from the holes but taken as 0.0: sizes may be off by a few
+    bytes a weight."""
     from qfinal.ops.merge import write_merge
     from qfinal.ops.quantize import run_quantize
 
@@ -84,7 +85,9 @@ def plan_requantized(plan, out: Path, *, method: str, double_quant: bool, force:
     try:
         outline = area / "merged"
         write_merge(plan, outline, outline=True)
-        return run_quantize(outline, out, method=method, double_quant=double_quant, force=force, dry_run=True)
+        return run_quantize(
+            outline, out, method=method, double_quant=double_quant, force=force, dry_run=True, outline=True
+        )
     finally:
         with interrupts.critical():
             interrupts.remove(area)

@@ -110,10 +110,13 @@ def run_quantize(
     progress: Callable[[int, int], None] | None = None,
     on_step: Callable[[str], None] | None = None,
     executor=None,
+    outline: bool = False,
     **settings,
 ) -> Report:
     """`qfinal quantize` as a library call. `settings`: dtype, compute_dtype, quant_storage,
-    skip_modules, int8_threshold, max_shard_size (the config's names). Returns the report."""
+    skip_modules, int8_threshold, max_shard_size (the config's names). Returns the report.
+    `outline` (a dry run of a checkpoint whose data are holes): double quantization's offsets are
+    taken as 0.0, not read."""
     from qfinal.ops.quantize_run import plan_quantize, write_quantized
     from qfinal.pipeline.context import peak_rss_bytes
     from qfinal.report import StageRecord
@@ -122,7 +125,9 @@ def run_quantize(
     start = time.perf_counter()
     if on_step:
         on_step("plan")
-    plan, report = plan_quantize(source, out, method=method, double_quant=double_quant, force=force, **settings)
+    plan, report = plan_quantize(
+        source, out, method=method, double_quant=double_quant, force=force, outline=outline and dry_run, **settings
+    )
     files = [s.file_name for s in plan.specs]
     peak = peak_estimate(plan, peak_rss_bytes())
     report.stages.append(

@@ -46,7 +46,7 @@ def _skeleton(src, report: Report, **settings):
     return ctx
 
 
-def _jobs(ctx, reader, keys, options: QuantOptions, where: str) -> dict[str, TensorJob]:
+def _jobs(ctx, reader, keys, options: QuantOptions, where: str, outline: bool = False) -> dict[str, TensorJob]:
     from qfinal.compat.transformers_save import loader_dtypes
 
     converted = {c.module for c in ctx.report.keys.converted}
@@ -72,7 +72,7 @@ def _jobs(ctx, reader, keys, options: QuantOptions, where: str) -> dict[str, Ten
             continue
         job = TensorJob(key, "4bit", cast, transpose)
         if options.double_quant:
-            job.offset = nested_offset(job, reader, options)
+            job.offset = 0.0 if outline else nested_offset(job, reader, options)
         job.outputs = four_bit_outputs(key, shape, cast, options, job.offset)
         jobs[key] = job
     return jobs
@@ -86,10 +86,12 @@ def plan_quantize(
     double_quant: bool = False,
     force: bool = False,
     max_shard_size: int | str = DEFAULT_SHARD,
+    outline: bool = False,
     **settings,
 ) -> tuple[QuantizePlan, Report]:
     """The plan and the report so far (converted / skipped modules, dropped keys); reads the headers
-    and, for double quantization, each weight's absmax."""
+    and, for double quantization, each weight's absmax (with `outline`, data that are holes: not
+    read, the offsets taken as 0.0)."""
     from qfinal.compat.transformers_save import saved_keys, total_parameters
     from qfinal.ops.dequantize_plan import SourceReader
 
@@ -112,7 +114,7 @@ def plan_quantize(
     reader = SourceReader(folder, resolved.confine_to)
     try:
         missing_from_checkpoint(keys, reader.headers, where)
-        jobs = _jobs(ctx, reader, keys, options, where)
+        jobs = _jobs(ctx, reader, keys, options, where, outline)
     finally:
         reader.close()
     from qfinal.compat.transformers_save import save_order

@@ -7,8 +7,6 @@ building a Context imports neither torch nor transformers.
 
 from __future__ import annotations
 
-import resource
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -16,6 +14,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from qfinal.checkpoint.sources import Source, read_config_json
 from qfinal.config import RunConfig
 from qfinal.report import Report
+from qfinal.sizes import peak_rss_bytes  # noqa: F401  (the stages' and ops' name for it)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -27,12 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from qfinal.formats.base import QuantFormat
 
 StageStatus = Literal["ran", "nothing to do", "skipped by request", "not reached", "failed"]
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 @dataclass
