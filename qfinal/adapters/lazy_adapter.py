@@ -90,14 +90,14 @@ def plan_lazy(
 
     if dtype not in _MODEL_DTYPES:
         return f"the model is {dtype}"
-    injected = {}  # (id(module), attr) -> the dtype peft gave the tensor: what its eager load copies into
+    # (id(module), attr) -> (the tensor peft injected, its data then): its dtype is what peft's eager
+    # load copies the file into; the probe load may move tensors the file does not fill
+    injected = {}
     places: dict[int, int] = {}  # id(tensor) -> how many (module, attr) hold it
-    previous = {}  # (id(module), attr) -> (the tensor, its data): the load may move what the file does not fill
     for module in peft_model.modules():
         for attr, tensor in own_tensors(module):
-            injected[id(module), attr] = (tensor.dtype, id(tensor))
+            injected[id(module), attr] = (tensor, tensor.data)
             places[id(tensor)] = places.get(id(tensor), 0) + 1
-            previous[id(module), attr] = (tensor, tensor.data)
     probes, stored = {}, {}
     for key, entry in header.items():
         try:
@@ -128,7 +128,7 @@ def plan_lazy(
                 return "the file leaves a tensor to its initialization"
             key = by_storage.get(tensor.data_ptr())
             if key is None:
-                if not _restore(module, attr, tensor, previous.get((id(module), attr))):
+                if not _restore(module, attr, tensor, injected.get((id(module), attr))):
                     return f"peft's load creates {attr!r} in a module"
                 continue
             probe = probes[key]
@@ -139,13 +139,13 @@ def plan_lazy(
                 return f"{key!r} is shared, not one merge unit's"
             if (id(module), attr) not in injected:
                 return f"{key!r} fills a tensor peft did not inject"
-            before, held = injected[id(module), attr]
-            if held in base_ids:
+            held, data = injected[id(module), attr]
+            if id(held) in base_ids:
                 return "the file holds base tensors"
-            if places[held] > 1:  # peft's load copies into it, changing every holder; a swap would not
+            if places[id(held)] > 1:  # peft's load copies into it, changing every holder; a swap would not
                 return f"{key!r} fills a tensor held in several places"
-            entry = found.setdefault(key, FileTensor(key, stored[key], before, tuple(probe.shape), []))
-            if entry.dtype != before:
+            entry = found.setdefault(key, FileTensor(key, stored[key], data.dtype, tuple(probe.shape), []))
+            if entry.dtype != data.dtype:
                 return f"{key!r} fills tensors of different dtypes"
             entry.owners.append((module, attr))
     if set(found) != set(probes):
