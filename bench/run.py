@@ -185,13 +185,12 @@ def flat_lines(ck: dict[str, Path], cli: list[str], deq_q, deq_t, save_q, save_t
     if "bf16_7b" not in ck:
         return []
     bf16, bf16_7b, lora, lora_7b = (str(ck[k]) for k in ("bf16", "bf16_7b", "lora", "lora_7b"))
-    quantize = ["quantize", "--quantize", "nf4", "--quiet"]
     return [
         Line(
             "quantize_flat",
             "quantize nf4: 7B-shaped vs 1.1B, both qfinal",
-            cli + [quantize[0], bf16_7b, str(deq_q), *quantize[1:]],
-            cli + [quantize[0], bf16, str(deq_t), *quantize[1:]],
+            cli + ["quantize", bf16_7b, str(deq_q), "--quantize", "nf4", "--quiet"],
+            cli + ["quantize", bf16, str(deq_t), "--quantize", "nf4", "--quiet"],
             [Target("rss", 1.10)],
             scratch=[deq_q, deq_t],
         ),

@@ -58,7 +58,7 @@ class AdapterMerger:
         header = read_safetensors_header(file)[0] if file.is_file() and not prep.tensors else None
         if header is not None:
             try:
-                self._inject(model_class, hf_config, dtype, lazy=True)
+                self._build(model_class, hf_config, dtype, lazy=True)
             except QfinalError:  # the eager injection below says why, if it fails as well
                 self.held_whole = "peft cannot inject it on the meta device"
             else:
@@ -66,7 +66,7 @@ class AdapterMerger:
                 lazy = plan_lazy(self.peft_model, self.name, str(file), header, units, set(self._aliases), dtype)
                 self.lazy, self.held_whole = (lazy, None) if not isinstance(lazy, str) else (None, lazy)
         if self.lazy is None:  # peft's load_adapter, the whole adapter held
-            self._inject(model_class, hf_config, dtype, lazy=False)
+            self._build(model_class, hf_config, dtype, lazy=False)
             self._load(keys, set(header) if header is not None else set(prep.tensors))
         self._check_merge_allowed()
         self.units: dict[str, tuple[str, ...]] = {}
@@ -84,7 +84,9 @@ class AdapterMerger:
             self.adapter_bytes = sum(math.prod(shape) for shape in shapes) * 4
         prep.tensors = {}  # loaded: the file's copy is no longer needed
 
-    def _inject(self, model_class, hf_config, dtype: torch.dtype, lazy: bool) -> None:
+    def _build(self, model_class, hf_config, dtype: torch.dtype, lazy: bool) -> None:
+        """A hollow base with the adapter injected (`lazy`: its tensors on meta); refused if peft
+        rewrote a base weight as it injected."""
         hollow = _hollow_model(model_class, hf_config, dtype)
         aliases: dict[int, list[str]] = {}
         self._held = []  # the base's tensors, kept alive: their ids in `_aliases` must not be reused

@@ -138,6 +138,20 @@ def _wait_early_syncs(tmp: Path, *, raise_errors: bool) -> None:
 
 
 @contextmanager
+def scratch_dir(prefix: str, parent: Path | None = None) -> Iterator[Path]:
+    """A temporary folder (in `parent`, else the system's), removed on exit, on an interrupt too."""
+    with interrupts.critical():
+        area = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        token = interrupts.on_interrupt(lambda: interrupts.remove(area))
+    try:
+        yield area
+    finally:
+        with interrupts.critical():
+            interrupts.remove(area)
+            interrupts.forget(token)
+
+
+@contextmanager
 def atomic_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out` in one rename."""
     out = Path(out)

@@ -19,6 +19,7 @@ from pathlib import Path
 from qfinal.checkpoint.headers import MAX_HEADER_SIZE
 from qfinal.checkpoint.hub import Fetched, hub_endpoint
 from qfinal.checkpoint.hub_checks import hub_errors
+from qfinal.checkpoint.writer import write_header_stub
 from qfinal.errors import CheckpointError, SourceError
 
 _WORKERS = 8
@@ -60,9 +61,7 @@ def _stub(fetched: Fetched, name: str, size: int | None, dest: Path) -> int:
     if len(header) != n:
         raise CheckpointError("header truncated while reading", where=where)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest, "wb") as f:
-        f.write(head + header)
-        f.truncate(size)  # sparse: the data section is never read in these modes
+    write_header_stub(dest, head + header, size)  # the data section is never read in these modes
     return 8 + n
 
 

@@ -208,6 +208,14 @@ def safetensors_layout(
     return struct.pack("<Q", len(raw)) + raw, layout
 
 
+def write_header_stub(path: Path | str, header: bytes, size: int) -> None:
+    """A safetensors file's `header` (the whole prefix) at the file's full `size`, the data a hole:
+    a sparse file for what reads headers only (hub header-only modes, a dry run's outline)."""
+    with open(path, "wb") as fh:
+        fh.write(header)
+        fh.truncate(size)
+
+
 class PositionalFile:
     """A new file written by offset, in any order, as fast as the disk allows.
 

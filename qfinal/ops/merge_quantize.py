@@ -10,12 +10,10 @@ whatever happens, on an interrupt too.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-from qfinal.checkpoint import interrupts
-from qfinal.checkpoint.atomic import check_output_dir
+from qfinal.checkpoint.atomic import check_output_dir, scratch_dir
 from qfinal.errors import ConfigError
 from qfinal.report import Finding, Report
 
@@ -51,10 +49,7 @@ def merge_then_quantize(
 
     out = Path(out)
     check_output_dir(out, force)
-    with interrupts.critical():
-        area = Path(tempfile.mkdtemp(prefix=f".{out.name}.qfinal-merge-", dir=out.resolve().parent))
-        token = interrupts.on_interrupt(lambda: interrupts.remove(area))
-    try:
+    with scratch_dir(f".{out.name}.qfinal-merge-", out.resolve().parent) as area:
         merged = area / "merged"
         write_merge(plan, merged, executor=executor, progress=progress, stats=stats)
         if before_quantize is not None:
@@ -64,10 +59,6 @@ def merge_then_quantize(
         return run_quantize(
             merged, out, method=method, double_quant=double_quant, force=force, progress=progress, executor=executor
         )
-    finally:
-        with interrupts.critical():
-            interrupts.remove(area)
-            interrupts.forget(token)
 
 
 def plan_requantized(plan, out: Path, *, method: str, double_quant: bool, force: bool) -> Report:
@@ -79,19 +70,12 @@ def plan_requantized(plan, out: Path, *, method: str, double_quant: bool, force:
     from qfinal.ops.merge import write_merge
     from qfinal.ops.quantize import run_quantize
 
-    with interrupts.critical():
-        area = Path(tempfile.mkdtemp(prefix="qfinal-merge-outline-"))
-        token = interrupts.on_interrupt(lambda: interrupts.remove(area))
-    try:
+    with scratch_dir("qfinal-merge-outline-") as area:
         outline = area / "merged"
         write_merge(plan, outline, outline=True)
         return run_quantize(
             outline, out, method=method, double_quant=double_quant, force=force, dry_run=True, outline=True
         )
-    finally:
-        with interrupts.critical():
-            interrupts.remove(area)
-            interrupts.forget(token)
 
 
 def requantize_findings(plan, method: str, base_weights) -> list[Finding]:

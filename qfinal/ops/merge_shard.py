@@ -231,6 +231,4 @@ def outline_shard(spec: ShardSpec) -> None:
     checkpoint a dry run of `merge --quantize` plans the quantize step from."""
     out = session_for(spec.job).base.out
     header, layout = _shards.safetensors_layout([(k, out[k].dtype, out[k].shape) for k in spec.keys], {"format": "pt"})
-    with open(spec.path, "wb") as fh:
-        fh.write(header)
-        fh.truncate(len(header) + max((end for *_x, end in layout.values()), default=0))
+    _shards.write_header_stub(spec.path, header, len(header) + max((end for *_x, end in layout.values()), default=0))
